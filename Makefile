@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` (the main job) and `make test`.
+# Both create .venv on first use; torch is pinned so that a CPU machine takes the local
+# CPU wheel instead of a multi-GB CUDA build.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup run test lint gpu-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m seqrec_kernels demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check seqrec_kernels tests benchmarks
+	$(PY) -m ruff format --check seqrec_kernels tests benchmarks
+
+# On a GPU machine, with its own python3 (torch + triton preinstalled, no network):
+# all GPU tests, then the short benchmark; results land in benchmarks/results/.
+GPU_NAME = $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
+gpu-check:
+	mkdir -p benchmarks/results
+	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu tests 2>&1 \
+		| tee benchmarks/results/gpu-tests-$(GPU_NAME).txt
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_attention.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache

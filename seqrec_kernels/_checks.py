@@ -1,0 +1,69 @@
+"""Input validation shared by the public ops: errors name the argument, the expected and
+the actual shape/dtype/device."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: int | None = None,
+    layout: str = "",
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        shape = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected {ndim} dimensions{shape}, got shape {tuple(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {names}, got {str(value.dtype).removeprefix('torch.')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the other inputs), got {value.device}")
+
+
+def check_same(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """`value` has the shape, dtype and device of `like`."""
+    if value.shape != like.shape:
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)} (the shape of {like_name}), got {tuple(value.shape)}"
+        )
+    if value.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of {like_name}), got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {value.device}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_real(name: str, value, *, low: float, high: float, high_inclusive: bool = False) -> float:
+    """A real number in [low, high) (or [low, high]); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    inside = low <= value <= high if high_inclusive else low <= value < high
+    if not (inside and math.isfinite(value)):
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name}: expected a value in [{low}, {high}{bracket}, got {value}")
+    return float(value)
+
+
+def values_checkable() -> bool:
+    """Whether tensor values may be read on the host: not while torch.compile traces (the
+    values are symbolic) nor while a CUDA graph is captured (a sync would break capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())

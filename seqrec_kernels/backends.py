@@ -1,0 +1,92 @@
+"""Which implementation runs an op: the `Backend` enum, availability and selection.
+
+Every op has one dispatcher that asks `resolve()` for a concrete backend; anything this
+module cannot honour raises, it never falls back to another path silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("seqrec_kernels")
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    REFERENCE = "reference"
+    TRITON = "triton"
+    CUDA = "cuda"
+
+    @classmethod
+    def parse(cls, value: str | Backend) -> Backend:
+        if isinstance(value, Backend):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        choices = ", ".join(repr(b.value) for b in cls)
+        raise ValueError(f"backend: expected one of {choices}, got {value!r}")
+
+
+def triton_interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (how CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else a sentence saying why not."""
+    if backend is Backend.REFERENCE:
+        return None
+    if backend is Backend.TRITON:
+        if not _triton_installed():
+            return "the 'triton' package is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
+            return None
+        return (
+            f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+            f"got tensors on {device}"
+        )
+    if backend is Backend.CUDA:
+        return "the seqrec_kernels._C CUDA extension is not part of this build yet"
+    raise AssertionError(f"unhandled backend {backend}")
+
+
+def available(device: torch.device | str = "cpu") -> list[Backend]:
+    """The concrete backends that can run on tensors of `device`."""
+    device = torch.device(device)
+    concrete = (Backend.REFERENCE, Backend.TRITON, Backend.CUDA)
+    return [b for b in concrete if _unavailable_reason(b, device) is None]
+
+
+def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backend:
+    """The concrete backend that runs `op_name` on `device`; raises ValueError if none can.
+
+    `auto` picks the reference on CPU and the fastest GPU backend on CUDA (Triton until
+    the CUDA backend lands), deterministically.
+    """
+    requested = Backend.parse(backend)
+    if requested is Backend.AUTO:
+        chosen = Backend.TRITON if device.type == "cuda" else Backend.REFERENCE
+        reason = _unavailable_reason(chosen, device)
+        if reason is not None:
+            raise ValueError(f"backend: 'auto' chose {chosen.value!r} for {op_name}, but {reason}")
+        if not torch.compiler.is_compiling():
+            logger.debug("%s: backend 'auto' picked %r on %s", op_name, chosen.value, device)
+        return chosen
+    reason = _unavailable_reason(requested, device)
+    if reason is not None:
+        raise ValueError(f"backend: {requested.value!r} is not available for {op_name}: {reason}")
+    return requested

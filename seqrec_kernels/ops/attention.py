@@ -1,0 +1,215 @@
+"""fused_attention / fused_attention_varlen: validation, dispatch and the torch ops.
+
+Every backend implements one op pair with the same schema, `seqrec::attention_fwd_<backend>`
+and `seqrec::attention_bwd_<backend>`, over a [B, H, L, D] view and per-sequence
+(start, length) rows, which covers both the padded and the packed form (see
+`seqrec_kernels/reference/attention.py` for the exact contract). This module registers
+their fake impls and autograd, so opcheck and torch.compile(fullgraph=True) work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .._checks import check_bool, check_choice, check_real, check_same, check_tensor, values_checkable
+from ..backends import Backend, resolve
+from ..reference import attention as reference_attention
+
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 is reference-only
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_len, int max_seqlen, bool causal,"
+    " float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seq_start,"
+    " Tensor seq_len, int max_seqlen, bool causal, float scale, float dropout_p,"
+    " Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _define_ops(backend: Backend, forward, backward):
+    """Registers the op pair of one backend and returns the differentiable forward op."""
+    fwd = torch.library.custom_op(
+        f"seqrec::attention_fwd_{backend.value}", forward, mutates_args=(), schema=_FWD_SCHEMA
+    )
+    bwd = torch.library.custom_op(
+        f"seqrec::attention_bwd_{backend.value}", backward, mutates_args=(), schema=_BWD_SCHEMA
+    )
+
+    @fwd.register_fake
+    def _(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
+        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+    @bwd.register_fake
+    def _(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, seq_start, seq_len, dropout_seed)
+        ctx.options = (max_seqlen, causal, scale, dropout_p)
+        ctx.mark_non_differentiable(lse)
+
+    def backward_rule(ctx, dout, _dlse):
+        q, k, v, out, lse, seq_start, seq_len, dropout_seed = ctx.saved_tensors
+        max_seqlen, causal, scale, dropout_p = ctx.options
+        grads = bwd(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed)
+        num_non_differentiable = 7  # seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed
+        return (*grads, *([None] * num_non_differentiable))
+
+    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    return fwd
+
+
+def _triton_forward(*args):
+    from ..triton import attention  # Triton is imported on first use only
+
+    return attention.attention_forward(*args)
+
+
+def _triton_backward(*args):
+    from ..triton import attention
+
+    return attention.attention_backward(*args)
+
+
+_FORWARD_OPS = {
+    Backend.REFERENCE: _define_ops(
+        Backend.REFERENCE, reference_attention.attention_forward, reference_attention.attention_backward
+    ),
+    Backend.TRITON: _define_ops(Backend.TRITON, _triton_forward, _triton_backward),
+}
+
+
+def _check_qkv(q, k, v, layout: str) -> None:
+    check_tensor("q", q, ndim=len(layout.split(",")), layout=layout, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k)
+    check_tensor("v", v)
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    head_dim = q.shape[-1]
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim (the last dimension of {layout}) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
+    check_bool("causal", causal)
+    dropout_p = check_real("dropout_p", dropout_p, low=0.0, high=1.0)
+    if scale is None:
+        return dropout_p, 1.0 / math.sqrt(head_dim)
+    return dropout_p, check_real("scale", scale, low=-math.inf, high=math.inf)
+
+
+def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, backend, op_name):
+    """Resolves the backend and runs its op on the [B, H, L, D] views."""
+    chosen = resolve(backend, q.device, op_name)
+    if chosen is not Backend.REFERENCE and q.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"q: the {chosen.value!r} backend takes float16, bfloat16 or float32, got {q.dtype} "
+            "(float64 runs on backend='reference')"
+        )
+    # Kernels need unit stride along the head dim; anything else is copied once here.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # The seed is drawn on the device from torch's generator: no host sync, and
+    # torch.manual_seed makes the mask reproducible. p == 0 takes no RNG.
+    seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0.0 else None
+    return _FORWARD_OPS[chosen](q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed)
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    seq_lens: torch.Tensor | None = None,
+    padding_side: Literal["left", "right"] = "left",
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str | Backend = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention over padded histories, q/k/v [B, H, L, D] -> out [B, H, L, D].
+
+    Query i sees key j iff both are real tokens and (not causal or j <= i). Row b holds
+    seq_lens[b] real tokens: the last ones (padding_side="left", as SASRec pads) or the
+    first ones ("right"); None means all L. Padding rows output zeros and get zero
+    gradients. With return_lse, also returns the row log-sum-exp [B, H, L] (float32,
+    -inf at padding rows, not differentiable). Any strides with unit stride on D work,
+    so `x.view(B, L, H, D).transpose(1, 2)` needs no copy; out has the layout of q.
+    """
+    _check_qkv(q, k, v, "[B, H, L, D]")
+    batch, _, length, head_dim = q.shape
+    dropout_p, scale = _check_options(causal, dropout_p, scale, head_dim)
+    check_choice("padding_side", padding_side, ("left", "right"))
+    check_bool("return_lse", return_lse)
+    if seq_lens is None:
+        seq_len = torch.full((batch,), length, dtype=torch.int32, device=q.device)
+    else:
+        check_tensor("seq_lens", seq_lens, ndim=1, layout="[B]", dtypes=INDEX_DTYPES, device=q.device)
+        if seq_lens.shape[0] != batch:
+            raise ValueError(f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}")
+        if values_checkable() and seq_lens.numel() and not bool(((seq_lens >= 0) & (seq_lens <= length)).all()):
+            raise ValueError(f"seq_lens: expected values in [0, {length}] (L), got {seq_lens.tolist()}")
+        seq_len = seq_lens.to(torch.int32)
+    seq_start = length - seq_len if padding_side == "left" else torch.zeros_like(seq_len)
+
+    out, lse = _attention(q, k, v, seq_start, seq_len, length, causal, scale, dropout_p, backend, "fused_attention")
+    return (out, lse) if return_lse else out
+
+
+def fused_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = True,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str | Backend = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over packed histories: q/k/v [T, H, D] hold the sequences end to end;
+    sequence b is rows cu_seqlens[b] .. cu_seqlens[b+1] - 1, and max_seqlen bounds their
+    lengths. Returns out [T, H, D] (and, with return_lse, the LSE [H, T] float32)."""
+    _check_qkv(q, k, v, "[T, H, D]")
+    total, _, head_dim = q.shape
+    dropout_p, scale = _check_options(causal, dropout_p, scale, head_dim)
+    check_bool("return_lse", return_lse)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B + 1]", dtypes=INDEX_DTYPES, device=q.device)
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens: expected at least 2 offsets ([B + 1] with B >= 1), got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
+    seq_start, seq_len = cu_seqlens[:-1].to(torch.int32), cu_seqlens.diff().to(torch.int32)
+    if values_checkable():
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={total}, got {offsets}")
+        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
+
+    def as_batch_view(t):  # [T, H, D] -> [1, H, T, D], no copy
+        return t.unsqueeze(0).transpose(1, 2)
+
+    out, lse = _attention(
+        as_batch_view(q), as_batch_view(k), as_batch_view(v), seq_start, seq_len, max_seqlen,
+        causal, scale, dropout_p, backend, "fused_attention_varlen",
+    )  # fmt: skip
+    out = out.squeeze(0).transpose(0, 1)  # [T, H, D]
+    return (out, lse[0]) if return_lse else out

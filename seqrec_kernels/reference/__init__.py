@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: any device, float64 capable; they define correctness."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (imported lazily: Triton is optional on CPU)."""

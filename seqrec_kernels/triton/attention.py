@@ -1,0 +1,375 @@
+"""FlashAttention-style causal attention for padded and packed histories, in Triton.
+
+Same op-level contract as `seqrec_kernels/reference/attention.py`. One program handles
+one block of query rows (forward, dq) or key rows (dk/dv) of one (sequence, head); rows
+are addressed relative to the sequence's first token, so padding is never loaded, tiles
+above the causal diagonal are never visited, and a program whose rows are all padding
+exits at once. Softmax runs in base 2 with float32 statistics; the backward recomputes
+the probabilities from the saved LSE instead of storing the L x L matrix.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_enabled
+from ..reference.dropout import keep_threshold
+from .dropout import keep_mask, row_hash
+
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+
+
+@triton.jit
+def _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen):
+    """First row and length of sequence `seq`, clamped so that values the caller could not
+    check (under torch.compile or CUDA graph capture) never address memory outside."""
+    start = tl.minimum(tl.maximum(tl.load(SeqStart + seq), 0), num_rows)
+    length = tl.minimum(tl.maximum(tl.load(SeqLen + seq), 0), tl.minimum(num_rows - start, max_seqlen))
+    return start, length
+
+
+@triton.jit
+def _row_base(Ptr, seq, head, start, stride_b, stride_h, stride_l):
+    """Pointer to the first token of (seq, head); stride_b is 0 in the packed form."""
+    return Ptr + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + start.to(tl.int64) * stride_l
+
+
+@triton.jit
+def _load_rows(base, rows, stride_l, length, offs_d, head_dim, DOT_DTYPE: tl.constexpr):
+    """A [rows, BLOCK_D] tile, zero outside the sequence and beyond head_dim."""
+    mask = (rows[:, None] < length) & (offs_d[None, :] < head_dim)
+    return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, length, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: query row sees key column (both real, causal order)."""
+    visible = (offs_m[:, None] < length) & (offs_n[None, :] < length)
+    if CAUSAL:
+        visible &= offs_n[None, :] <= offs_m[:, None]
+    return visible
+
+
+@triton.jit
+def _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m):
+    seed = tl.load(Seed).to(tl.uint32)
+    row_key = (seq.to(tl.uint32) * num_heads + head) * max_seqlen + offs_m.to(tl.uint32)
+    return row_hash(seed, row_key)
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse, SeqStart, SeqLen, Seed,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_lb, stride_lh,
+    num_heads, num_rows, max_seqlen, head_dim,
+    qk_scale_log2, drop_threshold, drop_scale,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
+    block_start = tl.program_id(1) * BLOCK_M
+    if block_start >= length:  # every row of this block is padding
+        return
+
+    offs_m = block_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = _row_base(Q, seq, head, start, stride_qb, stride_qh, stride_ql)
+    k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
+    v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
+    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
+    if DROPOUT:
+        hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
+
+    row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max of base-2 logits
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    key_end = tl.minimum(length, block_start + BLOCK_M) if CAUSAL else length
+    for key_start in range(0, key_end, BLOCK_N):
+        offs_n = key_start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        logits = tl.where(_visible(offs_m, offs_n, length, CAUSAL), logits, -float("inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that saw no key yet
+        p = tl.exp2(logits - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(keep_mask(hashes, offs_n, drop_threshold), p * drop_scale, 0.0)
+        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+        p = p.to(V.dtype.element_ty).to(DOT_DTYPE)
+        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    saw_key = row_sum > 0.0
+    safe_sum = tl.where(saw_key, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    o_base = _row_base(Out, seq, head, start, stride_ob, stride_oh, stride_ol)
+    o_mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
+    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(Out.dtype.element_ty), mask=o_mask)
+    lse = tl.where(saw_key, (row_max + tl.log2(safe_sum)) * LN2, -float("inf"))
+    lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
+    tl.store(lse_base + offs_m, lse, mask=offs_m < length)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out, DOut, Delta, SeqStart, SeqLen,
+    stride_ob, stride_oh, stride_ol,
+    stride_db, stride_dh, stride_dl,
+    stride_lb, stride_lh,
+    num_heads, num_rows, max_seqlen, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dOut * Out) in float32, the softmax-backward correction term."""
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
+    block_start = tl.program_id(1) * BLOCK_M
+    if block_start >= length:
+        return
+    offs_m = block_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_base = _row_base(Out, seq, head, start, stride_ob, stride_oh, stride_ol)
+    do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
+    o = _load_rows(o_base, offs_m, stride_ol, length, offs_d, head_dim, tl.float32)
+    do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, head_dim, tl.float32)
+    delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
+    tl.store(delta_base + offs_m, tl.sum(o * do, 1), mask=offs_m < length)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, SeqStart, SeqLen, Seed,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_lb, stride_lh,
+    num_heads, num_rows, max_seqlen, head_dim,
+    scale, qk_scale_log2, drop_threshold, drop_scale,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK, dV for one block of keys, streaming the query blocks that can see them."""
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
+    block_start = tl.program_id(1) * BLOCK_N
+    if block_start >= length:
+        return
+
+    offs_n = block_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = _row_base(Q, seq, head, start, stride_qb, stride_qh, stride_ql)
+    k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
+    v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
+    do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
+    lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
+    delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
+    k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
+    v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Under causal masking, queries before this key block cannot see it.
+    query_begin = (block_start // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for query_start in range(query_begin, length, BLOCK_M):
+        offs_m = query_start + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
+        do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, head_dim, DOT_DTYPE)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        visible = _visible(offs_m, offs_n, length, CAUSAL)
+        p = tl.where(visible, tl.exp2(logits - lse[:, None] * LOG2E), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
+        if DROPOUT:
+            hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
+            keep = keep_mask(hashes, offs_n, drop_threshold)
+            p_dropped = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            p_dropped = p
+        p_dropped = p_dropped.to(Q.dtype.element_ty).to(DOT_DTYPE)
+        dv += tl.dot(tl.trans(p_dropped), do, input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty).to(DOT_DTYPE)
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+
+    mask = (offs_n[:, None] < length) & (offs_d[None, :] < head_dim)
+    dk_base = _row_base(DK, seq, head, start, stride_dkb, stride_dkh, stride_dkl)
+    dv_base = _row_base(DV, seq, head, start, stride_dvb, stride_dvh, stride_dvl)
+    tl.store(dk_base + offs_n[:, None] * stride_dkl + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, SeqStart, SeqLen, Seed,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_lb, stride_lh,
+    num_heads, num_rows, max_seqlen, head_dim,
+    scale, qk_scale_log2, drop_threshold, drop_scale,
+    stride_dqb, stride_dqh, stride_dql,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dQ for one block of queries, streaming the keys it sees."""
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
+    block_start = tl.program_id(1) * BLOCK_M
+    if block_start >= length:
+        return
+
+    offs_m = block_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = _row_base(Q, seq, head, start, stride_qb, stride_qh, stride_ql)
+    k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
+    v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
+    do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
+    lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
+    delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
+    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
+    do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, head_dim, DOT_DTYPE)
+    lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
+    if DROPOUT:
+        hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    key_end = tl.minimum(length, block_start + BLOCK_M) if CAUSAL else length
+    for key_start in range(0, key_end, BLOCK_N):
+        offs_n = key_start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
+        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        visible = _visible(offs_m, offs_n, length, CAUSAL)
+        p = tl.where(visible, tl.exp2(logits - lse[:, None] * LOG2E), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(keep_mask(hashes, offs_n, drop_threshold), dp * drop_scale, 0.0)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty).to(DOT_DTYPE)
+        dq += tl.dot(ds, k, input_precision=DOT_PRECISION)
+
+    dq_base = _row_base(DQ, seq, head, start, stride_dqb, stride_dqh, stride_dql)
+    mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
+    tl.store(dq_base + offs_m[:, None] * stride_dql + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def _launch_config(head_dim, dtype, backward):
+    """Block sizes and warps: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
+        return 32, 16, block_d, 4, 1
+    wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
+    if backward:
+        return (16, 32, block_d, 8, 1) if wide else (32, 64, block_d, 4, 2)
+    return (32, 32, block_d, 4, 1) if wide else (64, 64 if block_d <= 64 else 32, block_d, 4, 2)
+
+
+def _dot_dtype(dtype):
+    """The dtype tl.dot multiplies in: the input's, except bfloat16 under the interpreter,
+    which multiplies bfloat16 bit patterns (triton-lang/triton#11584); there float32 gives
+    the same products (bf16 * bf16 is exact in float32) with float32 accumulation."""
+    if dtype == torch.bfloat16 and triton_interpreter_enabled():
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def _strides(t, packed):
+    """(batch, head, row) strides of a [B, H, L, ...] tensor; batch stride 0 when packed."""
+    return (0 if packed else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
+    num_heads, num_rows, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    dot_dtype = _dot_dtype(q.dtype)
+    return dict(
+        sizes=(num_heads, num_rows, max_seqlen, head_dim),
+        meta=dict(
+            CAUSAL=causal,
+            DROPOUT=dropout_p > 0.0,
+            DOT_DTYPE=dot_dtype,
+            DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+        ),
+        drop=(keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
+        packed=q.shape[0] != seq_len.shape[0],
+    )
+
+
+def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
+    """Returns out (zeros at padding rows; the layout of q) and lse [B, H, L] float32."""
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or max_seqlen == 0:
+        return out, lse
+    c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
+    block_m, block_n, block_d, num_warps, num_stages = _launch_config(q.shape[3], q.dtype, backward=False)
+    grid = (seq_len.shape[0] * q.shape[1], triton.cdiv(max_seqlen, block_m))
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, seq_start, seq_len, dropout_seed,
+        *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
+        *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
+        *c["sizes"], scale * math.log2(math.e), *c["drop"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        **c["meta"],
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed
+):
+    """Gradients (dq, dk, dv), each zero at padding rows and laid out like its input."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if q.numel() == 0 or max_seqlen == 0:
+        return dq, dk, dv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
+    packed, num_pairs = c["packed"], seq_len.shape[0] * q.shape[1]
+    lse_strides = _strides(lse, packed)[:2]
+    block_m, block_n, block_d, num_warps, num_stages = _launch_config(q.shape[3], q.dtype, backward=True)
+
+    delta = torch.zeros_like(lse)  # [B, H, L]: rowsum(dout * out)
+    _attention_bwd_delta_kernel[(num_pairs, triton.cdiv(max_seqlen, block_m))](
+        out, dout, delta, seq_start, seq_len,
+        *_strides(out, packed), *_strides(dout, packed), *lse_strides,
+        *c["sizes"], BLOCK_M=block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    shared = (
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed),
+        *lse_strides, *c["sizes"], scale, scale * math.log2(math.e), *c["drop"],
+    )  # fmt: skip
+    launch = dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages, **c["meta"]
+    )
+    _attention_bwd_dkdv_kernel[(num_pairs, triton.cdiv(max_seqlen, block_n))](
+        q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
+        *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,
+    )  # fmt: skip
+    _attention_bwd_dq_kernel[(num_pairs, triton.cdiv(max_seqlen, block_m))](
+        q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed), **launch
+    )
+    return dq, dk, dv

@@ -1,0 +1,159 @@
+"""The naive attention the tests trust, and the one helper that checks a backend against it.
+
+`naive_attention` is written from the semantics alone (explicit index comparisons, a
+plain masked softmax) and is autograd-differentiated; run in float64 it is the truth,
+run in a low-precision dtype it is the baseline of the FlashAttention tolerance rule.
+"""
+
+import math
+
+import torch
+
+from seqrec_kernels import fused_attention, fused_attention_varlen
+from seqrec_kernels.reference.dropout import keep_mask, row_hash
+
+# The floor added to the FlashAttention rule (kernel error <= 2x, 3x for gradients, the
+# naive same-dtype error vs float64): a couple of units in the last place of the largest
+# value, which keeps the rule meaningful on tiny tensors where the naive error is luck.
+# In float64 the naive computation is the truth itself, so the floor is the whole budget;
+# float32 gradients cancel exactly in the truth (dq of a one-key row) but not in float32.
+FLOOR_ULPS = {torch.float64: 64, torch.float32: 16, torch.float16: 2, torch.bfloat16: 2}
+
+
+def padded_token_mask(seq_lens, length, padding_side):
+    """[B, L] bool: which slots hold real tokens."""
+    index = torch.arange(length, device=seq_lens.device)[None, :]
+    if padding_side == "left":
+        return index >= length - seq_lens[:, None]
+    return index < seq_lens[:, None]
+
+
+def dropout_keep(seed, seq_lens, num_heads, length, padding_side, dropout_p):
+    """[B, H, L, L] keep mask the kernels must use: hash of (seq, head, position, position)."""
+    batch = seq_lens.shape[0]
+    first = (length - seq_lens) if padding_side == "left" else torch.zeros_like(seq_lens)
+    position = torch.arange(length, device=seq_lens.device)[None, :] - first[:, None]  # [B, L]
+    seq_head = torch.arange(batch)[:, None] * num_heads + torch.arange(num_heads)[None, :]  # [B, H]
+    row_key = seq_head[:, :, None] * length + position[:, None, :].clamp(min=0)
+    return keep_mask(row_hash(seed, row_key)[..., None], position[:, None, None, :], dropout_p)
+
+
+def naive_attention(q, k, v, seq_lens, padding_side, causal, scale, keep=None, dropout_p=0.0):
+    """Computed entirely in q.dtype. q/k/v [B, H, L, D]; keep [B, H, L, L] or None."""
+    length = q.shape[2]
+    real = padded_token_mask(seq_lens, length, padding_side)  # [B, L]
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    visible = real[:, :, None] & real[:, None, :]  # [B, L, L]
+    if causal:
+        visible = visible & (j <= i)
+    visible = visible[:, None]  # [B, 1, L, L]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    sees_any = visible.any(-1, keepdim=True)
+    scores = torch.where(sees_any, scores, 0.0)  # rows that see nothing: avoid NaN
+    probs = torch.where(visible, torch.softmax(scores, dim=-1), 0.0)
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
+    return probs @ v
+
+
+def make_qkv(batch, heads, length, head_dim, dtype, strided=False, generator=None):
+    """Random q, k, v [B, H, L, D] needing grad; strided: transposed views of [B, L, H, D]."""
+    def one():
+        if strided:
+            t = torch.randn(batch, length, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+        else:
+            t = torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype)
+        return t.requires_grad_()
+
+    return one(), one(), one()
+
+
+def _max_error(actual, truth):
+    return (actual.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
+
+
+def _forward_and_grads(fn, inputs, dout):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    return out.detach(), [g.detach() for g in grads]
+
+
+def assert_flash_rule(name, actual, truth, baseline, dtype, factor, floor_scale=1.0):
+    """Error vs truth <= factor x the naive same-dtype error + a floor; nothing NaN."""
+    assert not torch.isnan(actual).any(), f"{name}: NaN"
+    err, base = _max_error(actual, truth), _max_error(baseline, truth)
+    largest = truth.abs().max().item() if truth.numel() else 0.0
+    limit = factor * base + FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * max(1.0, largest) * floor_scale
+    assert err <= limit, f"{name}: max error {err:.3g} > {factor} x naive {base:.3g} + floor"
+
+
+def naive_lse(q, k, seq_lens, padding_side, causal, scale):
+    """[B, H, L] float64 row log-sum-exp of the visible scores (-inf where none)."""
+    length = q.shape[2]
+    real = padded_token_mask(seq_lens, length, padding_side)
+    visible = real[:, :, None] & real[:, None, :]
+    if causal:
+        visible = visible & torch.ones(length, length, dtype=torch.bool).tril()
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.logsumexp(scores.masked_fill(~visible[:, None], -math.inf), dim=-1)
+
+
+def pack(t, seq_lens, padding_side):
+    """[B, H, L, ...] padded -> [T, H, ...] packed: the real tokens only, in order."""
+    real = padded_token_mask(seq_lens, t.shape[2], padding_side)
+    return t.transpose(1, 2)[real]
+
+
+def check_against_truth(
+    q, k, v, seq_lens, padding_side, causal, backend, dropout_p=0.0, varlen=False, grad_floor_scale=1.0
+):
+    """Forward, LSE and the three gradients of `backend` vs naive float64 with the same
+    dropout mask, by the FlashAttention rule. varlen: runs fused_attention_varlen on the
+    packed real tokens and compares them with the padded truth. grad_floor_scale widens
+    the gradients' floor where the inputs make it necessary (huge logits)."""
+    batch, heads, length, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim)
+    rng_state = torch.get_rng_state()
+    seed = torch.randint(2**31 - 1, (1,))  # the draw fused_attention makes for its dropout seed
+    keep = dropout_keep(seed, seq_lens, heads, length, padding_side, dropout_p) if dropout_p else None
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    cu_seqlens = torch.nn.functional.pad(seq_lens.cumsum(0), (1, 0)).to(torch.int32)
+    options = dict(causal=causal, dropout_p=dropout_p, backend=backend, return_lse=True)
+    lse = {}
+
+    def ours(q, k, v):
+        torch.set_rng_state(rng_state)
+        if varlen:
+            out, lse["ours"] = fused_attention_varlen(q, k, v, cu_seqlens, length, **options)
+        else:
+            out, lse["ours"] = fused_attention(q, k, v, seq_lens=seq_lens, padding_side=padding_side, **options)
+        return out
+
+    def naive(q, k, v):
+        return naive_attention(q, k, v, seq_lens, padding_side, causal, scale, keep, dropout_p)
+
+    def layout(t):  # what `ours` returns, from a padded [B, H, L, ...] tensor
+        return pack(t, seq_lens, padding_side) if varlen else t
+
+    inputs = [layout(t.detach()) for t in (q, k, v)]
+    out, grads = _forward_and_grads(ours, inputs, layout(dout))
+    truth_out, truth_grads = _forward_and_grads(naive, [t.double() for t in (q, k, v)], dout)
+    base_out, base_grads = _forward_and_grads(naive, (q, k, v), dout)
+    assert out.dtype == q.dtype and out.shape == inputs[0].shape
+    assert_flash_rule("out", out, layout(truth_out), layout(base_out), q.dtype, 2)
+    for name, g, tg, bg in zip(("dq", "dk", "dv"), grads, truth_grads, base_grads):
+        assert_flash_rule(name, g, layout(tg), layout(bg), q.dtype, 3, grad_floor_scale)
+
+    truth_lse = naive_lse(q, k, seq_lens, padding_side, causal, scale)  # [B, H, L]
+    if varlen:
+        truth_lse = pack(truth_lse[..., None], seq_lens, padding_side)[..., 0].T  # [H, T]
+    assert lse["ours"].dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse["ours"].double(), truth_lse, atol=1e-4, rtol=1e-5)
+    if not varlen:
+        real = padded_token_mask(seq_lens, length, padding_side)[:, None, :, None]
+        assert (out.masked_select(~real) == 0).all(), "padding rows must be zero"
+        for g in grads:
+            assert (g.masked_select(~real) == 0).all(), "padding rows must get zero gradients"
