@@ -7,7 +7,6 @@ module cannot honour raises, it never falls back to another path silently.
 from __future__ import annotations
 
 import enum
-import functools
 import importlib.util
 import logging
 import os
@@ -41,9 +40,7 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # without importing it
 
 
 def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
@@ -51,14 +48,11 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
     if backend is Backend.REFERENCE:
         return None
     if backend is Backend.TRITON:
-        if not _triton_installed():
+        if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
             return None
-        return (
-            f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
-            f"got tensors on {device}"
-        )
+        return f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
     if backend is Backend.CUDA:
         return "the seqrec_kernels._C CUDA extension is not part of this build yet"
     raise AssertionError(f"unhandled backend {backend}")

@@ -60,6 +60,7 @@ def naive_attention(q, k, v, seq_lens, padding_side, causal, scale, keep=None, d
 
 def make_qkv(batch, heads, length, head_dim, dtype, strided=False, generator=None):
     """Random q, k, v [B, H, L, D] needing grad; strided: transposed views of [B, L, H, D]."""
+
     def one():
         if strided:
             t = torch.randn(batch, length, heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
@@ -77,7 +78,9 @@ def _max_error(actual, truth):
 def _forward_and_grads(fn, inputs, dout):
     inputs = [t.detach().requires_grad_() for t in inputs]
     out = fn(*inputs)
-    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    grads = (
+        torch.autograd.grad(out, inputs, dout.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    )
     return out.detach(), [g.detach() for g in grads]
 
 

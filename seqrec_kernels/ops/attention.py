@@ -160,7 +160,9 @@ def fused_attention(
     else:
         check_tensor("seq_lens", seq_lens, ndim=1, layout="[B]", dtypes=INDEX_DTYPES, device=q.device)
         if seq_lens.shape[0] != batch:
-            raise ValueError(f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}")
+            raise ValueError(
+                f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}"
+            )
         if values_checkable() and seq_lens.numel() and not bool(((seq_lens >= 0) & (seq_lens <= length)).all()):
             raise ValueError(f"seq_lens: expected values in [0, {length}] (L), got {seq_lens.tolist()}")
         seq_len = seq_lens.to(torch.int32)
@@ -192,7 +194,9 @@ def fused_attention_varlen(
     check_bool("return_lse", return_lse)
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B + 1]", dtypes=INDEX_DTYPES, device=q.device)
     if cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected at least 2 offsets ([B + 1] with B >= 1), got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens: expected at least 2 offsets ([B + 1] with B >= 1), got shape {tuple(cu_seqlens.shape)}"
+        )
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
     seq_start, seq_len = cu_seqlens[:-1].to(torch.int32), cu_seqlens.diff().to(torch.int32)

@@ -80,9 +80,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     return _like(q, probs @ vc), lse
 
 
-def attention_backward(
-    dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed
-):
+def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
     """Gradients (dq, dk, dv); the probabilities are recomputed from q and k (the saved
     out and lse are part of the op signature for the kernels, not needed here)."""
     compute = _compute_dtype(q.dtype)
