@@ -2,6 +2,14 @@
 
 from .backends import Backend, available
 from .ops.attention import fused_attention, fused_attention_varlen
+from .ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
 
-__all__ = ["Backend", "available", "fused_attention", "fused_attention_varlen"]
+__all__ = [
+    "Backend",
+    "available",
+    "full_softmax_loss",
+    "fused_attention",
+    "fused_attention_varlen",
+    "sampled_softmax_loss",
+]
 __version__ = "0.1.0"

@@ -67,3 +67,17 @@ def values_checkable() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 is reference-only
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_kernel_dtype(backend_name: str, name: str, value: torch.Tensor) -> None:
+    """Kernel backends take half and single precision; float64 runs on the reference."""
+    if backend_name != "reference" and value.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name}: the {backend_name!r} backend takes float16, bfloat16 or float32, got {value.dtype} "
+            "(float64 runs on backend='reference')"
+        )

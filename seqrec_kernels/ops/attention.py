@@ -14,14 +14,21 @@ from typing import Literal
 
 import torch
 
-from .._checks import check_bool, check_choice, check_real, check_same, check_tensor, values_checkable
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_bool,
+    check_choice,
+    check_kernel_dtype,
+    check_real,
+    check_same,
+    check_tensor,
+    values_checkable,
+)
 from ..backends import Backend, resolve
 from ..reference import attention as reference_attention
 
 MAX_HEAD_DIM = 256
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 is reference-only
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 _FWD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_len, int max_seqlen, bool causal,"
@@ -115,11 +122,7 @@ def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
 def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, backend, op_name):
     """Resolves the backend and runs its op on the [B, H, L, D] views."""
     chosen = resolve(backend, q.device, op_name)
-    if chosen is not Backend.REFERENCE and q.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"q: the {chosen.value!r} backend takes float16, bfloat16 or float32, got {q.dtype} "
-            "(float64 runs on backend='reference')"
-        )
+    check_kernel_dtype(chosen.value, "q", q)
     # Kernels need unit stride along the head dim; anything else is copied once here.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # The seed is drawn on the device from torch's generator: no host sync, and

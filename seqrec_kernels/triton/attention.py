@@ -195,7 +195,7 @@ def _attention_bwd_dkdv_kernel(
         delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
         visible = _visible(offs_m, offs_n, length, CAUSAL)
-        p = tl.where(visible, tl.exp2(logits - lse[:, None] * LOG2E), 0.0)
+        p = tl.exp2(tl.where(visible, logits - lse[:, None] * LOG2E, -float("inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         if DROPOUT:
             hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
@@ -262,7 +262,7 @@ def _attention_bwd_dq_kernel(
         v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
         visible = _visible(offs_m, offs_n, length, CAUSAL)
-        p = tl.where(visible, tl.exp2(logits - lse[:, None] * LOG2E), 0.0)
+        p = tl.exp2(tl.where(visible, logits - lse[:, None] * LOG2E, -float("inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             dp = tl.where(keep_mask(hashes, offs_n, drop_threshold), dp * drop_scale, 0.0)

@@ -1,0 +1,284 @@
+"""sampled_softmax_loss / full_softmax_loss: validation, dispatch and the torch ops.
+
+Every backend implements `seqrec::sampled_softmax_{fwd,bwd}_<backend>` and
+`seqrec::full_softmax_{fwd,bwd}_<backend>` over 2-D hidden [T, D] and per-row outputs
+(see `seqrec_kernels/reference/softmax_loss.py` for the contract); the reduction is done
+here in plain PyTorch. Gradients flow to hidden and item_weight only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_bool,
+    check_choice,
+    check_kernel_dtype,
+    check_real,
+    check_tensor,
+    values_checkable,
+)
+from ..backends import Backend, resolve
+from ..reference import softmax_loss as reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+_SAMPLED_FWD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor pos_ids, Tensor neg_ids, Tensor? pos_log_q, Tensor? neg_log_q,"
+    " int rows_per_group, bool remove_hits, float temperature, int ignore_index) -> (Tensor, Tensor)"
+)
+_SAMPLED_BWD_SCHEMA = (
+    "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor pos_ids, Tensor neg_ids, Tensor? pos_log_q,"
+    " Tensor? neg_log_q, Tensor lse, int rows_per_group, bool remove_hits, float temperature,"
+    " int ignore_index, bool deterministic) -> (Tensor, Tensor)"
+)
+_FULL_FWD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor excluded_ids, float temperature,"
+    " int ignore_index) -> (Tensor, Tensor)"
+)
+_FULL_BWD_SCHEMA = (
+    "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, Tensor excluded_ids, Tensor lse,"
+    " float temperature, int ignore_index) -> (Tensor, Tensor)"
+)
+
+
+def _row_outputs_fake(hidden):
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype)
+
+
+def _define_sampled_ops(backend: Backend, forward, backward):
+    name = f"seqrec::sampled_softmax_{{}}_{backend.value}"
+    fwd = torch.library.custom_op(name.format("fwd"), forward, mutates_args=(), schema=_SAMPLED_FWD_SCHEMA)
+    bwd = torch.library.custom_op(name.format("bwd"), backward, mutates_args=(), schema=_SAMPLED_BWD_SCHEMA)
+    fwd.register_fake(lambda hidden, *_: _row_outputs_fake(hidden))
+    bwd.register_fake(lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight)))
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore = (
+            inputs
+        )
+        ctx.save_for_backward(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, output[1])
+        ctx.options = (rows_per_group, remove_hits, temperature, ignore)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_rule(ctx, grad_loss, _grad_lse):
+        # Deterministic when torch.use_deterministic_algorithms(True) is in effect.
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        grads = bwd(grad_loss, *ctx.saved_tensors, *ctx.options, deterministic)
+        num_non_differentiable = 8  # pos_ids, neg_ids, both log_q, rows_per_group, remove_hits, temperature, ignore
+        return (*grads, *([None] * num_non_differentiable))
+
+    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    return fwd
+
+
+def _define_full_ops(backend: Backend, forward, backward):
+    name = f"seqrec::full_softmax_{{}}_{backend.value}"
+    fwd = torch.library.custom_op(name.format("fwd"), forward, mutates_args=(), schema=_FULL_FWD_SCHEMA)
+    bwd = torch.library.custom_op(name.format("bwd"), backward, mutates_args=(), schema=_FULL_BWD_SCHEMA)
+    fwd.register_fake(lambda hidden, *_: _row_outputs_fake(hidden))
+    bwd.register_fake(lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight)))
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, excluded_ids, temperature, ignore_index = inputs
+        ctx.save_for_backward(hidden, weight, targets, excluded_ids, output[1])
+        ctx.options = (temperature, ignore_index)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_rule(ctx, grad_loss, _grad_lse):
+        grads = bwd(grad_loss, *ctx.saved_tensors, *ctx.options)
+        num_non_differentiable = 4  # targets, excluded_ids, temperature, ignore_index
+        return (*grads, *([None] * num_non_differentiable))
+
+    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    return fwd
+
+
+def _triton(function_name):
+    def run(*args):
+        from ..triton import softmax_loss  # Triton is imported on first use only
+
+        return getattr(softmax_loss, function_name)(*args)
+
+    return run
+
+
+_SAMPLED_OPS = {
+    Backend.REFERENCE: _define_sampled_ops(Backend.REFERENCE, reference.sampled_forward, reference.sampled_backward),
+    Backend.TRITON: _define_sampled_ops(Backend.TRITON, _triton("sampled_forward"), _triton("sampled_backward")),
+}
+_FULL_OPS = {
+    Backend.REFERENCE: _define_full_ops(Backend.REFERENCE, reference.full_forward, reference.full_backward),
+    Backend.TRITON: _define_full_ops(Backend.TRITON, _triton("full_forward"), _triton("full_backward")),
+}
+
+
+def _check_hidden_and_weight(hidden, item_weight):
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected 2 dimensions [T, D] or 3 [B, L, D], got shape {tuple(hidden.shape)}")
+    check_tensor("item_weight", item_weight, ndim=2, layout="[N, D]", device=hidden.device)
+    if item_weight.dtype != hidden.dtype:
+        raise TypeError(f"item_weight: expected dtype {hidden.dtype} (the dtype of hidden), got {item_weight.dtype}")
+    if item_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"item_weight: expected D={hidden.shape[-1]} columns (the last dimension of hidden), "
+            f"got shape {tuple(item_weight.shape)}"
+        )
+    if item_weight.shape[0] == 0:
+        raise ValueError("item_weight: expected at least one item row, got shape (0, D)")
+
+
+def _check_ids(name, ids, shape, device, num_items, ignore_index=None):
+    """Integer ids of `shape` in [0, num_items) (ignore_index allowed where given)."""
+    check_tensor(name, ids, dtypes=INDEX_DTYPES, device=device)
+    if ids.shape != shape:
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
+    if values_checkable() and ids.numel():
+        in_range = (ids >= 0) & (ids < num_items)
+        if ignore_index is not None:
+            in_range |= ids == ignore_index
+        if not bool(in_range.all()):
+            bad = ids[~in_range][:5].tolist()
+            raise ValueError(f"{name}: expected item ids in [0, {num_items}) (N), got e.g. {bad}")
+
+
+def _check_log_q(name, log_q, ids_name, ids):
+    if log_q is None:
+        return None
+    check_tensor(name, log_q, dtypes=FLOAT_DTYPES, device=ids.device)
+    if log_q.shape != ids.shape:
+        raise ValueError(
+            f"{name}: expected shape {tuple(ids.shape)} (the shape of {ids_name}), got {tuple(log_q.shape)}"
+        )
+    return log_q
+
+
+def _check_common(temperature, ignore_index, reduction):
+    temperature = check_real("temperature", temperature, low=0.0, high=math.inf)
+    if temperature <= 0.0:
+        raise ValueError(f"temperature: expected a value > 0, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    return temperature
+
+
+def _reduce(row_loss, valid, reduction, row_shape):
+    """row_loss [T] (zero at ignored rows) -> the requested reduction; no host sync."""
+    if reduction == "none":
+        return row_loss.view(row_shape)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+def _negative_groups(neg_ids, hidden, pos_ids):
+    """neg_ids as [G, K] and the number of consecutive rows sharing each list."""
+    rows = pos_ids.numel()
+    if neg_ids.dim() == 1:  # [K]: one list for every row
+        return neg_ids[None], rows
+    if hidden.dim() == 3 and neg_ids.dim() == 2 and neg_ids.shape[0] == hidden.shape[0]:  # [B, K]
+        return neg_ids, hidden.shape[1]
+    if neg_ids.shape[:-1] == pos_ids.shape:  # [T, K] or [B, L, K]: one list per row
+        return neg_ids.reshape(rows, neg_ids.shape[-1]), 1
+    accepted = f"[K], {list(pos_ids.shape) + ['K']}" + (f" or [{hidden.shape[0]}, K]" if hidden.dim() == 3 else "")
+    raise ValueError(f"neg_ids: expected shape {accepted}, got {tuple(neg_ids.shape)}")
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    item_weight: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    *,
+    pos_log_q: torch.Tensor | None = None,
+    neg_log_q: torch.Tensor | None = None,
+    remove_accidental_hits: bool = True,
+    temperature: float = 1.0,
+    ignore_index: int = 0,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    backend: str | Backend = "auto",
+) -> torch.Tensor:
+    """Softmax cross-entropy of each position's positive against sampled negatives,
+    without materializing [T, K] logits (Triton) — see the README for the semantics.
+
+    hidden [T, D] or [B, L, D]; item_weight [N, D]; pos_ids [T] or [B, L]; neg_ids [K]
+    (shared), [B, K] (per sequence) or [T, K] / [B, L, K] (per row); log_q tensors have
+    the shape of their ids. Returns a float32 scalar, or [T] / [B, L] for reduction="none".
+    """
+    _check_hidden_and_weight(hidden, item_weight)
+    temperature = _check_common(temperature, ignore_index, reduction)
+    check_bool("remove_accidental_hits", remove_accidental_hits)
+    row_shape, num_items = hidden.shape[:-1], item_weight.shape[0]
+    _check_ids("pos_ids", pos_ids, row_shape, hidden.device, num_items, ignore_index)
+    check_tensor("neg_ids", neg_ids, dtypes=INDEX_DTYPES, device=hidden.device)
+    groups, rows_per_group = _negative_groups(neg_ids, hidden, pos_ids)
+    _check_ids("neg_ids", neg_ids, neg_ids.shape, hidden.device, num_items)
+    pos_log_q = _check_log_q("pos_log_q", pos_log_q, "pos_ids", pos_ids)
+    neg_log_q = _check_log_q("neg_log_q", neg_log_q, "neg_ids", neg_ids)
+
+    chosen = resolve(backend, hidden.device, "sampled_softmax_loss")
+    check_kernel_dtype(chosen.value, "hidden", hidden)
+    pos_flat = pos_ids.reshape(-1)
+    row_loss, _ = _SAMPLED_OPS[chosen](
+        hidden.reshape(-1, hidden.shape[-1]), item_weight, pos_flat, groups,
+        None if pos_log_q is None else pos_log_q.reshape(-1),
+        None if neg_log_q is None else neg_log_q.reshape(groups.shape),
+        rows_per_group, remove_accidental_hits, temperature, ignore_index,
+    )  # fmt: skip
+    return _reduce(row_loss, pos_flat != ignore_index, reduction, row_shape)
+
+
+def full_softmax_loss(
+    hidden: torch.Tensor,
+    item_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = 0,
+    exclude_items: Sequence[int] = (0,),
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    backend: str | Backend = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax cross-entropy over the whole catalog, without materializing [T, N]
+    logits (Triton). exclude_items are never classes (the padding row by default).
+
+    hidden [T, D] or [B, L, D]; item_weight [N, D]; targets [T] or [B, L]. With
+    return_lse, also returns the per-row log-sum-exp (float32, shape of targets).
+    """
+    _check_hidden_and_weight(hidden, item_weight)
+    temperature = _check_common(temperature, ignore_index, reduction)
+    check_bool("return_lse", return_lse)
+    row_shape, num_items = hidden.shape[:-1], item_weight.shape[0]
+    _check_ids("targets", targets, row_shape, hidden.device, num_items, ignore_index)
+    excluded = sorted(set(exclude_items))
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_items for i in excluded):
+        raise ValueError(f"exclude_items: expected item ids in [0, {num_items}) (N), got {list(exclude_items)}")
+    if len(excluded) >= num_items:
+        raise ValueError(f"exclude_items: excludes all {num_items} items, leaving no class")
+    excluded_ids = torch.tensor(excluded, dtype=torch.int32, device=hidden.device)
+    if values_checkable() and excluded and targets.numel():
+        excluded_target = torch.isin(targets, excluded_ids) & (targets != ignore_index)
+        if bool(excluded_target.any()):
+            raise ValueError(
+                f"targets: a non-ignored target is an excluded item ({excluded}); excluded items are never classes"
+            )
+
+    chosen = resolve(backend, hidden.device, "full_softmax_loss")
+    check_kernel_dtype(chosen.value, "hidden", hidden)
+    targets_flat = targets.reshape(-1)
+    row_loss, lse = _FULL_OPS[chosen](
+        hidden.reshape(-1, hidden.shape[-1]), item_weight, targets_flat, excluded_ids, temperature, ignore_index
+    )
+    loss = _reduce(row_loss, targets_flat != ignore_index, reduction, row_shape)
+    return (loss, lse.view(row_shape)) if return_lse else loss

@@ -1,0 +1,109 @@
+"""Reference softmax losses: readable PyTorch that defines what every backend computes.
+
+Op-level contract shared by all backends (see `seqrec_kernels/ops/softmax_loss.py`):
+hidden [T, D], weight [N, D]; logit(row, item) = <hidden[row], weight[item]> / temperature
+- log_q(item). Rows whose positive/target equals ignore_index have loss 0 and no
+gradient. Losses and LSEs are float32 (float64 for float64 inputs), per row [T].
+
+Sampled: negatives neg_ids [G, K]; row t uses group t // rows_per_group (G = 1: shared
+by all rows; G = B: one list per sequence; G = T: one per row).
+loss(t) = logsumexp(pos logit, neg logits except accidental hits) - pos logit.
+Full: loss(t) = logsumexp over items not excluded - logit(target).
+"""
+
+import math
+
+import torch
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sampled_logits(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature):
+    """Positive logits [T] and negative logits [T, K] (-inf at accidental hits)."""
+    safe_pos = pos_ids.clamp(0, weight.shape[0] - 1)  # ignored rows may hold any id
+    pos_logits = (hidden * weight[safe_pos]).sum(-1) / temperature
+    groups, num_neg = neg_ids.shape
+    grouped_hidden = hidden.view(groups, rows_per_group, hidden.shape[1])  # [G, R, D]
+    neg_logits = (grouped_hidden @ weight[neg_ids].transpose(1, 2)).reshape(-1, num_neg) / temperature  # [T, K]
+    if pos_log_q is not None:
+        pos_logits = pos_logits - pos_log_q
+    if neg_log_q is not None:
+        neg_logits = (neg_logits.view(groups, rows_per_group, num_neg) - neg_log_q[:, None, :]).reshape(-1, num_neg)
+    if remove_hits:
+        row_neg_ids = neg_ids.repeat_interleave(rows_per_group, dim=0)  # [T, K]
+        neg_logits = neg_logits.masked_fill(row_neg_ids == pos_ids[:, None], -math.inf)
+    return pos_logits, neg_logits
+
+
+def sampled_forward(
+    hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore_index
+):
+    """Per-row loss [T] (0 at ignored rows) and LSE [T]."""
+    compute = _compute_dtype(hidden.dtype)
+    pos_logits, neg_logits = _sampled_logits(
+        hidden.to(compute), weight.to(compute), pos_ids, neg_ids,
+        None if pos_log_q is None else pos_log_q.to(compute),
+        None if neg_log_q is None else neg_log_q.to(compute),
+        rows_per_group, remove_hits, temperature,
+    )  # fmt: skip
+    lse = torch.logsumexp(torch.cat([pos_logits[:, None], neg_logits], dim=1), dim=1)
+    loss = torch.where(pos_ids != ignore_index, lse - pos_logits, 0.0)
+    return loss, lse
+
+
+def sampled_backward(
+    grad_loss, hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse,
+    rows_per_group, remove_hits, temperature, ignore_index, deterministic,
+):  # fmt: skip
+    """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed. The
+    reference follows torch.use_deterministic_algorithms; `deterministic` is for kernels."""
+    compute = _compute_dtype(hidden.dtype)
+    h, w = hidden.to(compute), weight.to(compute)
+    pos_logits, neg_logits = _sampled_logits(
+        h, w, pos_ids, neg_ids,
+        None if pos_log_q is None else pos_log_q.to(compute),
+        None if neg_log_q is None else neg_log_q.to(compute),
+        rows_per_group, remove_hits, temperature,
+    )  # fmt: skip
+    # d loss / d logit = softmax - onehot(positive), scaled by the row's upstream gradient.
+    row_scale = torch.where(pos_ids != ignore_index, grad_loss.to(compute), 0.0) / temperature
+    pos_coef = (torch.exp(pos_logits - lse) - 1.0) * row_scale  # [T]
+    neg_coef = torch.exp(neg_logits - lse[:, None]) * row_scale[:, None]  # [T, K]
+    groups, num_neg = neg_ids.shape
+    safe_pos = pos_ids.clamp(0, w.shape[0] - 1)
+    grouped_coef = neg_coef.view(groups, rows_per_group, num_neg)  # [G, R, K]
+    d_hidden = pos_coef[:, None] * w[safe_pos] + (grouped_coef @ w[neg_ids]).reshape(h.shape)
+    d_weight = torch.zeros_like(w)
+    d_weight.index_add_(0, safe_pos, pos_coef[:, None] * h)
+    neg_grads = grouped_coef.transpose(1, 2) @ h.view(groups, rows_per_group, h.shape[1])  # [G, K, D]
+    d_weight.index_add_(0, neg_ids.reshape(-1), neg_grads.reshape(-1, h.shape[1]))
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype)
+
+
+def _full_logits(hidden, weight, excluded_ids, temperature):
+    logits = hidden @ weight.T / temperature  # [T, N]
+    return logits.index_fill(1, excluded_ids.long(), -math.inf)
+
+
+def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
+    """Per-row loss [T] (0 at ignored rows) and LSE [T] over the items not excluded."""
+    compute = _compute_dtype(hidden.dtype)
+    logits = _full_logits(hidden.to(compute), weight.to(compute), excluded_ids, temperature)
+    lse = torch.logsumexp(logits, dim=1)
+    valid = targets != ignore_index
+    target_logits = logits.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
+    return torch.where(valid, lse - target_logits, 0.0), lse
+
+
+def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
+    """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed."""
+    compute = _compute_dtype(hidden.dtype)
+    h, w = hidden.to(compute), weight.to(compute)
+    probs = torch.exp(_full_logits(h, w, excluded_ids, temperature) - lse[:, None])  # [T, N]
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0).long()[:, None]
+    probs = probs.scatter_add(1, safe_targets, -valid[:, None].to(compute))  # softmax - onehot(target)
+    coef = probs * (torch.where(valid, grad_loss.to(compute), 0.0) / temperature)[:, None]
+    return (coef @ w).to(hidden.dtype), (coef.T @ h).to(weight.dtype)

@@ -1,0 +1,497 @@
+"""Sampled and full softmax losses in Triton, never materializing logits.
+
+Same op-level contract as `seqrec_kernels/reference/softmax_loss.py`. Forward: each
+program streams the item rows (negatives or the whole catalog) of a block of hidden rows
+through an online log-sum-exp in float32 and writes the per-row loss and LSE. Backward
+recomputes logit tiles from the LSE. Extra memory is O(T + N) beyond the gradients
+(plus O(T + G*K) sort indices in deterministic mode).
+
+Sampled, two layouts of negatives [G, K]:
+- shared (rows_per_group > 1): a program's rows use the same list, so logits are a
+  [BLOCK_T, BLOCK_K] tile product on tensor cores;
+- per row (rows_per_group == 1): each row gathers its own [BLOCK_K, D] rows, logits are
+  row-wise dot products.
+d item_weight is a float32 scatter-add (atomics) by default; under
+torch.use_deterministic_algorithms(True) it is computed item by item over the sorted
+sample ids instead, in a fixed order.
+
+Full: d hidden streams item tiles per row block; d item_weight streams row tiles per item
+block (no atomics, deterministic).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_enabled
+from .attention import _dot_dtype
+
+MAX_HIDDEN_DIM = 1024
+
+
+def _blocks(hidden_dim):
+    block_d = max(16, triton.next_power_of_2(hidden_dim))
+    if triton_interpreter_enabled():
+        return 16, 16, block_d
+    if block_d <= 128:
+        return 64, 64, block_d
+    return (32, 32, block_d) if block_d <= 256 else (16, 16, block_d)
+
+
+def _per_row_blocks(hidden_dim):
+    """(BLOCK_T, BLOCK_K, BLOCK_D) for per-row negatives: a [T, K, D] register tile."""
+    block_d = max(16, triton.next_power_of_2(hidden_dim))
+    block_k = 16
+    return max(1, 8192 // (block_k * block_d)), block_k, block_d
+
+
+def _check_hidden_dim(hidden_dim):
+    if hidden_dim > MAX_HIDDEN_DIM:
+        raise ValueError(f"hidden: the 'triton' backend takes D <= {MAX_HIDDEN_DIM}, got {hidden_dim}")
+
+
+def _dot_meta(dtype):
+    dot_dtype = _dot_dtype(dtype)
+    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
+
+
+# ------------------------------------------------------------------------ sampled
+
+
+@triton.jit
+def _sampled_rows(num_rows, rows_per_group, PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's rows, their validity, and the group whose negatives they use."""
+    if PER_ROW:
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        return rows, rows < num_rows, rows
+    group = tl.program_id(0)
+    local = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = group * rows_per_group + local
+    return rows, (local < rows_per_group) & (rows < num_rows), group
+
+
+@triton.jit
+def _positive_logits(
+    H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+    ignore_index, HAS_POS_LOGQ: tl.constexpr,
+):  # fmt: skip
+    """hidden [BT, BD] float32, positive ids [BT], real-row mask [BT], positive weights and logits."""
+    d_mask = offs_d[None, :] < hidden_dim
+    h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask, other=0.0)
+    pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)
+    w_pos = tl.load(
+        W + tl.where(valid, pos, 0)[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+        mask=valid[:, None] & d_mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    logits = tl.sum(h.to(tl.float32) * w_pos, 1) * inv_temp
+    if HAS_POS_LOGQ:
+        logits -= tl.load(PosLogQ + rows, mask=valid, other=0.0).to(tl.float32)
+    return h, pos, valid, w_pos, logits
+
+
+@triton.jit
+def _negative_logits(
+    h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
+    hidden_dim, inv_temp,
+    HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Logits [BT, BK] of a block of negatives (-inf where absent or an accidental hit),
+    their ids and their weights ([BK, BD] shared, [BT, BK, BD] per row)."""
+    d_mask = offs_d < hidden_dim
+    if PER_ROW:
+        ids_ptr = Neg + group[:, None].to(tl.int64) * stride_neg + offs_k[None, :]  # [BT, BK]
+        ids = tl.load(ids_ptr, mask=row_mask[:, None] & (offs_k[None, :] < num_neg), other=-1)
+        present = (ids >= 0) & (ids < num_items)
+        w = tl.load(
+            W + tl.where(present, ids, 0)[:, :, None].to(tl.int64) * stride_w + offs_d[None, None, :],
+            mask=present[:, :, None] & d_mask[None, None, :], other=0.0,
+        )  # fmt: skip
+        logits = tl.sum(h.to(tl.float32)[:, None, :] * w.to(tl.float32), 2) * inv_temp
+        if HAS_NEG_LOGQ:
+            logits -= tl.load(NegLogQ + group[:, None].to(tl.int64) * stride_neg + offs_k[None, :],
+                              mask=present, other=0.0).to(tl.float32)  # fmt: skip
+    else:
+        ids = tl.load(Neg + group.to(tl.int64) * stride_neg + offs_k, mask=offs_k < num_neg, other=-1)
+        present = (ids >= 0) & (ids < num_items)  # [BK]
+        w = tl.load(
+            W + tl.where(present, ids, 0)[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+            mask=present[:, None] & d_mask[None, :], other=0.0,
+        )  # fmt: skip
+        logits = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * inv_temp
+        if HAS_NEG_LOGQ:
+            logits -= tl.load(NegLogQ + group.to(tl.int64) * stride_neg + offs_k, mask=present, other=0.0).to(
+                tl.float32
+            )[None, :]
+        ids = ids[None, :]
+        present = present[None, :]
+    keep = present
+    if REMOVE_HITS:
+        keep &= ids != pos[:, None]
+    return tl.where(keep, logits, -float("inf")), ids, w
+
+
+@triton.jit
+def _sampled_fwd_kernel(
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Loss, Lse,
+    stride_h, stride_w, stride_neg,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, PER_ROW, BLOCK_T)
+    if tl.max(row_mask.to(tl.int32), 0) == 0:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    h, pos, valid, _, pos_logits = _positive_logits(
+        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        ignore_index, HAS_POS_LOGQ,
+    )  # fmt: skip
+    running_max = pos_logits  # the positive is always in the denominator
+    running_sum = tl.full([BLOCK_T], 1.0, tl.float32)
+    for k_start in range(0, num_neg, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        logits, _, _ = _negative_logits(
+            h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
+            hidden_dim, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(Lse + rows, lse, mask=row_mask)
+    tl.store(Loss + rows, tl.where(valid, lse - pos_logits, 0.0), mask=row_mask)
+
+
+@triton.jit
+def _sampled_bwd_kernel(
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DH, DW,
+    stride_h, stride_w, stride_neg, stride_dh, stride_dw,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
+    SCATTER_DW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics."""
+    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, PER_ROW, BLOCK_T)
+    if tl.max(row_mask.to(tl.int32), 0) == 0:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < hidden_dim
+    h, pos, valid, w_pos, pos_logits = _positive_logits(
+        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        ignore_index, HAS_POS_LOGQ,
+    )  # fmt: skip
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    # d loss / d logit = softmax - onehot(positive), times upstream gradient / temperature.
+    row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
+    pos_coef = (tl.exp(pos_logits - lse) - 1.0) * row_scale  # [BT]
+    dh = pos_coef[:, None] * w_pos
+    if SCATTER_DW:
+        dw_pos_ptr = DW + tl.where(valid, pos, 0)[:, None].to(tl.int64) * stride_dw + offs_d[None, :]
+        tl.atomic_add(dw_pos_ptr, pos_coef[:, None] * h.to(tl.float32), mask=valid[:, None] & d_mask[None, :])
+    for k_start in range(0, num_neg, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        logits, ids, w = _negative_logits(
+            h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
+            hidden_dim, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+        coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BK], 0 where absent
+        present = (ids >= 0) & (ids < num_items)
+        if PER_ROW:
+            dh += tl.sum(coef[:, :, None] * w.to(tl.float32), 1)
+            if SCATTER_DW:
+                dw_ptr = DW + tl.where(present, ids, 0)[:, :, None].to(tl.int64) * stride_dw + offs_d[None, None, :]
+                contribution = coef[:, :, None] * h.to(tl.float32)[:, None, :]  # [BT, BK, BD]
+                tl.atomic_add(dw_ptr, contribution, mask=present[:, :, None] & d_mask[None, None, :])
+        else:
+            dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            if SCATTER_DW:
+                # [BK, BD]: every row of the block against each negative.
+                dw_tile = tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                ids_k = tl.reshape(ids, [BLOCK_K])
+                present_k = tl.reshape(present, [BLOCK_K])
+                dw_ptr = DW + tl.where(present_k, ids_k, 0)[:, None].to(tl.int64) * stride_dw + offs_d[None, :]
+                tl.atomic_add(dw_ptr, dw_tile, mask=present_k[:, None] & d_mask[None, :])
+    dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
+    tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _sampled_dw_by_item_kernel(
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DW, SlotOrder, SegmentStart,
+    stride_h, stride_w, stride_neg, stride_dw,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Deterministic d weight: one program per item sums, in sorted-slot order, the
+    contributions of every sample slot holding that item. Slot s < T is row s's
+    positive; slot T + g * K + k is negative k of group g."""
+    item = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < hidden_dim
+    w = tl.load(W + item.to(tl.int64) * stride_w + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(tl.load(SegmentStart + item), tl.load(SegmentStart + item + 1)):
+        slot = tl.load(SlotOrder + i)
+        is_positive = slot < num_rows
+        if is_positive:  # one row, softmax - 1 (ignored rows were given no slot)
+            first_row, row_count, log_q = slot, 1, 0.0
+            if HAS_POS_LOGQ:
+                log_q = tl.load(PosLogQ + slot).to(tl.float32)
+        else:  # every row of the group that shares this negative
+            group = (slot - num_rows) // num_neg
+            first_row, row_count, log_q = group * rows_per_group, rows_per_group, 0.0
+            if HAS_NEG_LOGQ:
+                log_q = tl.load(NegLogQ + group * stride_neg + (slot - num_rows) % num_neg).to(tl.float32)
+        for block in range(0, row_count, BLOCK_T):
+            local = block + tl.arange(0, BLOCK_T)
+            rows = first_row + local
+            row_mask = local < row_count
+            h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
+            keep = row_mask & (pos != ignore_index)
+            if REMOVE_HITS and not is_positive:
+                keep &= pos != item
+            logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
+            lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+            grad = tl.load(GradLoss + rows, mask=row_mask, other=0.0)
+            coef = tl.exp(tl.where(keep, logits - lse, -float("inf"))) - is_positive.to(tl.float32)
+            acc += tl.sum(tl.where(keep, coef * grad * inv_temp, 0.0)[:, None] * h, 0)
+    tl.store(DW + item.to(tl.int64) * stride_dw + offs_d, acc.to(DW.dtype.element_ty), mask=d_mask)
+
+
+def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits):
+    per_row = rows_per_group == 1
+    if per_row:
+        block_t, block_k, block_d = _per_row_blocks(hidden.shape[1])
+        grid = (triton.cdiv(hidden.shape[0], block_t), 1)
+    else:
+        block_t, block_k, block_d = _blocks(hidden.shape[1])
+        grid = (neg_ids.shape[0], triton.cdiv(rows_per_group, block_t))
+    meta = dict(
+        HAS_POS_LOGQ=pos_log_q is not None, HAS_NEG_LOGQ=neg_log_q is not None, REMOVE_HITS=remove_hits,
+        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **_dot_meta(hidden.dtype),
+    )  # fmt: skip
+    return grid, meta
+
+
+def _contiguous_rows(*tensors):
+    """Unit stride on the last dim for every tensor given (None passes through)."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def sampled_forward(
+    hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore_index
+):
+    _check_hidden_dim(hidden.shape[1])
+    hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
+    pos_ids, pos_log_q = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q))
+    num_rows = hidden.shape[0]
+    loss = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(loss)
+    if num_rows == 0:
+        return loss, lse
+    grid, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    _sampled_fwd_kernel[grid](
+        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse,
+        hidden.stride(0), weight.stride(0), neg_ids.stride(0),
+        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], rows_per_group, 1.0 / temperature,
+        ignore_index, **meta,
+    )  # fmt: skip
+    return loss, lse
+
+
+def _sample_slots(pos_ids, neg_ids, num_items, ignore_index):
+    """Sample slots sorted by item (stable) and each item's first sorted position [N + 1]."""
+    out_of_range = num_items  # sorts after every real item: slots nobody owns
+    pos = torch.where((pos_ids != ignore_index) & (pos_ids >= 0) & (pos_ids < num_items), pos_ids, out_of_range)
+    neg = neg_ids.reshape(-1)
+    neg = torch.where((neg >= 0) & (neg < num_items), neg, out_of_range)
+    sorted_items, order = torch.sort(torch.cat([pos.long(), neg.long()]), stable=True)
+    starts = torch.searchsorted(sorted_items, torch.arange(num_items + 1, device=pos_ids.device))
+    return order, starts
+
+
+def sampled_backward(
+    grad_loss, hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse,
+    rows_per_group, remove_hits, temperature, ignore_index, deterministic,
+):  # fmt: skip
+    hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
+    pos_ids, pos_log_q, grad_loss = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q, grad_loss))
+    num_rows, num_items = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.zeros_like(hidden)
+    scatter = not deterministic
+    # Atomics accumulate in float32; the deterministic path writes each row once.
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32 if scatter else weight.dtype, device=weight.device)
+    if num_rows == 0:
+        return d_hidden, d_weight.to(weight.dtype)
+    grid, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    scalars = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1], rows_per_group, 1.0 / temperature, ignore_index)
+    _sampled_bwd_kernel[grid](
+        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight,
+        hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_hidden.stride(0), d_weight.stride(0),
+        *scalars, SCATTER_DW=scatter, **meta,
+    )  # fmt: skip
+    if deterministic:
+        order, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index)
+        _sampled_dw_by_item_kernel[(num_items,)](
+            hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, order, starts,
+            hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0), *scalars,
+            HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
+            BLOCK_T=16 if triton_interpreter_enabled() else 64, BLOCK_D=meta["BLOCK_D"],
+        )  # fmt: skip
+    return d_hidden, d_weight.to(weight.dtype)
+
+
+# ------------------------------------------------------------------------ full
+
+
+@triton.jit
+def _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded, num_excluded,
+                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """Logits [BT, BN] of a row block against an item block (-inf for excluded or absent
+    items) and the item weights [BN, BD]. Forward and both backward kernels use this one
+    product, so the recomputed logits match the LSE's bit for bit."""
+    item_mask = offs_n < num_items
+    w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+                mask=item_mask[:, None] & (offs_d[None, :] < hidden_dim), other=0.0)  # fmt: skip
+    for e in range(num_excluded):
+        item_mask &= offs_n != tl.load(Excluded + e)
+    logits = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * inv_temp
+    return tl.where(item_mask[None, :], logits, -float("inf")), w
+
+
+@triton.jit
+def _full_fwd_kernel(
+    H, W, Targets, Excluded, Loss, Lse,
+    stride_h, stride_w,
+    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < num_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                mask=row_mask[:, None] & (offs_d[None, :] < hidden_dim), other=0.0)  # fmt: skip
+    target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+    running_max = tl.full([BLOCK_T], -float("inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_T], tl.float32)
+    target_logits = tl.zeros([BLOCK_T], tl.float32)
+    for n_start in range(0, num_items, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
+                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        # The target's logit from the same tile product as the LSE, so that loss = lse - logit
+        # is exactly 0 when the target is the only class.
+        target_logits += tl.sum(tl.where(offs_n[None, :] == target[:, None], logits, 0.0), 1)
+        new_max = tl.maximum(running_max, tl.max(logits, 1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(Lse + rows, lse, mask=row_mask)
+    tl.store(Loss + rows, tl.where(target != ignore_index, lse - target_logits, 0.0), mask=row_mask)
+
+
+@triton.jit
+def _full_bwd_hidden_kernel(
+    H, W, Targets, Excluded, Lse, GradLoss, DH,
+    stride_h, stride_w, stride_dh,
+    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < num_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    h, _, valid, w_target, _ = _positive_logits(
+        H, W, Targets, Targets, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        ignore_index, False,
+    )  # fmt: skip
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
+    dh = -row_scale[:, None] * w_target  # the onehot(target) part of softmax - onehot
+    for n_start in range(0, num_items, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        logits, w = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
+                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BN]
+        dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    dh_mask = row_mask[:, None] & (offs_d[None, :] < hidden_dim)
+    tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], dh.to(DH.dtype.element_ty), mask=dh_mask)
+
+
+@triton.jit
+def _full_bwd_weight_kernel(
+    H, W, Targets, Excluded, Lse, GradLoss, DW,
+    stride_h, stride_w, stride_dw,
+    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """d weight for a block of items, streaming row blocks: no atomics."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < hidden_dim
+    dw = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for t_start in range(0, num_rows, BLOCK_T):
+        rows = t_start + tl.arange(0, BLOCK_T)
+        row_mask = rows < num_rows
+        h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask,
+                    other=0.0)  # fmt: skip
+        target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+        valid = row_mask & (target != ignore_index)
+        lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+        row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
+        logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
+                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        is_target = target[:, None] == offs_n[None, :]
+        coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
+        dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    dw_mask = (offs_n[:, None] < num_items) & d_mask
+    tl.store(DW + offs_n[:, None].to(tl.int64) * stride_dw + offs_d[None, :], dw.to(DW.dtype.element_ty), mask=dw_mask)
+
+
+def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
+    _check_hidden_dim(hidden.shape[1])
+    hidden, weight = _contiguous_rows(hidden, weight)
+    targets = targets.contiguous()
+    num_rows = hidden.shape[0]
+    loss = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(loss)
+    if num_rows == 0:
+        return loss, lse
+    block_t, block_n, block_d = _blocks(hidden.shape[1])
+    _full_fwd_kernel[(triton.cdiv(num_rows, block_t),)](
+        hidden, weight, targets, excluded_ids, loss, lse, hidden.stride(0), weight.stride(0),
+        num_rows, weight.shape[0], hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype),
+    )  # fmt: skip
+    return loss, lse
+
+
+def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
+    hidden, weight = _contiguous_rows(hidden, weight)
+    targets, grad_loss = targets.contiguous(), grad_loss.contiguous()
+    d_hidden, d_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+    num_rows, num_items = hidden.shape[0], weight.shape[0]
+    if num_rows == 0:
+        return d_hidden, d_weight
+    block_t, block_n, block_d = _blocks(hidden.shape[1])
+    scalars = (num_rows, num_items, hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index)
+    meta = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype))
+    _full_bwd_hidden_kernel[(triton.cdiv(num_rows, block_t),)](
+        hidden, weight, targets, excluded_ids, lse, grad_loss, d_hidden,
+        hidden.stride(0), weight.stride(0), d_hidden.stride(0), *scalars, **meta,
+    )  # fmt: skip
+    _full_bwd_weight_kernel[(triton.cdiv(num_items, block_n),)](
+        hidden, weight, targets, excluded_ids, lse, grad_loss, d_weight,
+        hidden.stride(0), weight.stride(0), d_weight.stride(0), *scalars, **meta,
+    )  # fmt: skip
+    return d_hidden, d_weight

@@ -1,0 +1,190 @@
+"""sampled_softmax_loss / full_softmax_loss: every backend vs naive float64, fuzzed."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loss_helpers import check_loss_against_truth, full_pair, sampled_pair
+from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NEGATIVE_LAYOUTS = ["shared", "per_sequence", "per_row"]
+
+
+@st.composite
+def sampled_cases(draw, max_rows=300, max_neg=300, max_items=5000, dtypes=DTYPES):
+    batch = draw(st.integers(1, 4))
+    length = draw(st.integers(1, max(1, max_rows // batch)))
+    return dict(
+        batch=batch, length=length, flat=draw(st.booleans()),
+        hidden_dim=draw(st.sampled_from([16, 50, 64, 100])),
+        num_items=draw(st.integers(2, max_items)), num_neg=draw(st.integers(1, max_neg)),
+        layout=draw(st.sampled_from(NEGATIVE_LAYOUTS)), dtype=draw(st.sampled_from(dtypes)),
+        log_q=draw(st.booleans()), remove_hits=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.05, 3.0])),
+        ignored_fraction=draw(st.sampled_from([0.0, 0.3, 1.0])), seed=draw(st.integers(0, 2**31 - 1)),
+    )  # fmt: skip
+
+
+def make_sampled(case, device="cpu"):
+    """hidden, weight, and the sampled_pair arguments of a drawn case."""
+    g = torch.Generator().manual_seed(case["seed"])
+    batch, length, dim, n, k = case["batch"], case["length"], case["hidden_dim"], case["num_items"], case["num_neg"]
+    hidden = torch.randn(batch, length, dim, generator=g)
+    weight = torch.randn(n, dim, generator=g) * 0.5
+    pos = torch.randint(1, n, (batch, length), generator=g)
+    pos[torch.rand(batch, length, generator=g) < case["ignored_fraction"]] = 0  # padding positions
+    neg_shape = {"shared": (k,), "per_sequence": (batch, k), "per_row": (batch, length, k)}[case["layout"]]
+    neg = torch.randint(0, n, neg_shape, generator=g)
+    # Make accidental hits and duplicates certain, not just likely.
+    neg.view(-1)[0] = pos.view(-1)[0].clamp(min=1)
+    neg.view(-1)[-1] = neg.view(-1)[0]
+    if case["flat"]:  # [T, D] form; per-sequence negatives need the [B, L, D] form
+        hidden, pos = hidden.reshape(-1, dim), pos.reshape(-1)
+        if case["layout"] == "per_row":
+            neg = neg.reshape(-1, k)
+        elif case["layout"] == "per_sequence":
+            hidden, pos = hidden.reshape(batch, length, dim), pos.reshape(batch, length)
+    pos_log_q = -torch.rand(pos.shape, generator=g) * 5 if case["log_q"] else None
+    neg_log_q = -torch.rand(neg.shape, generator=g) * 5 if case["log_q"] else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    args = dict(pos_ids=to(pos), neg_ids=to(neg), pos_log_q=to(pos_log_q), neg_log_q=to(neg_log_q),
+                remove_hits=case["remove_hits"], temperature=case["temperature"])  # fmt: skip
+    return hidden.to(case["dtype"]).to(device), weight.to(case["dtype"]).to(device), args
+
+
+def run_sampled(case, backend, device="cpu"):
+    hidden, weight, args = make_sampled(case, device)
+    # Low temperatures sharpen the logits by 1/temperature; so does their rounding.
+    check_loss_against_truth(*sampled_pair(backend, **args), hidden, weight, floor_scale=1 / case["temperature"])
+
+
+@given(case=sampled_cases(dtypes=[torch.float64, torch.float32]))
+def test_sampled_reference_matches_naive(case):
+    run_sampled(case, "reference")
+
+
+@settings(max_examples=15)
+@given(case=sampled_cases())
+def test_sampled_triton_matches_naive(case):
+    run_sampled(case, "triton")
+
+
+@pytest.mark.parametrize("layout", NEGATIVE_LAYOUTS)
+def test_sampled_triton_deterministic_mode(layout):
+    """Under torch.use_deterministic_algorithms the gradient is bitwise reproducible and
+    agrees with the scatter-add path."""
+    case = dict(batch=3, length=21, flat=False, hidden_dim=50, num_items=40, num_neg=33, layout=layout,
+                dtype=torch.float32, log_q=True, remove_hits=True, temperature=1.0, ignored_fraction=0.3,
+                seed=7)  # fmt: skip
+    hidden, weight, args = make_sampled(case)
+    ours, _ = sampled_pair("triton", **args)
+
+    def weight_grad():
+        w = weight.clone().requires_grad_()
+        ours(hidden, w).sum().backward()
+        return w.grad
+
+    scattered = weight_grad()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = weight_grad(), weight_grad()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, scattered, atol=1e-5, rtol=1e-5)
+    run_sampled(case, "triton")
+
+
+@st.composite
+def full_cases(draw, max_rows=300, max_items=5000, dtypes=DTYPES):
+    return dict(
+        rows=draw(st.integers(1, max_rows)), hidden_dim=draw(st.sampled_from([16, 50, 64, 100])),
+        num_items=draw(st.integers(2, max_items)), dtype=draw(st.sampled_from(dtypes)),
+        temperature=draw(st.sampled_from([1.0, 0.1])), ignored_fraction=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        exclude_more=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+    )  # fmt: skip
+
+
+def run_full(case, backend, device="cpu"):
+    g = torch.Generator().manual_seed(case["seed"])
+    rows, dim, n = case["rows"], case["hidden_dim"], case["num_items"]
+    hidden = torch.randn(rows, dim, generator=g).to(case["dtype"]).to(device)
+    weight = (torch.randn(n, dim, generator=g) * 0.5).to(case["dtype"]).to(device)
+    excluded = (0, n - 1) if case["exclude_more"] and n > 2 else (0,)
+    targets = torch.randint(1, max(2, n - 1), (rows,), generator=g)
+    targets[torch.rand(rows, generator=g) < case["ignored_fraction"]] = 0
+    ours, naive = full_pair(backend, targets.to(device), excluded, case["temperature"])
+    check_loss_against_truth(ours, naive, hidden, weight, floor_scale=1 / case["temperature"])
+
+
+@given(case=full_cases(dtypes=[torch.float64, torch.float32]))
+def test_full_reference_matches_naive(case):
+    run_full(case, "reference")
+
+
+@settings(max_examples=10)  # the interpreter streams every item tile; GPU tests cover more
+@given(case=full_cases(max_rows=64, max_items=700))
+def test_full_triton_matches_naive(case):
+    run_full(case, "triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype, scale", [(dtype, 1.0) for dtype in DTYPES] + [(torch.float32, 30.0)])
+def test_sharply_peaked_and_huge_logits(backend, dtype, scale):
+    """An item row copied from a hidden row makes that row's softmax one-hot; scaling by
+    30 makes logits ~1e5, far past exp's float32 range without the max-shift (and past
+    float16's range, so that case is float32). Gradients are recomputed from the float32
+    LSE, whose rounding grows with the logits, so the floor scales with the largest one."""
+    rows, dim, n = 24, 64, 70
+    hidden = torch.randn(rows, dim)
+    weight = torch.randn(n, dim) * 0.1
+    targets = torch.randint(1, n, (rows,))
+    weight[targets[:4]] = hidden[:4] * 3  # peaked: the target dominates
+    weight[5] = hidden[4] * 3  # peaked on a negative
+    negatives = torch.randint(1, n, (17,))
+    h, w = (hidden * scale).to(dtype), (weight * scale).to(dtype)
+    max_logit = (h.double() @ w.double().T).abs().max().item()
+    check_loss_against_truth(*full_pair(backend, targets), h, w, floor_scale=max_logit)
+    check_loss_against_truth(*sampled_pair(backend, targets, negatives), h, w, floor_scale=max_logit)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_reductions_and_all_ignored_batch(backend):
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    pos = torch.randint(1, 30, (2, 5))
+    pos[0, :2] = 0
+    neg = torch.randint(1, 30, (2, 7))
+    rows = sampled_softmax_loss(hidden, weight, pos, neg, reduction="none", backend=backend)
+    assert rows.shape == (2, 5) and (rows[0, :2] == 0).all() and (rows[pos != 0] > 0).all()
+    summed = sampled_softmax_loss(hidden, weight, pos, neg, reduction="sum", backend=backend)
+    mean = sampled_softmax_loss(hidden, weight, pos, neg, backend=backend)
+    torch.testing.assert_close(summed, rows.sum())
+    torch.testing.assert_close(mean, rows.sum() / 8)
+    full_rows, lse = full_softmax_loss(hidden, weight, pos, reduction="none", backend=backend, return_lse=True)
+    assert full_rows.shape == lse.shape == (2, 5) and lse.dtype == torch.float32
+    torch.testing.assert_close(full_softmax_loss(hidden, weight, pos, backend=backend), full_rows.sum() / 8)
+
+    ignored = torch.zeros(2, 5, dtype=torch.long)
+    for loss in (sampled_softmax_loss(hidden, weight, ignored, neg, backend=backend),
+                 full_softmax_loss(hidden, weight, ignored, backend=backend)):  # fmt: skip
+        hidden.grad = weight.grad = None
+        loss.backward()
+        assert loss.item() == 0.0
+        assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@given(case=sampled_cases())
+def test_gpu_sampled_matches_naive(backend, case):
+    run_sampled(case, backend, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@given(case=full_cases())
+def test_gpu_full_matches_naive(backend, case):
+    run_full(case, backend, device="cuda")
