@@ -36,6 +36,7 @@ gpu-check:
 	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu tests 2>&1 \
 		| tee benchmarks/results/gpu-tests-$(GPU_NAME).txt
 	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_attention.py --quick
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_softmax_loss.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache
