@@ -33,7 +33,8 @@ def dropout_keep(seed, seq_lens, num_heads, length, padding_side, dropout_p):
     batch = seq_lens.shape[0]
     first = (length - seq_lens) if padding_side == "left" else torch.zeros_like(seq_lens)
     position = torch.arange(length, device=seq_lens.device)[None, :] - first[:, None]  # [B, L]
-    seq_head = torch.arange(batch)[:, None] * num_heads + torch.arange(num_heads)[None, :]  # [B, H]
+    arange = lambda n: torch.arange(n, device=seq_lens.device)  # noqa: E731
+    seq_head = arange(batch)[:, None] * num_heads + arange(num_heads)[None, :]  # [B, H]
     row_key = seq_head[:, :, None] * length + position[:, None, :].clamp(min=0)
     return keep_mask(row_hash(seed, row_key)[..., None], position[:, None, None, :], dropout_p)
 
@@ -42,8 +43,8 @@ def naive_attention(q, k, v, seq_lens, padding_side, causal, scale, keep=None, d
     """Computed entirely in q.dtype. q/k/v [B, H, L, D]; keep [B, H, L, L] or None."""
     length = q.shape[2]
     real = padded_token_mask(seq_lens, length, padding_side)  # [B, L]
-    i = torch.arange(length)[:, None]
-    j = torch.arange(length)[None, :]
+    i = torch.arange(length, device=q.device)[:, None]
+    j = torch.arange(length, device=q.device)[None, :]
     visible = real[:, :, None] & real[:, None, :]  # [B, L, L]
     if causal:
         visible = visible & (j <= i)
@@ -93,13 +94,25 @@ def assert_flash_rule(name, actual, truth, baseline, dtype, factor, floor_scale=
     assert err <= limit, f"{name}: max error {err:.3g} > {factor} x naive {base:.3g} + floor"
 
 
+def _rng_state(device):
+    """The state of torch's default generator on `device`, where fused_attention draws its seed."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device, state):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def naive_lse(q, k, seq_lens, padding_side, causal, scale):
     """[B, H, L] float64 row log-sum-exp of the visible scores (-inf where none)."""
     length = q.shape[2]
     real = padded_token_mask(seq_lens, length, padding_side)
     visible = real[:, :, None] & real[:, None, :]
     if causal:
-        visible = visible & torch.ones(length, length, dtype=torch.bool).tril()
+        visible = visible & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
     return torch.logsumexp(scores.masked_fill(~visible[:, None], -math.inf), dim=-1)
 
@@ -119,16 +132,16 @@ def check_against_truth(
     the gradients' floor where the inputs make it necessary (huge logits)."""
     batch, heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
-    rng_state = torch.get_rng_state()
-    seed = torch.randint(2**31 - 1, (1,))  # the draw fused_attention makes for its dropout seed
+    rng_state = _rng_state(q.device)
+    seed = torch.randint(2**31 - 1, (1,), device=q.device)  # the draw fused_attention makes for its seed
     keep = dropout_keep(seed, seq_lens, heads, length, padding_side, dropout_p) if dropout_p else None
-    dout = torch.randn(q.shape, dtype=torch.float64)
+    dout = torch.randn(q.shape, dtype=torch.float64, device=q.device)
     cu_seqlens = torch.nn.functional.pad(seq_lens.cumsum(0), (1, 0)).to(torch.int32)
     options = dict(causal=causal, dropout_p=dropout_p, backend=backend, return_lse=True)
     lse = {}
 
     def ours(q, k, v):
-        torch.set_rng_state(rng_state)
+        _set_rng_state(q.device, rng_state)
         if varlen:
             out, lse["ours"] = fused_attention_varlen(q, k, v, cu_seqlens, length, **options)
         else:

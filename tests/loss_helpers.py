@@ -47,7 +47,7 @@ def naive_full(hidden, weight, targets, excluded, temperature, ignore_index):
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     logits = h @ weight.T / temperature
-    is_excluded = torch.zeros(weight.shape[0], dtype=torch.bool)
+    is_excluded = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     is_excluded[list(excluded)] = True
     lse = torch.logsumexp(logits.masked_fill(is_excluded, -math.inf), dim=1)
     valid = t != ignore_index
@@ -69,7 +69,7 @@ def check_loss_against_truth(ours, naive, hidden, weight, floor_scale=1.0):
     dtype = hidden.dtype
     num_rows = math.prod(hidden.shape[:-1])
     generator = torch.Generator().manual_seed(num_rows)  # reproducible when hypothesis replays
-    dout = torch.rand(num_rows, dtype=torch.float64, generator=generator) + 0.5  # never zero
+    dout = torch.rand(num_rows, dtype=torch.float64, generator=generator).to(hidden.device) + 0.5  # never zero
     loss, grads = _loss_and_grads(ours, hidden, weight, dout)
     truth_loss, truth_grads = _loss_and_grads(naive, hidden.double(), weight.double(), dout)
     base_loss, base_grads = _loss_and_grads(naive, hidden, weight, dout)

@@ -49,6 +49,7 @@ BAD_INPUTS = [
     ("neg range", _sampled(neg_ids=torch.tensor([1, N + 5])), ValueError, "neg_ids: expected item ids in [0, 30)"),
     ("neg shape", _sampled(neg_ids=torch.ones(3, K, dtype=torch.long)), ValueError, "neg_ids: expected shape [K]"),
     ("neg dtype", _sampled(neg_ids=torch.ones(K)), TypeError, "neg_ids: expected dtype"),
+    ("neg empty", _sampled(neg_ids=torch.ones(0, dtype=torch.long)), ValueError, "neg_ids: expected at least one"),
     ("pos_log_q shape", _sampled(pos_log_q=torch.zeros(B)), ValueError, "pos_log_q: expected shape (2, 5)"),
     ("neg_log_q shape", _sampled(neg_log_q=torch.zeros(K + 1)), ValueError, "neg_log_q: expected shape (7,)"),
     ("neg_log_q dtype", _sampled(neg_log_q=torch.zeros(K, dtype=torch.long)), TypeError, "neg_log_q: expected"),

@@ -222,6 +222,8 @@ def sampled_softmax_loss(
     _check_ids("pos_ids", pos_ids, row_shape, hidden.device, num_items, ignore_index)
     check_tensor("neg_ids", neg_ids, dtypes=INDEX_DTYPES, device=hidden.device)
     groups, rows_per_group = _negative_groups(neg_ids, hidden, pos_ids)
+    if groups.shape[1] == 0:
+        raise ValueError(f"neg_ids: expected at least one negative (K >= 1), got shape {tuple(neg_ids.shape)}")
     _check_ids("neg_ids", neg_ids, neg_ids.shape, hidden.device, num_items)
     pos_log_q = _check_log_q("pos_log_q", pos_log_q, "pos_ids", pos_ids)
     neg_log_q = _check_log_q("neg_log_q", neg_log_q, "neg_ids", neg_ids)

@@ -238,16 +238,20 @@ def _sampled_dw_by_item_kernel(
     acc = tl.zeros([BLOCK_D], tl.float32)
     for i in range(tl.load(SegmentStart + item), tl.load(SegmentStart + item + 1)):
         slot = tl.load(SlotOrder + i)
+        # A positive slot is one row (softmax - 1; ignored rows own no slot); a negative
+        # slot is every row of its group (softmax), without the rows it would hit.
         is_positive = slot < num_rows
-        if is_positive:  # one row, softmax - 1 (ignored rows were given no slot)
-            first_row, row_count, log_q = slot, 1, 0.0
-            if HAS_POS_LOGQ:
-                log_q = tl.load(PosLogQ + slot).to(tl.float32)
-        else:  # every row of the group that shares this negative
-            group = (slot - num_rows) // num_neg
-            first_row, row_count, log_q = group * rows_per_group, rows_per_group, 0.0
-            if HAS_NEG_LOGQ:
-                log_q = tl.load(NegLogQ + group * stride_neg + (slot - num_rows) % num_neg).to(tl.float32)
+        neg_slot = tl.maximum(slot - num_rows, 0)
+        group = neg_slot // num_neg
+        first_row = tl.where(is_positive, slot, group * rows_per_group)
+        row_count = tl.where(is_positive, 1, rows_per_group)
+        log_q = tl.zeros([], tl.float32)
+        if HAS_POS_LOGQ:
+            pos_log_q = tl.load(PosLogQ + tl.minimum(slot, num_rows - 1)).to(tl.float32)
+            log_q = tl.where(is_positive, pos_log_q, log_q)
+        if HAS_NEG_LOGQ:
+            neg_log_q = tl.load(NegLogQ + group * stride_neg + neg_slot % num_neg).to(tl.float32)
+            log_q = tl.where(is_positive, log_q, neg_log_q)
         for block in range(0, row_count, BLOCK_T):
             local = block + tl.arange(0, BLOCK_T)
             rows = first_row + local
@@ -256,8 +260,8 @@ def _sampled_dw_by_item_kernel(
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
             pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
             keep = row_mask & (pos != ignore_index)
-            if REMOVE_HITS and not is_positive:
-                keep &= pos != item
+            if REMOVE_HITS:
+                keep &= is_positive | (pos != item)
             logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
             lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
             grad = tl.load(GradLoss + rows, mask=row_mask, other=0.0)
