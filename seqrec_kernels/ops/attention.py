@@ -27,6 +27,7 @@ from .._checks import (
 )
 from ..backends import Backend, resolve
 from ..reference import attention as reference_attention
+from ..triton import implementation
 
 MAX_HEAD_DIM = 256
 
@@ -80,23 +81,15 @@ def _define_ops(backend: Backend, forward, backward):
     return fwd
 
 
-def _triton_forward(*args):
-    from ..triton import attention  # Triton is imported on first use only
-
-    return attention.attention_forward(*args)
-
-
-def _triton_backward(*args):
-    from ..triton import attention
-
-    return attention.attention_backward(*args)
-
-
 _FORWARD_OPS = {
     Backend.REFERENCE: _define_ops(
         Backend.REFERENCE, reference_attention.attention_forward, reference_attention.attention_backward
     ),
-    Backend.TRITON: _define_ops(Backend.TRITON, _triton_forward, _triton_backward),
+    Backend.TRITON: _define_ops(
+        Backend.TRITON,
+        implementation("attention", "attention_forward"),
+        implementation("attention", "attention_backward"),
+    ),
 }
 
 

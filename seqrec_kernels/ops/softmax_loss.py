@@ -26,6 +26,12 @@ from .._checks import (
 )
 from ..backends import Backend, resolve
 from ..reference import softmax_loss as reference
+from ..triton import implementation
+
+
+def _triton(function):
+    return implementation("softmax_loss", function)
+
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -99,15 +105,6 @@ def _define_full_ops(backend: Backend, forward, backward):
 
     fwd.register_autograd(backward_rule, setup_context=setup_context)
     return fwd
-
-
-def _triton(function_name):
-    def run(*args):
-        from ..triton import softmax_loss  # Triton is imported on first use only
-
-        return getattr(softmax_loss, function_name)(*args)
-
-    return run
 
 
 _SAMPLED_OPS = {

@@ -1,1 +1,14 @@
-"""Triton kernels and their launchers (imported lazily: Triton is optional on CPU)."""
+"""Triton kernels and their launchers. Importing this package does not import Triton
+(optional on CPU); `implementation` defers the import to the first call."""
+
+import importlib
+
+
+def implementation(module: str, function: str):
+    """A function that runs `seqrec_kernels.triton.<module>.<function>`, importing it on first use."""
+
+    def run(*args):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(*args)
+
+    run.__name__ = f"triton_{module}_{function}"
+    return run
