@@ -1,0 +1,176 @@
+"""The `seqrec` command line (also `python -m seqrec_kernels`).
+
+seqrec train [--data PATH] ...     train SASRec (the built-in synthetic data by default)
+seqrec eval CHECKPOINT             test metrics of a checkpoint, both protocols
+seqrec recommend CHECKPOINT ITEM.. top-k next items after a history
+seqrec plot RUN_DIR                learning curves of a run (needs matplotlib)
+seqrec info | demo                 available backends | fused_attention vs float64
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _info() -> None:
+    from . import __version__, backends
+
+    print(f"seqrec_kernels {__version__}, torch {torch.__version__}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        names = ", ".join(b.value for b in backends.available(device))
+        print(f"  {device}: {names}")
+
+
+def _demo(batch: int, length: int, head_dim: int) -> None:
+    from . import backends, fused_attention
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # SASRec: one head, left-padded histories of mixed lengths.
+    q, k, v = (torch.randn(batch, 1, length, head_dim, device=device, dtype=torch.float64) for _ in range(3))
+    seq_lens = torch.randint(0, length + 1, (batch,), device=device)
+    dout = torch.randn_like(q)
+
+    def run(backend, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fused_attention(*inputs, seq_lens=seq_lens, backend=backend)
+        out.backward(dout.to(dtype))
+        return [out.detach()] + [t.grad for t in inputs]
+
+    truth = run("reference", torch.float64)
+    print(f"fused_attention on {device}: B={batch} H=1 L={length} D={head_dim}, left padding, causal")
+    print(f"{'backend':<10} {'dtype':<9} {'max |err| out':>14} {'dq':>10} {'dk':>10} {'dv':>10}")
+    for backend in backends.available(device):
+        for dtype in (torch.float32, torch.bfloat16):
+            errors = [(a.double() - b).abs().max().item() for a, b in zip(run(backend.value, dtype), truth)]
+            cells = " ".join(f"{e:>10.2e}" for e in errors)
+            print(f"{backend.value:<10} {str(dtype)[6:]:<9}     {cells}")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    add = parser.add_argument
+    add("--data", default=None, help="interactions file (default: the built-in synthetic dataset)")
+    add("--format", default=None, choices=["sasrec", "sequences", "inter", "csv"], help="default: guessed")
+    add("--min-count", type=int, default=defaults.min_count, help="k-core filtering (0: none)")
+    add("--max-len", type=int, default=defaults.max_len)
+    add("--hidden", type=int, default=defaults.hidden)
+    add("--blocks", type=int, default=defaults.blocks)
+    add("--heads", type=int, default=defaults.heads)
+    add("--dropout", type=float, default=defaults.dropout)
+    add("--norm-first", action="store_true", help="pre-LN blocks")
+    add("--loss", default=defaults.loss, choices=["bce", "sampled_softmax", "full_softmax", "gbce"])
+    add("--num-negatives", type=int, default=defaults.num_negatives, help="sampled_softmax / gbce negatives")
+    add("--sampler", default=defaults.sampler, choices=["uniform", "popularity"])
+    add("--epochs", type=int, default=defaults.epochs)
+    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--lr", type=float, default=defaults.lr)
+    add("--eval-every", type=int, default=defaults.eval_every, help="epochs between validations")
+    add("--patience", type=int, default=defaults.patience, help="validations without improvement before stopping")
+    add("--eval-protocol", default=defaults.eval_protocol, choices=["sampled", "full"])
+    add("--device", default=defaults.device)
+    add("--backend", default=defaults.backend, choices=["auto", "reference", "triton", "cuda"])
+    add("--amp", default=None, choices=["bf16", "fp16"])
+    add("--compile", action="store_true", help="torch.compile the training step")
+    add("--seed", type=int, default=defaults.seed)
+    add("--out", default=defaults.out, help="run directory: checkpoints, metrics.jsonl, test_metrics.json")
+    add("--resume", action="store_true", help="continue from OUT/last.pt")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _train(args) -> None:
+    from .train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
+def _eval(args) -> None:
+    from .data.dataset import LeaveOneOutSplit
+    from .metrics import PROTOCOLS, evaluate
+    from .train import TrainConfig, format_report, load_checkpoint, load_dataset
+
+    model, state = load_checkpoint(args.checkpoint, args.device)
+    config = TrainConfig(**state["train_config"])
+    if args.data:
+        config.data = args.data
+    data, _ = load_dataset(config)
+    split = LeaveOneOutSplit.of(data)
+    report = {p: evaluate(model, split, "test", p, seed=config.seed) for p in PROTOCOLS}
+    print(format_report(report, f"test metrics of {args.checkpoint}"))
+
+
+def _recommend(args) -> None:
+    from .train import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint, args.device)
+    max_len = model.config.max_len
+    history = torch.tensor([0] * max(0, max_len - len(args.items)) + args.items[-max_len:], device=args.device)
+    if int(history.max()) > model.config.num_items or int(history.min()) < 0:
+        raise SystemExit(f"items: expected ids in 1..{model.config.num_items}")
+    ids, scores = model.recommend(history[None], k=args.k, exclude_seen=not args.include_seen)
+    for rank, (item, score) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1):
+        print(f"{rank:>3}. item {item:<8} score {score:.4f}")
+
+
+def _plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(args.run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot([r["epoch"] for r in records], [r["loss"] for r in records])
+    loss_axis.set(xlabel="epoch", ylabel="training loss")
+    validated = [r for r in records if "valid" in r]
+    for name in ("NDCG@10", "HR@10"):
+        metric_axis.plot([r["epoch"] for r in validated], [r["valid"][name] for r in validated], label=name)
+    metric_axis.set(xlabel="epoch", ylabel="validation")
+    metric_axis.legend()
+    figure.tight_layout()
+    figure.savefig(run / "curves.png", dpi=120)
+    print(f"wrote {run / 'curves.png'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="seqrec", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_arguments(commands.add_parser("train", help="train SASRec"))
+    evaluation = commands.add_parser("eval", help="test metrics of a checkpoint")
+    evaluation.add_argument("checkpoint")
+    evaluation.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
+    evaluation.add_argument("--device", default="cpu")
+    recommend = commands.add_parser("recommend", help="top-k next items after a history")
+    recommend.add_argument("checkpoint")
+    recommend.add_argument("items", type=int, nargs="+", help="the history, oldest first")
+    recommend.add_argument("-k", type=int, default=10)
+    recommend.add_argument("--include-seen", action="store_true")
+    recommend.add_argument("--device", default="cpu")
+    plot = commands.add_parser("plot", help="learning curves of a run directory")
+    plot.add_argument("run")
+    commands.add_parser("info", help="which backends run on this machine")
+    demo = commands.add_parser("demo", help="fused_attention on every backend vs the float64 reference")
+    demo.add_argument("--batch", type=int, default=16)
+    demo.add_argument("--length", type=int, default=50)
+    demo.add_argument("--head-dim", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.command == "demo" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    commands = dict(train=_train, eval=_eval, recommend=_recommend, plot=_plot, info=lambda a: _info(),
+                    demo=lambda a: _demo(a.batch, a.length, a.head_dim))  # fmt: skip
+    commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Ranking metrics and the two evaluation protocols.
+
+- "sampled" (the paper's): the target is ranked among 100 items drawn uniformly from
+  those the user never interacted with (seeded);
+- "full": the target is ranked among all items, the user's earlier items masked (except
+  the target itself, which may be a repeat).
+A rank is the number of candidates scored strictly above the target (0 = top).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+KS = (1, 5, 10, 20)
+PROTOCOLS = ("sampled", "full")
+NUM_SAMPLED_NEGATIVES = 100
+
+
+def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+    """HR@k, NDCG@k for each k and MRR from 0-based ranks [E]."""
+    ranks = ranks.double()
+    metrics = {}
+    for k in ks:
+        hit = (ranks < k).double()
+        metrics[f"HR@{k}"] = hit.mean().item()
+        metrics[f"NDCG@{k}"] = (hit / torch.log2(ranks + 2)).mean().item()
+    metrics["MRR"] = (1.0 / (ranks + 1)).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, seed: int = 0) -> dict[str, float]:
+    """Metrics of `model` on the "valid" or "test" targets of a LeaveOneOutSplit."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    data = split.data
+    keys = data.interaction_keys() if protocol == "sampled" else None
+    generator = torch.Generator(device=data.items.device).manual_seed(seed)
+    ranks = []
+    for users in split.eval_users.split(batch_size):
+        histories, targets = split.evaluation_batch(users, model.config.max_len, stage)
+        histories, targets = histories.to(device), targets.to(device)
+        if protocol == "sampled":
+            negatives = data.sample_unseen(users, (NUM_SAMPLED_NEGATIVES,), generator=generator, keys=keys)
+            candidates = torch.cat([targets[:, None], negatives.to(device)], dim=1)  # target first
+            scores = model.score(histories, candidates).float()
+            ranks.append((scores[:, 1:] > scores[:, :1]).sum(1))
+        else:
+            scores = model.score(histories).float()  # [B, N + 1]
+            target_scores = scores.gather(1, targets[:, None])
+            ends = split.train_lengths[users] + (1 if stage == "test" else 0)
+            seen = data.windows(users, ends, int(ends.max())).to(device)  # every earlier item
+            scores = scores.scatter(1, seen, -math.inf)
+            scores[:, 0] = -math.inf
+            ranks.append((scores > target_scores).sum(1))
+    model.train(was_training)
+    return ranking_metrics(torch.cat(ranks).cpu())

@@ -1,0 +1,3 @@
+from .sasrec import SASRec, SASRecConfig
+
+__all__ = ["SASRec", "SASRecConfig"]

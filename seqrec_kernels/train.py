@@ -1,0 +1,193 @@
+"""Training SASRec: the loop, validation with early stopping, checkpoints and reports.
+
+Checkpoints (`last.pt` every epoch, `best.pt` on a new best validation NDCG@10) are
+written to a temporary file and renamed, so an interruption never leaves a torn file.
+Ctrl-C saves `last.pt` and exits cleanly; `resume=True` continues from it with the same
+optimizer, RNG and early-stopping state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data.dataset import LeaveOneOutSplit, SequenceDataset
+from .data.readers import read_interactions
+from .data.synthetic import synthetic_interactions
+from .metrics import PROTOCOLS, evaluate
+from .models.sasrec import SASRec, SASRecConfig
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str | None = None  # None: the built-in synthetic dataset
+    format: str | None = None  # guessed from the file when None
+    min_count: int = 0  # k-core filtering
+    max_len: int = 50
+    hidden: int = 50
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    norm_first: bool = False
+    loss: str = "bce"
+    num_negatives: int = 256
+    sampler: str = "uniform"
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    eval_every: int = 20  # epochs between validations
+    patience: int = 3  # validations without a better NDCG@10 before stopping
+    eval_protocol: str = "sampled"  # the protocol that picks the best checkpoint
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    backend: str = "auto"
+    amp: str | None = None  # "bf16" | "fp16" | None
+    compile: bool = False
+    seed: int = 0
+    out: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+
+
+def load_dataset(config: TrainConfig) -> tuple[SequenceDataset, str]:
+    if config.data is None:
+        interactions = synthetic_interactions(seed=config.seed)
+    else:
+        interactions = read_interactions(config.data, config.format, config.min_count)
+    return SequenceDataset.from_interactions(interactions), interactions.source
+
+
+def build_model(config: TrainConfig, num_items: int, item_counts: torch.Tensor | None) -> SASRec:
+    model_config = SASRecConfig(
+        num_items=num_items, max_len=config.max_len, hidden=config.hidden, blocks=config.blocks,
+        heads=config.heads, dropout=config.dropout, norm_first=config.norm_first, loss=config.loss,
+        num_negatives=config.num_negatives, sampler=config.sampler,
+    )  # fmt: skip
+    return SASRec(model_config, item_counts).set_backend(config.backend)
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
+    """A model (in eval mode) and the checkpoint's state from `best.pt`/`last.pt`."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    config = TrainConfig(**state["train_config"])
+    counts = state.get("item_counts")
+    model = build_model(config, state["model_config"]["num_items"], counts)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if config.amp not in dtypes:
+        raise ValueError(f"amp: expected 'bf16', 'fp16' or None, got {config.amp!r}")
+    dtype = dtypes[config.amp]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train(config: TrainConfig) -> dict:
+    """Trains, validates, keeps the best checkpoint, and returns the final test metrics
+    of the best model under both protocols."""
+    device = torch.device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    data, source = load_dataset(config)
+    split = LeaveOneOutSplit.of(data)
+    train_counts = split.train_item_counts()
+    model = build_model(config, data.num_items, train_counts).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    loss_fn = torch.compile(model.loss) if config.compile else model.loss
+    state = dict(epoch=0, best=-math.inf, best_epoch=0, bad_validations=0)
+    if config.resume and (out / "last.pt").exists():
+        checkpoint = torch.load(out / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        state = checkpoint["state"]
+        print(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
+
+    def checkpoint(name):
+        save_atomically(dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), state=state,
+            train_config=dataclasses.asdict(config), model_config=dataclasses.asdict(model.config),
+            item_counts=train_counts, source=source,
+        ), out / name)  # fmt: skip
+
+    users = split.training_users()
+    keys = data.interaction_keys()
+    negatives_per_position = model.negatives_per_position()
+    print(
+        f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "
+        f"SASRec {config.blocks}x{config.hidden}, loss {config.loss}, backend {model.backend.value}, device {device}"
+    )
+    metrics_file = (out / "metrics.jsonl").open("a")
+    interrupted = False
+    try:
+        while state["epoch"] < config.epochs and state["bad_validations"] < config.patience:
+            epoch = state["epoch"] + 1
+            model.train()
+            started, total = time.perf_counter(), 0.0
+            batches = users[torch.randperm(users.numel())].split(config.batch_size)
+            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not config.progress):
+                inputs, targets = split.training_batch(batch_users, config.max_len)
+                negatives = None
+                if negatives_per_position:
+                    negatives = data.sample_unseen(batch_users, (config.max_len, negatives_per_position), keys=keys)
+                    negatives = negatives.to(device)
+                with _autocast(config, device):
+                    loss = loss_fn(inputs.to(device), targets.to(device), negatives)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.item()
+            seconds = time.perf_counter() - started
+            state["epoch"] = epoch
+            record = dict(epoch=epoch, loss=total / len(batches), seconds=round(seconds, 2))
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                validation = evaluate(model, split, "valid", config.eval_protocol, seed=config.seed)
+                record["valid"] = validation
+                if validation["NDCG@10"] > state["best"]:
+                    state.update(best=validation["NDCG@10"], best_epoch=epoch, bad_validations=0)
+                    checkpoint("best.pt")
+                else:
+                    state["bad_validations"] += 1
+                print(f"epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f} s, valid NDCG@10 "
+                      f"{validation['NDCG@10']:.4f} HR@10 {validation['HR@10']:.4f}")  # fmt: skip
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            checkpoint("last.pt")
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint("last.pt")
+        print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {state['epoch']}; continue with --resume")
+    finally:
+        metrics_file.close()
+    if interrupted:
+        return {}
+    best_path = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+    best, _ = load_checkpoint(best_path, device)
+    report = {protocol: evaluate(best, split, "test", protocol, seed=config.seed) for protocol in PROTOCOLS}
+    (out / "test_metrics.json").write_text(json.dumps(dict(best_epoch=state["best_epoch"], **report), indent=2))
+    print(format_report(report, f"test metrics of {best_path} (epoch {state['best_epoch']})"))
+    return report
+
+
+def format_report(report: dict[str, dict[str, float]], title: str) -> str:
+    names = list(next(iter(report.values())))
+    lines = [title, f"{'protocol':<9} " + " ".join(f"{n:>8}" for n in names)]
+    lines += [f"{p:<9} " + " ".join(f"{m[n]:>8.4f}" for n in names) for p, m in report.items()]
+    return "\n".join(lines)
