@@ -82,6 +82,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--amp", default=None, choices=["bf16", "fp16"])
     add("--compile", action="store_true", help="torch.compile the training step")
     add("--seed", type=int, default=defaults.seed)
+    add("--deterministic", action="store_true", help="deterministic algorithms: bitwise reproducible runs")
     add("--out", default=defaults.out, help="run directory: checkpoints, metrics.jsonl, test_metrics.json")
     add("--resume", action="store_true", help="continue from OUT/last.pt")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -50,6 +50,7 @@ class TrainConfig:
     amp: str | None = None  # "bf16" | "fp16" | None
     compile: bool = False
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bitwise reproducible
     out: str = "runs/default"
     resume: bool = False
     progress: bool = True
@@ -98,7 +99,16 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 def train(config: TrainConfig) -> dict:
     """Trains, validates, keeps the best checkpoint, and returns the final test metrics
-    of the best model under both protocols."""
+    of the best model under both protocols ({} when interrupted)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(config.deterministic or previous)
+    try:
+        return _train(config)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(config: TrainConfig) -> dict:
     device = torch.device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

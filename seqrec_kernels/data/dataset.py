@@ -96,9 +96,11 @@ class LeaveOneOutSplit:
         return (self.train_lengths >= 2).nonzero().squeeze(1)
 
     def training_batch(self, users: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) [B, max_len]: targets are the inputs shifted by one, left-padded."""
+        """(inputs, targets) [B, max_len]: each input's next item, left-padded; no target
+        where the input is padding (the first item is never a target)."""
         ends = self.train_lengths[users]
-        return self.data.windows(users, ends - 1, max_len), self.data.windows(users, ends, max_len)
+        inputs = self.data.windows(users, ends - 1, max_len)
+        return inputs, torch.where(inputs != 0, self.data.windows(users, ends, max_len), 0)
 
     def evaluation_batch(self, users: torch.Tensor, max_len: int, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(histories [B, max_len], targets [B]) for "valid" (history = training items) or

@@ -1,0 +1,91 @@
+"""End-to-end training on the synthetic data, checkpoints, resume, interruption, the CLI."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from seqrec_kernels.cli import main
+from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
+from seqrec_kernels.data.synthetic import synthetic_interactions
+from seqrec_kernels.metrics import evaluate
+from seqrec_kernels.train import TrainConfig, load_checkpoint, train
+
+
+def config(tmp_path, **overrides):
+    options = dict(epochs=8, eval_every=4, hidden=32, batch_size=128, dropout=0.2, out=str(tmp_path / "run"),
+                   progress=False, device="cpu")  # fmt: skip
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+class Popularity(nn.Module):
+    """Scores every item by its training count, whatever the history."""
+
+    def __init__(self, counts, max_len):
+        super().__init__()
+        self.counts = nn.Parameter(counts.float(), requires_grad=False)
+        self.config = type("Config", (), {"max_len": max_len})
+
+    def score(self, histories, items=None):
+        scores = self.counts.expand(histories.shape[0], -1)
+        return scores if items is None else scores.gather(1, items)
+
+
+@pytest.mark.parametrize("loss", ["bce", "sampled_softmax"])
+def test_training_beats_popularity(tmp_path, loss):
+    report = train(config(tmp_path, loss=loss, num_negatives=64))
+    split = LeaveOneOutSplit.of(SequenceDataset.from_interactions(synthetic_interactions()))
+    popularity = {p: evaluate(Popularity(split.train_item_counts(), 50), split, "test", p) for p in report}
+    for protocol in report:
+        assert report[protocol]["NDCG@10"] > popularity[protocol]["NDCG@10"] + 0.1, (report, popularity)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in records] == list(range(1, 9)) and "valid" in records[3]
+    assert (run / "best.pt").exists() and (run / "last.pt").exists() and not list(run.glob("*.tmp"))
+    assert json.loads((run / "test_metrics.json").read_text())["sampled"] == report["sampled"]
+
+
+def test_resume_gives_the_same_state(tmp_path):
+    straight = config(tmp_path / "straight", epochs=4, deterministic=True)
+    train(straight)
+    split_run = config(tmp_path / "split", epochs=2, deterministic=True)
+    train(split_run)
+    split_run.epochs, split_run.resume = 4, True
+    train(split_run)
+    a, _ = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    b, state = load_checkpoint(tmp_path / "split" / "run" / "last.pt")
+    assert state["state"]["epoch"] == 4
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_interrupt_saves_and_exits_cleanly(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = LeaveOneOutSplit.training_batch
+
+    def interrupt_in_second_epoch(self, users, max_len):
+        calls["n"] += 1
+        if calls["n"] > 16:  # the synthetic data has 16 batches per epoch
+            raise KeyboardInterrupt
+        return original(self, users, max_len)
+
+    monkeypatch.setattr(LeaveOneOutSplit, "training_batch", interrupt_in_second_epoch)
+    assert train(config(tmp_path)) == {}
+    _, state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["state"]["epoch"] == 1
+
+
+def test_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--epochs", "2", "--eval-every", "1", "--hidden", "16", "--out", str(run), "--no-progress",
+          "--device", "cpu"])  # fmt: skip
+    assert "test metrics" in capsys.readouterr().out
+    main(["eval", str(run / "best.pt")])
+    assert "NDCG@10" in capsys.readouterr().out
+    main(["recommend", str(run / "best.pt"), "1", "2", "3", "-k", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].lstrip().startswith("1. item")
+    main(["plot", str(run)])
+    assert (run / "curves.png").exists()
