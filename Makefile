@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 setup: $(VENV)/.installed
 
+# make run [DATA=path/to/interactions] [RUN=name] [ARGS="--loss full_softmax ..."]
 run: setup
-	$(PY) -m seqrec_kernels demo
+	$(PY) -m seqrec_kernels train $(if $(DATA),--data $(DATA)) --out runs/$(or $(RUN),default) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
