@@ -4,6 +4,11 @@ Checkpoints (`last.pt` every epoch, `best.pt` on a new best validation NDCG@10) 
 written to a temporary file and renamed, so an interruption never leaves a torn file.
 Ctrl-C saves `last.pt` and exits cleanly; `resume=True` continues from it with the same
 optimizer, RNG and early-stopping state.
+
+Under `torchrun --nproc_per_node N` training is data-parallel (DistributedDataParallel;
+NCCL on GPUs, gloo on CPUs): each process takes an equal share of every epoch's users,
+every process evaluates (so that all take the same early-stopping decision) and process 0
+alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data.dataset import LeaveOneOutSplit, SequenceDataset
@@ -110,6 +117,23 @@ def train(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig) -> dict:
     device = torch.device(config.device)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        return _train_process(config, device, rank, world)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _train_process(config: TrainConfig, device: torch.device, rank: int, world: int) -> dict:
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -119,7 +143,12 @@ def _train(config: TrainConfig) -> dict:
     model = build_model(config, data.num_items, train_counts).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    loss_fn = torch.compile(model.loss) if config.compile else model.loss
+    encoder = DistributedDataParallel(model) if world > 1 else model  # the forward DDP synchronizes
+
+    def step_loss(inputs, targets, negatives):
+        return model.loss_from_hidden(encoder(inputs), targets, negatives)
+
+    loss_fn = torch.compile(step_loss) if config.compile else step_loss
     state = dict(epoch=0, best=-math.inf, best_epoch=0, bad_validations=0)
     if config.resume and (out / "last.pt").exists():
         checkpoint = torch.load(out / "last.pt", map_location=device, weights_only=False)
@@ -127,9 +156,11 @@ def _train(config: TrainConfig) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
         state = checkpoint["state"]
-        print(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
+        log(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
 
     def checkpoint(name):
+        if rank != 0:
+            return
         save_atomically(dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), state=state,
             train_config=dataclasses.asdict(config), model_config=dataclasses.asdict(model.config),
@@ -139,19 +170,25 @@ def _train(config: TrainConfig) -> dict:
     users = split.training_users()
     keys = data.interaction_keys()
     negatives_per_position = model.negatives_per_position()
-    print(
+    log(
         f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "
         f"SASRec {config.blocks}x{config.hidden}, loss {config.loss}, backend {model.backend.value}, device {device}"
+        + (f", {world} processes" if world > 1 else "")
     )
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
     interrupted = False
     try:
         while state["epoch"] < config.epochs and state["bad_validations"] < config.patience:
             epoch = state["epoch"] + 1
             model.train()
             started, total = time.perf_counter(), 0.0
-            batches = users[torch.randperm(users.numel())].split(config.batch_size)
-            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not config.progress):
+            # The epoch's order depends on the seed and epoch only: the same in every process
+            # and after a resume. Each process takes an equal share (DDP needs equal steps).
+            order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+            share = users.numel() // world
+            batches = users[order[rank * share : (rank + 1) * share]].split(config.batch_size)
+            progress = config.progress and rank == 0
+            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
                 inputs, targets = split.training_batch(batch_users, config.max_len)
                 negatives = None
                 if negatives_per_position:
@@ -175,24 +212,29 @@ def _train(config: TrainConfig) -> dict:
                     checkpoint("best.pt")
                 else:
                     state["bad_validations"] += 1
-                print(f"epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f} s, valid NDCG@10 "
+                log(f"epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f} s, valid NDCG@10 "
                       f"{validation['NDCG@10']:.4f} HR@10 {validation['HR@10']:.4f}")  # fmt: skip
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
             checkpoint("last.pt")
     except KeyboardInterrupt:
         interrupted = True
         checkpoint("last.pt")
-        print(f"\ninterrupted: saved {out / 'last.pt'} at epoch {state['epoch']}; continue with --resume")
+        log(f"\ninterrupted: saved {out / 'last.pt'} at epoch {state['epoch']}; continue with --resume")
     finally:
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
     if interrupted:
         return {}
+    if world > 1:
+        dist.barrier()  # process 0 has written the checkpoints
     best_path = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
     best, _ = load_checkpoint(best_path, device)
     report = {protocol: evaluate(best, split, "test", protocol, seed=config.seed) for protocol in PROTOCOLS}
-    (out / "test_metrics.json").write_text(json.dumps(dict(best_epoch=state["best_epoch"], **report), indent=2))
-    print(format_report(report, f"test metrics of {best_path} (epoch {state['best_epoch']})"))
+    if rank == 0:
+        (out / "test_metrics.json").write_text(json.dumps(dict(best_epoch=state["best_epoch"], **report), indent=2))
+    log(format_report(report, f"test metrics of {best_path} (epoch {state['best_epoch']})"))
     return report
 
 

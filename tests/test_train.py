@@ -1,6 +1,9 @@
 """End-to-end training on the synthetic data, checkpoints, resume, interruption, the CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,3 +92,18 @@ def test_command_line(tmp_path, capsys):
     assert len(lines) == 3 and lines[0].lstrip().startswith("1. item")
     main(["plot", str(run)])
     assert (run / "curves.png").exists()
+
+
+def test_distributed_data_parallel_with_gloo(tmp_path):
+    """torchrun with 2 CPU processes: one log, one metrics file, one report, from process 0."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "seqrec_kernels", "train", "--epochs", "2", "--eval-every", "1", "--hidden", "16",
+               "--out", str(run), "--no-progress", "--device", "cpu"]  # fmt: skip
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout and result.stdout.count("test metrics") == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    model, state = load_checkpoint(run / "last.pt")
+    assert state["state"]["epoch"] == 2

@@ -143,7 +143,10 @@ class SASRec(nn.Module):
         """Training loss of next-item prediction; targets [B, L] (0 where no target).
         negatives [B, L, k] for bce (k = 1) and gbce (k = num_negatives): the trainer passes
         items the user never interacted with, as the paper does; uniform ids when None."""
-        hidden = self(histories)
+        return self.loss_from_hidden(self(histories), targets, negatives)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None):
+        """loss() from hidden states [B, L, d] already computed (by a DDP wrapper, say)."""
         items = self.item_embedding.weight
         config = self.config
         if config.loss == "full_softmax":
