@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.readers import Interactions
 from seqrec_kernels.metrics import evaluate, ranking_metrics
+from stubs import FixedScores
 
 
 def test_ranking_metrics_by_hand():
@@ -18,19 +18,6 @@ def test_ranking_metrics_by_hand():
     assert metrics["NDCG@5"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
     assert metrics["NDCG@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(7)) / 4)
     assert metrics["MRR"] == pytest.approx((1 + 1 / 2 + 1 / 6 + 1 / 21) / 4)
-
-
-class FixedScores(nn.Module):
-    """A stand-in model that scores item i by scores[i], whatever the history."""
-
-    def __init__(self, scores, max_len=4):
-        super().__init__()
-        self.item_scores = nn.Parameter(scores.float(), requires_grad=False)
-        self.config = type("Config", (), {"max_len": max_len})
-
-    def score(self, histories, items=None):
-        scores = self.item_scores.expand(histories.shape[0], -1)
-        return scores if items is None else scores.gather(1, items)
 
 
 def test_full_protocol_masks_seen_items_but_not_the_target():

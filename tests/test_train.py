@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from seqrec_kernels.cli import main
 from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.synthetic import synthetic_interactions
 from seqrec_kernels.metrics import evaluate
 from seqrec_kernels.train import TrainConfig, load_checkpoint, train
+from stubs import FixedScores
 
 
 def config(tmp_path, **overrides):
@@ -23,24 +23,11 @@ def config(tmp_path, **overrides):
     return TrainConfig(**options)
 
 
-class Popularity(nn.Module):
-    """Scores every item by its training count, whatever the history."""
-
-    def __init__(self, counts, max_len):
-        super().__init__()
-        self.counts = nn.Parameter(counts.float(), requires_grad=False)
-        self.config = type("Config", (), {"max_len": max_len})
-
-    def score(self, histories, items=None):
-        scores = self.counts.expand(histories.shape[0], -1)
-        return scores if items is None else scores.gather(1, items)
-
-
 @pytest.mark.parametrize("loss", ["bce", "sampled_softmax"])
 def test_training_beats_popularity(tmp_path, loss):
     report = train(config(tmp_path, loss=loss, num_negatives=64))
     split = LeaveOneOutSplit.of(SequenceDataset.from_interactions(synthetic_interactions()))
-    popularity = {p: evaluate(Popularity(split.train_item_counts(), 50), split, "test", p) for p in report}
+    popularity = {p: evaluate(FixedScores(split.train_item_counts(), max_len=50), split, "test", p) for p in report}
     for protocol in report:
         assert report[protocol]["NDCG@10"] > popularity[protocol]["NDCG@10"] + 0.1, (report, popularity)
     run = tmp_path / "run"

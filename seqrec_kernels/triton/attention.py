@@ -23,12 +23,16 @@ LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 
 
 @triton.jit
-def _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen):
-    """First row and length of sequence `seq`, clamped so that values the caller could not
-    check (under torch.compile or CUDA graph capture) never address memory outside."""
+def _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK: tl.constexpr):
+    """This program's sequence, head, the sequence's first row and length, and the first
+    row (relative to the sequence) of its block. Start and length are clamped so that
+    values the caller could not check (under torch.compile or CUDA graph capture) never
+    address memory outside the tensors."""
+    seq = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
     start = tl.minimum(tl.maximum(tl.load(SeqStart + seq), 0), num_rows)
     length = tl.minimum(tl.maximum(tl.load(SeqLen + seq), 0), tl.minimum(num_rows - start, max_seqlen))
-    return start, length
+    return seq, head, start, length, tl.program_id(1) * BLOCK
 
 
 @triton.jit
@@ -74,10 +78,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
-    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
-    block_start = tl.program_id(1) * BLOCK_M
+    seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     if block_start >= length:  # every row of this block is padding
         return
 
@@ -132,10 +133,7 @@ def _attention_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(dOut * Out) in float32, the softmax-backward correction term."""
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
-    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
-    block_start = tl.program_id(1) * BLOCK_M
+    seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     if block_start >= length:
         return
     offs_m = block_start + tl.arange(0, BLOCK_M)
@@ -165,10 +163,7 @@ def _attention_bwd_dkdv_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for one block of keys, streaming the query blocks that can see them."""
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
-    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
-    block_start = tl.program_id(1) * BLOCK_N
+    seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_N)
     if block_start >= length:
         return
 
@@ -232,10 +227,7 @@ def _attention_bwd_dq_kernel(
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ for one block of queries, streaming the keys it sees."""
-    seq = tl.program_id(0) // num_heads
-    head = tl.program_id(0) % num_heads
-    start, length = _sequence_bounds(SeqStart, SeqLen, seq, num_rows, max_seqlen)
-    block_start = tl.program_id(1) * BLOCK_M
+    seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     if block_start >= length:
         return
 
