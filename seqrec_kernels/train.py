@@ -155,6 +155,8 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         state = checkpoint["state"]
         log(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
 
@@ -163,6 +165,7 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             return
         save_atomically(dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), state=state,
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             train_config=dataclasses.asdict(config), model_config=dataclasses.asdict(model.config),
             item_counts=train_counts, source=source,
         ), out / name)  # fmt: skip
