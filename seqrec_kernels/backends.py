@@ -43,6 +43,33 @@ def triton_interpreter_enabled() -> bool:
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # without importing it
 
 
+def _load_extension() -> str | None:
+    """Imports seqrec_kernels._C (which registers the `cuda` backend's ops); None on
+    success, else why it is missing, so the package works without it."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as error:
+        build = "pip install --no-build-isolation -e ."
+        return f"the seqrec_kernels._C extension is not built ({error}); build it with `{build}`"
+    return None
+
+
+EXTENSION_ERROR = _load_extension()
+
+
+def cpp_op(qualified_name: str):
+    """The op `seqrec::<name>` that seqrec_kernels._C defines, e.g. cpp_op("seqrec::attention_fwd_cuda")."""
+    namespace, name = qualified_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def extension_has_cuda_kernels() -> bool:
+    """Whether seqrec_kernels._C was built with its CUDA kernels (not only the C++ CPU part)."""
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "seqrec::attention_fwd_cuda", "CUDA"
+    )
+
+
 def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
     """None when `backend` can run on `device`, else a sentence saying why not."""
     if backend is Backend.REFERENCE:
@@ -54,8 +81,22 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
             return None
         return f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
     if backend is Backend.CUDA:
-        return "the seqrec_kernels._C CUDA extension is not part of this build yet"
+        if EXTENSION_ERROR is not None:
+            return EXTENSION_ERROR
+        if device.type == "cpu":
+            return None  # the extension's C++ CPU implementation
+        if device.type == "cuda" and extension_has_cuda_kernels():
+            return None
+        return (
+            f"seqrec_kernels._C was built without CUDA kernels (CPU torch, no nvcc or SEQREC_SKIP_CUDA=1), "
+            f"got tensors on {device}"
+        )
     raise AssertionError(f"unhandled backend {backend}")
+
+
+# Triton first: no GPU benchmark has compared the two yet; once one shows the CUDA
+# kernels faster for a shape class, this order becomes a per-shape-class choice.
+AUTO_GPU_ORDER = (Backend.TRITON, Backend.CUDA)
 
 
 def available(device: torch.device | str = "cpu") -> list[Backend]:
@@ -68,12 +109,15 @@ def available(device: torch.device | str = "cpu") -> list[Backend]:
 def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backend:
     """The concrete backend that runs `op_name` on `device`; raises ValueError if none can.
 
-    `auto` picks the reference on CPU and the fastest GPU backend on CUDA (Triton until
-    the CUDA backend lands), deterministically.
+    `auto` picks the reference on CPU and, on CUDA, the first available backend of
+    AUTO_GPU_ORDER, deterministically.
     """
     requested = Backend.parse(backend)
     if requested is Backend.AUTO:
-        chosen = Backend.TRITON if device.type == "cuda" else Backend.REFERENCE
+        chosen = Backend.REFERENCE
+        if device.type == "cuda":
+            usable = [b for b in AUTO_GPU_ORDER if _unavailable_reason(b, device) is None]
+            chosen = usable[0] if usable else AUTO_GPU_ORDER[0]
         reason = _unavailable_reason(chosen, device)
         if reason is not None:
             raise ValueError(f"backend: 'auto' chose {chosen.value!r} for {op_name}, but {reason}")

@@ -23,6 +23,11 @@ def _info() -> None:
     from . import __version__, backends
 
     print(f"seqrec_kernels {__version__}, torch {torch.__version__}")
+    if backends.EXTENSION_ERROR is not None:
+        print(f"  seqrec_kernels._C: not built: {backends.EXTENSION_ERROR}")
+    else:
+        kernels = "with CUDA kernels" if backends.extension_has_cuda_kernels() else "C++ CPU part only, no CUDA kernels"
+        print(f"  seqrec_kernels._C: built, {kernels}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         names = ", ".join(b.value for b in backends.available(device))

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_helpers import check_against_truth, make_qkv
+from backends_under_test import ALL, GPU_ALL, GPU_CUDA, KERNELS
 
 HEAD_DIMS = [16, 32, 50, 64, 40, 59, 111, 128]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -47,15 +48,17 @@ def test_reference_matches_naive_float64(case):
     run_case(case, "reference")
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @given(case=attention_cases())
-def test_triton_matches_naive(case):
-    run_case(case, "triton")
+def test_kernel_matches_naive(backend, case):
+    run_case(case, backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=10)  # the interpreter is slowest on the dropout hash
 @given(case=attention_cases(max_len=48), dropout_p=st.sampled_from([0.1, 0.5, 0.9]))
-def test_triton_dropout_matches_naive_with_same_mask(case, dropout_p):
-    run_case(case, "triton", dropout_p=dropout_p)
+def test_kernel_dropout_matches_naive_with_same_mask(backend, case, dropout_p):
+    run_case(case, backend, dropout_p=dropout_p)
 
 
 @given(case=attention_cases(dtypes=[torch.float64]), dropout_p=st.sampled_from([0.1, 0.5]))
@@ -63,14 +66,14 @@ def test_reference_dropout_matches_naive_with_same_mask(case, dropout_p):
     run_case(case, "reference", dropout_p=dropout_p)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ALL)
 @given(case=attention_cases(max_batch=4))
 def test_varlen_matches_padded_truth(backend, case):
     case["strided"] = False  # packed inputs are [T, H, D]
     run_case(case, backend, varlen=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("head_dim", [1, 7, 256])
 def test_extreme_head_dims(backend, head_dim):
     case = dict(batch=2, heads=2, length=33, head_dim=head_dim, dtype=torch.float32, seq_lens=[33, 17],
@@ -78,7 +81,7 @@ def test_extreme_head_dims(backend, head_dim):
     run_case(case, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ALL)
 def test_large_logits_stay_finite(backend):
     """Scaled scores near 1e3: the online softmax must rescale, never overflow. The
     backward recomputes probabilities from the float32 LSE (as FlashAttention does), whose
@@ -94,15 +97,16 @@ def test_large_logits_stay_finite(backend):
 
 # GPU: the same checks at larger shapes on CUDA, through the compiled kernels.
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", GPU_ALL)
 @given(case=attention_cases(max_batch=8, max_heads=4, max_len=300))
 def test_gpu_matches_naive(backend, case):
     run_case(case, backend, device="cuda")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", GPU_CUDA])
 @given(case=attention_cases(max_batch=8, max_len=300), dropout_p=st.sampled_from([0.1, 0.5]))
-def test_gpu_triton_dropout_and_varlen(case, dropout_p):
-    run_case(case, "triton", device="cuda", dropout_p=dropout_p)
+def test_gpu_kernel_dropout_and_varlen(backend, case, dropout_p):
+    run_case(case, backend, device="cuda", dropout_p=dropout_p)
     case["strided"] = False
-    run_case(case, "triton", device="cuda", varlen=True)
+    run_case(case, backend, device="cuda", varlen=True)

@@ -6,9 +6,10 @@ import logging
 import pytest
 import torch
 
+from backends_under_test import ALL, GPU_ALL
 from seqrec_kernels import Backend, available, fused_attention, fused_attention_varlen
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ALL
 
 
 def qkv(*shape, dtype=torch.float32, requires_grad=False):
@@ -51,13 +52,15 @@ BAD_INPUTS = [
     ("scale nan", _padded_call(scale=float("nan")), ValueError, "scale"),
     ("causal type", _padded_call(causal=1), TypeError, "causal: expected a bool"),
     ("backend unknown", _padded_call(backend="flash"), ValueError, "backend: expected one of"),
-    ("backend cuda", _padded_call(backend="cuda"), ValueError, "backend: 'cuda' is not available"),
-    (
-        "float64 triton",
-        _padded_call(**dict(zip("qkv", qkv(1, 1, 4, 8, dtype=torch.float64))), seq_lens=None, backend="triton"),
-        TypeError,
-        "q: the 'triton' backend takes",
-    ),  # fmt: skip
+    *[
+        (
+            f"float64 {backend}",
+            _padded_call(**dict(zip("qkv", qkv(1, 1, 4, 8, dtype=torch.float64))), seq_lens=None, backend=backend),
+            TypeError,
+            f"q: the '{backend}' backend takes",
+        )
+        for backend in ("triton", "cuda")
+    ],
     ("varlen rank", _varlen_call(q=torch.randn(1, 7, 2, 16)), ValueError, "q: expected 3 dimensions [T, H, D]"),
     ("cu_seqlens dtype", _varlen_call(cu_seqlens=torch.tensor([0.0, 7.0])), TypeError, "cu_seqlens: expected dtype"),
     ("cu_seqlens short", _varlen_call(cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens: expected at least 2"),
@@ -170,7 +173,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GPU_ALL)
 def test_gpu_opcheck_and_compile(backend):
     fwd = getattr(torch.ops.seqrec, f"attention_fwd_{backend}").default
     q, k, v = (torch.randn(2, 2, 70, 50, device="cuda", requires_grad=True) for _ in range(3))

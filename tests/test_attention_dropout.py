@@ -7,9 +7,10 @@ probability matrix, so the mask a kernel used can be read off its output.
 import pytest
 import torch
 
+from backends_under_test import ALL, KERNELS
 from seqrec_kernels import fused_attention
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ALL
 B, H, L = 2, 3, 64
 
 
@@ -47,10 +48,11 @@ def test_same_seed_same_output_and_new_seed_new_mask(backend):
     assert not torch.equal(first != 0, other != 0)
 
 
-def test_triton_uses_the_reference_mask_bit_for_bit(fresh_seed):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_uses_the_reference_mask_bit_for_bit(backend, fresh_seed):
     reference, _ = dropped_probabilities("reference", 0.3, fresh_seed)
-    triton, _ = dropped_probabilities("triton", 0.3, fresh_seed)
-    assert torch.equal(reference != 0, triton != 0)
+    kernel, _ = dropped_probabilities(backend, 0.3, fresh_seed)
+    assert torch.equal(reference != 0, kernel != 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from backends_under_test import KERNELS
 from seqrec_kernels.models import SASRec, SASRecConfig
 
 
@@ -63,15 +64,16 @@ def test_left_padding_never_changes_real_positions():
         torch.testing.assert_close(together[row, real], alone[0, real])
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_backends_agree_on_the_whole_model(norm_first):
+def test_backends_agree_on_the_whole_model(backend, norm_first):
     reference = model(norm_first=norm_first).set_backend("reference")
-    triton = copy.deepcopy(reference).set_backend("triton")
+    kernel = copy.deepcopy(reference).set_backend(backend)
     h = histories()
     targets = torch.where(h != 0, torch.randint(1, 41, h.shape), 0)
     negatives = torch.randint(1, 41, (*h.shape, 1))
     outputs = []
-    for m in (reference, triton):
+    for m in (reference, kernel):
         m.train()
         loss = m.loss(h, targets, negatives)
         loss.backward()

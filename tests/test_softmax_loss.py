@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backends_under_test import ALL, GPU_ALL, KERNELS
 from loss_helpers import check_loss_against_truth, full_pair, sampled_pair
 from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
 
@@ -65,21 +66,23 @@ def test_sampled_reference_matches_naive(case):
     run_sampled(case, "reference")
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=15)
 @given(case=sampled_cases())
-def test_sampled_triton_matches_naive(case):
-    run_sampled(case, "triton")
+def test_sampled_kernel_matches_naive(backend, case):
+    run_sampled(case, backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("layout", NEGATIVE_LAYOUTS)
-def test_sampled_triton_deterministic_mode(layout):
+def test_sampled_kernel_deterministic_mode(backend, layout):
     """Under torch.use_deterministic_algorithms the gradient is bitwise reproducible and
     agrees with the scatter-add path."""
     case = dict(batch=3, length=21, flat=False, hidden_dim=50, num_items=40, num_neg=33, layout=layout,
                 dtype=torch.float32, log_q=True, remove_hits=True, temperature=1.0, ignored_fraction=0.3,
                 seed=7)  # fmt: skip
     hidden, weight, args = make_sampled(case)
-    ours, _ = sampled_pair("triton", **args)
+    ours, _ = sampled_pair(backend, **args)
 
     def weight_grad():
         w = weight.clone().requires_grad_()
@@ -94,7 +97,7 @@ def test_sampled_triton_deterministic_mode(layout):
         torch.use_deterministic_algorithms(False)
     assert torch.equal(first, second)
     torch.testing.assert_close(first, scattered, atol=1e-5, rtol=1e-5)
-    run_sampled(case, "triton")
+    run_sampled(case, backend)
 
 
 @st.composite
@@ -124,13 +127,14 @@ def test_full_reference_matches_naive(case):
     run_full(case, "reference")
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=10)  # the interpreter streams every item tile; GPU tests cover more
 @given(case=full_cases(max_rows=64, max_items=700))
-def test_full_triton_matches_naive(case):
-    run_full(case, "triton")
+def test_full_kernel_matches_naive(backend, case):
+    run_full(case, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype, scale", [(dtype, 1.0) for dtype in DTYPES] + [(torch.float32, 30.0)])
 def test_sharply_peaked_and_huge_logits(backend, dtype, scale):
     """An item row copied from a hidden row makes that row's softmax one-hot; scaling by
@@ -150,7 +154,7 @@ def test_sharply_peaked_and_huge_logits(backend, dtype, scale):
     check_loss_against_truth(*sampled_pair(backend, targets, negatives), h, w, floor_scale=max_logit)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ALL)
 def test_reductions_and_all_ignored_batch(backend):
     hidden = torch.randn(2, 5, 16, requires_grad=True)
     weight = torch.randn(30, 16, requires_grad=True)
@@ -177,14 +181,14 @@ def test_reductions_and_all_ignored_batch(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", GPU_ALL)
 @given(case=sampled_cases())
 def test_gpu_sampled_matches_naive(backend, case):
     run_sampled(case, backend, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", GPU_ALL)
 @given(case=full_cases())
 def test_gpu_full_matches_naive(backend, case):
     run_full(case, backend, device="cuda")

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from backends_under_test import ALL, GPU_CUDA
 from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
 from seqrec_kernels.data import PopularitySampler, UniformSampler, in_batch_negatives
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ALL
 B, L, D, N, K = 2, 5, 16, 30, 7
 
 
@@ -191,9 +192,10 @@ def test_in_batch_negatives():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", GPU_CUDA])
 @pytest.mark.parametrize("loss_name", ["sampled", "full"])
-def test_gpu_extra_memory_does_not_grow_with_k_or_n(loss_name):
-    """Triton's extra memory is O(T + N) beyond the gradients, whatever K or N: growing N
+def test_gpu_extra_memory_does_not_grow_with_k_or_n(backend, loss_name):
+    """A kernel's extra memory is O(T + N) beyond the gradients, whatever K or N: growing N
     16x and K 16x may grow the peak by the larger weight gradient (a float32 accumulator
     and its bfloat16 copy) and a little more, never by [T, K] or [T, N] logits."""
     rows, dim = 4096, 64
@@ -207,9 +209,9 @@ def test_gpu_extra_memory_does_not_grow_with_k_or_n(loss_name):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         if loss_name == "sampled":
-            loss = sampled_softmax_loss(hidden, weight, pos, neg, backend="triton")
+            loss = sampled_softmax_loss(hidden, weight, pos, neg, backend=backend)
         else:
-            loss = full_softmax_loss(hidden, weight, pos, backend="triton")
+            loss = full_softmax_loss(hidden, weight, pos, backend=backend)
         loss.backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base

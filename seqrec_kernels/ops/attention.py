@@ -25,7 +25,7 @@ from .._checks import (
     check_tensor,
     values_checkable,
 )
-from ..backends import Backend, resolve
+from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
 from ..reference import attention as reference_attention
 from ..triton import implementation
 
@@ -46,20 +46,22 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _define_ops(backend: Backend, forward, backward):
-    """Registers the op pair of one backend and returns the differentiable forward op."""
-    fwd = torch.library.custom_op(
-        f"seqrec::attention_fwd_{backend.value}", forward, mutates_args=(), schema=_FWD_SCHEMA
-    )
-    bwd = torch.library.custom_op(
-        f"seqrec::attention_bwd_{backend.value}", backward, mutates_args=(), schema=_BWD_SCHEMA
-    )
+def _define_ops(backend: Backend, forward=None, backward=None):
+    """Registers the fake impls and autograd of one backend's op pair (defining the ops
+    from `forward`/`backward`, or taking the C++ ones when they are None) and returns
+    the differentiable forward op."""
+    fwd_name, bwd_name = f"seqrec::attention_fwd_{backend.value}", f"seqrec::attention_bwd_{backend.value}"
+    if forward is None:  # defined by the seqrec_kernels._C extension
+        fwd, bwd = cpp_op(fwd_name), cpp_op(bwd_name)
+    else:
+        fwd = torch.library.custom_op(fwd_name, forward, mutates_args=(), schema=_FWD_SCHEMA)
+        bwd = torch.library.custom_op(bwd_name, backward, mutates_args=(), schema=_BWD_SCHEMA)
 
-    @fwd.register_fake
+    @torch.library.register_fake(fwd_name)
     def _(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
         return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
-    @bwd.register_fake
+    @torch.library.register_fake(bwd_name)
     def _(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -77,7 +79,7 @@ def _define_ops(backend: Backend, forward, backward):
         num_non_differentiable = 7  # seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed
         return (*grads, *([None] * num_non_differentiable))
 
-    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
     return fwd
 
 
@@ -91,6 +93,8 @@ _FORWARD_OPS = {
         implementation("attention", "attention_backward"),
     ),
 }
+if EXTENSION_ERROR is None:
+    _FORWARD_OPS[Backend.CUDA] = _define_ops(Backend.CUDA)
 
 
 def _check_qkv(q, k, v, layout: str) -> None:

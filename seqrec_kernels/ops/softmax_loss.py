@@ -24,7 +24,7 @@ from .._checks import (
     check_tensor,
     values_checkable,
 )
-from ..backends import Backend, resolve
+from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
 from ..reference import softmax_loss as reference
 from ..triton import implementation
 
@@ -59,12 +59,26 @@ def _row_outputs_fake(hidden):
     return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype)
 
 
-def _define_sampled_ops(backend: Backend, forward, backward):
-    name = f"seqrec::sampled_softmax_{{}}_{backend.value}"
-    fwd = torch.library.custom_op(name.format("fwd"), forward, mutates_args=(), schema=_SAMPLED_FWD_SCHEMA)
-    bwd = torch.library.custom_op(name.format("bwd"), backward, mutates_args=(), schema=_SAMPLED_BWD_SCHEMA)
-    fwd.register_fake(lambda hidden, *_: _row_outputs_fake(hidden))
-    bwd.register_fake(lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight)))
+def _op_pair(name: str, forward, backward, fwd_schema: str, bwd_schema: str):
+    """The fwd/bwd ops `name.format("fwd"|"bwd")`: defined from Python functions, or the C++
+    ones of seqrec_kernels._C when `forward` is None; with their fake impls registered."""
+    fwd_name, bwd_name = name.format("fwd"), name.format("bwd")
+    if forward is None:
+        fwd, bwd = cpp_op(fwd_name), cpp_op(bwd_name)
+    else:
+        fwd = torch.library.custom_op(fwd_name, forward, mutates_args=(), schema=fwd_schema)
+        bwd = torch.library.custom_op(bwd_name, backward, mutates_args=(), schema=bwd_schema)
+    torch.library.register_fake(fwd_name, lambda hidden, *_: _row_outputs_fake(hidden))
+    torch.library.register_fake(
+        bwd_name, lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight))
+    )
+    return fwd_name, fwd, bwd
+
+
+def _define_sampled_ops(backend: Backend, forward=None, backward=None):
+    fwd_name, fwd, bwd = _op_pair(
+        f"seqrec::sampled_softmax_{{}}_{backend.value}", forward, backward, _SAMPLED_FWD_SCHEMA, _SAMPLED_BWD_SCHEMA
+    )
 
     def setup_context(ctx, inputs, output):
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore = (
@@ -81,16 +95,14 @@ def _define_sampled_ops(backend: Backend, forward, backward):
         num_non_differentiable = 8  # pos_ids, neg_ids, both log_q, rows_per_group, remove_hits, temperature, ignore
         return (*grads, *([None] * num_non_differentiable))
 
-    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
     return fwd
 
 
-def _define_full_ops(backend: Backend, forward, backward):
-    name = f"seqrec::full_softmax_{{}}_{backend.value}"
-    fwd = torch.library.custom_op(name.format("fwd"), forward, mutates_args=(), schema=_FULL_FWD_SCHEMA)
-    bwd = torch.library.custom_op(name.format("bwd"), backward, mutates_args=(), schema=_FULL_BWD_SCHEMA)
-    fwd.register_fake(lambda hidden, *_: _row_outputs_fake(hidden))
-    bwd.register_fake(lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight)))
+def _define_full_ops(backend: Backend, forward=None, backward=None):
+    fwd_name, fwd, bwd = _op_pair(
+        f"seqrec::full_softmax_{{}}_{backend.value}", forward, backward, _FULL_FWD_SCHEMA, _FULL_BWD_SCHEMA
+    )
 
     def setup_context(ctx, inputs, output):
         hidden, weight, targets, excluded_ids, temperature, ignore_index = inputs
@@ -103,7 +115,7 @@ def _define_full_ops(backend: Backend, forward, backward):
         num_non_differentiable = 4  # targets, excluded_ids, temperature, ignore_index
         return (*grads, *([None] * num_non_differentiable))
 
-    fwd.register_autograd(backward_rule, setup_context=setup_context)
+    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
     return fwd
 
 
@@ -115,6 +127,9 @@ _FULL_OPS = {
     Backend.REFERENCE: _define_full_ops(Backend.REFERENCE, reference.full_forward, reference.full_backward),
     Backend.TRITON: _define_full_ops(Backend.TRITON, _triton("full_forward"), _triton("full_backward")),
 }
+if EXTENSION_ERROR is None:
+    _SAMPLED_OPS[Backend.CUDA] = _define_sampled_ops(Backend.CUDA)
+    _FULL_OPS[Backend.CUDA] = _define_full_ops(Backend.CUDA)
 
 
 def _check_hidden_and_weight(hidden, item_weight):

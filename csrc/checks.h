@@ -1,0 +1,201 @@
+// Input checks of the C++ ops, shared by the CPU and CUDA implementations. The public
+// Python API validates first (with the same wording); these guard direct calls to
+// torch.ops.seqrec.*_cuda so that bad input is an error naming the argument, never a
+// crash. Value checks that would read device memory (a host sync) are left to Python.
+#pragma once
+
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace seqrec {
+
+inline std::string dtype_name(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+
+// float16, bfloat16 or float32 (float64 runs on backend='reference').
+inline void check_kernel_dtype(const char* name, const at::Tensor& t) {
+  auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, name,
+                   ": the 'cuda' backend takes float16, bfloat16 or float32, got ", dtype_name(t),
+                   " (float64 runs on backend='reference')");
+}
+
+inline void check_dim(const char* name, const at::Tensor& t, int64_t ndim, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, ": expected ", ndim, " dimensions ", layout, ", got shape ", t.sizes());
+}
+
+inline void check_like(const char* name, const at::Tensor& t, const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, ": expected shape ", like.sizes(), " (the shape of ", like_name,
+                    "), got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", dtype_name(like), " (the dtype of ",
+                   like_name, "), got ", dtype_name(t));
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected device ", like.device(), " (the device of ",
+                    like_name, "), got ", t.device());
+}
+
+inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
+                    " (the device of the other inputs), got ", t.device());
+}
+
+inline void check_index(const char* name, const at::Tensor& t, const at::Tensor& like) {
+  check_device(name, t, like);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+                   ": expected dtype int32 or int64, got ", dtype_name(t));
+}
+
+inline void check_unit_stride(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                    ": expected unit stride on the last dimension, got strides ", t.strides());
+}
+
+inline at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// ------------------------------------------------------------------------ attention ----
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// q, k, v [B, H, L, D]; seq_start, seq_len int32 [S] with B == S (padded) or B == 1 (packed).
+inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& seq_start, const at::Tensor& seq_len, int64_t max_seqlen,
+                                   double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+  check_dim("q", q, 4, "[B, H, L, D]");
+  check_kernel_dtype("q", q);
+  check_like("k", k, "q", q);
+  check_like("v", v, "q", q);
+  for (const auto& [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}}) check_unit_stride(name, *t);
+  auto head_dim = q.size(3);
+  TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= kMaxHeadDim, "q: head dim (the last dimension of [B, H, L, D]) must",
+                    " be in 1..", kMaxHeadDim, ", got ", head_dim);
+  for (const auto& [name, t] : {std::pair{"seq_start", &seq_start}, {"seq_len", &seq_len}}) {
+    check_device(name, *t, q);
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, name, ": expected dtype int32, got ", dtype_name(*t));
+    check_dim(name, *t, 1, "[S]");
+  }
+  TORCH_CHECK_VALUE(seq_start.size(0) == seq_len.size(0), "seq_start: expected shape (", seq_len.size(0),
+                    ",) (the shape of seq_len), got ", seq_start.sizes());
+  auto num_seqs = seq_len.size(0), batch = q.size(0);
+  TORCH_CHECK_VALUE(batch == num_seqs || batch == 1, "seq_len: expected one length per batch row of q (", batch,
+                    ") or, packed, any number with B == 1, got ", num_seqs);
+  TORCH_CHECK_VALUE(max_seqlen >= 0, "max_seqlen: expected an int >= 0, got ", max_seqlen);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a value in [0.0, 1.0), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_seed.has_value() == (dropout_p > 0.0),
+                    "dropout_seed: expected a [1] seed tensor iff dropout_p > 0, got ",
+                    dropout_seed.has_value() ? "one" : "none", " with dropout_p=", dropout_p);
+  if (dropout_seed) {
+    check_device("dropout_seed", *dropout_seed, q);
+    TORCH_CHECK_TYPE(dropout_seed->scalar_type() == at::kLong, "dropout_seed: expected dtype int64, got ",
+                     dtype_name(*dropout_seed));
+    TORCH_CHECK_VALUE(dropout_seed->numel() == 1, "dropout_seed: expected one element, got shape ",
+                      dropout_seed->sizes());
+  }
+  // Sequences must lie inside their batch row: cheap on the host, a sync on a device.
+  if (q.is_cpu() && num_seqs > 0) {
+    auto end = seq_start.to(at::kLong) + seq_len.to(at::kLong);
+    TORCH_CHECK_VALUE(seq_start.min().item<int>() >= 0 && seq_len.min().item<int>() >= 0 &&
+                          end.max().item<int64_t>() <= q.size(2) && seq_len.max().item<int>() <= max_seqlen,
+                      "seq_start/seq_len: every sequence must lie in rows [0, L=", q.size(2),
+                      ") of its batch row and be at most max_seqlen=", max_seqlen, " long");
+  }
+}
+
+// dout may have any strides (autograd often hands in an expanded one): callers make it
+// unit-stride on D with unit_stride_rows().
+inline void check_attention_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                                            const at::Tensor& lse) {
+  check_like("dout", dout, "q", q);
+  check_like("out", out, "q", q);
+  check_unit_stride("out", out);
+  check_device("lse", lse, q);
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", dtype_name(lse));
+  TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3), "lse: expected shape ", q.sizes().slice(0, 3),
+                    " ([B, H, L] of q), got ", lse.sizes());
+}
+
+// --------------------------------------------------------------------- softmax losses ----
+
+// hidden [T, D] and weight [N, D] of one kernel dtype, unit stride on D.
+inline void check_loss_inputs(const at::Tensor& hidden, const at::Tensor& weight, double temperature) {
+  check_dim("hidden", hidden, 2, "[T, D]");
+  check_kernel_dtype("hidden", hidden);
+  check_dim("weight", weight, 2, "[N, D]");
+  check_device("weight", weight, hidden);
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight: expected dtype ", dtype_name(hidden),
+                   " (the dtype of hidden), got ", dtype_name(weight));
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight: expected D=", hidden.size(1),
+                    " columns (the last dimension of hidden), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight: expected at least one item row, got shape ", weight.sizes());
+  check_unit_stride("hidden", hidden);
+  check_unit_stride("weight", weight);
+  TORCH_CHECK_VALUE(temperature > 0.0, "temperature: expected a value > 0, got ", temperature);
+}
+
+// ids of `shape` in [0, N) or == ignore_index (checked on the host only).
+inline void check_ids(const char* name, const at::Tensor& ids, at::IntArrayRef shape, const at::Tensor& hidden,
+                      int64_t num_items, std::optional<int64_t> ignore_index) {
+  check_index(name, ids, hidden);
+  TORCH_CHECK_VALUE(ids.sizes() == shape, name, ": expected shape ", shape, ", got ", ids.sizes());
+  if (ids.is_cpu() && ids.numel() > 0) {
+    auto in_range = ids.ge(0).logical_and(ids.lt(num_items));
+    if (ignore_index) in_range = in_range.logical_or(ids.eq(*ignore_index));
+    TORCH_CHECK_VALUE(in_range.all().item<bool>(), name, ": expected item ids in [0, ", num_items, ") (N)");
+  }
+}
+
+inline void check_log_q(const char* name, const std::optional<at::Tensor>& log_q, const char* ids_name,
+                        const at::Tensor& ids) {
+  if (!log_q) return;
+  check_device(name, *log_q, ids);
+  TORCH_CHECK_TYPE(at::isFloatingType(log_q->scalar_type()), name, ": expected a floating dtype, got ",
+                   dtype_name(*log_q));
+  TORCH_CHECK_VALUE(log_q->sizes() == ids.sizes(), name, ": expected shape ", ids.sizes(), " (the shape of ", ids_name,
+                    "), got ", log_q->sizes());
+}
+
+// neg_ids [G, K] with G * rows_per_group == T.
+inline void check_sampled_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pos_ids,
+                                 const at::Tensor& neg_ids, const std::optional<at::Tensor>& pos_log_q,
+                                 const std::optional<at::Tensor>& neg_log_q, int64_t rows_per_group,
+                                 double temperature, int64_t ignore_index) {
+  check_loss_inputs(hidden, weight, temperature);
+  auto rows = hidden.size(0), num_items = weight.size(0);
+  check_ids("pos_ids", pos_ids, {rows}, hidden, num_items, ignore_index);
+  check_dim("neg_ids", neg_ids, 2, "[G, K]");
+  check_ids("neg_ids", neg_ids, neg_ids.sizes(), hidden, num_items, std::nullopt);
+  TORCH_CHECK_VALUE(neg_ids.size(1) >= 1, "neg_ids: expected at least one negative (K >= 1), got shape ",
+                    neg_ids.sizes());
+  TORCH_CHECK_VALUE(rows_per_group >= 1 && neg_ids.size(0) * rows_per_group == rows,
+                    "rows_per_group: expected G * rows_per_group == T (G=", neg_ids.size(0), ", T=", rows, "), got ",
+                    rows_per_group);
+  check_log_q("pos_log_q", pos_log_q, "pos_ids", pos_ids);
+  check_log_q("neg_log_q", neg_log_q, "neg_ids", neg_ids);
+}
+
+inline void check_full_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                              const at::Tensor& excluded_ids, double temperature, int64_t ignore_index) {
+  check_loss_inputs(hidden, weight, temperature);
+  auto num_items = weight.size(0);
+  check_ids("targets", targets, {hidden.size(0)}, hidden, num_items, ignore_index);
+  check_dim("excluded_ids", excluded_ids, 1, "[E]");
+  check_ids("excluded_ids", excluded_ids, excluded_ids.sizes(), hidden, num_items, std::nullopt);
+  TORCH_CHECK_VALUE(excluded_ids.size(0) < num_items, "excluded_ids: excludes all ", num_items,
+                    " items, leaving no class");
+  if (excluded_ids.is_cpu() && excluded_ids.numel() > 1) {
+    auto ids = excluded_ids.to(at::kLong);
+    TORCH_CHECK_VALUE(ids.diff().gt(0).all().item<bool>(), "excluded_ids: expected sorted, distinct ids");
+  }
+}
+
+inline void check_loss_grads(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& hidden) {
+  for (const auto& [name, t] : {std::pair{"grad_loss", &grad_loss}, {"lse", &lse}}) {
+    check_device(name, *t, hidden);
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == hidden.size(0), name, ": expected shape (", hidden.size(0),
+                      ",) (one value per row of hidden), got ", t->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), name, ": expected a floating dtype, got ", dtype_name(*t));
+  }
+}
+
+}  // namespace seqrec

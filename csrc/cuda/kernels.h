@@ -1,0 +1,114 @@
+// The interface between the torch glue (csrc/*.cpp) and the CUDA kernels (csrc/cuda/*.cu).
+// Only CUDA runtime types appear here, so the .cu files compile with nvcc and the CUDA
+// headers alone (no torch), which is how CI checks them on a machine without a GPU.
+//
+// Op semantics are those of the reference backend (seqrec_kernels/reference/*.py); the
+// caller (csrc/ops_cuda.cpp) has validated every input, made ids int64/int32 and log_q
+// float32 contiguous, and allocated and initialized every output as noted below.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace seqrec::cuda {
+
+enum class ScalarType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A strided [B, H, L, D] tensor with unit stride on D; strides are in elements.
+struct Bhld {
+  void* data;
+  int64_t batch_stride, head_stride, row_stride;
+};
+
+// ---------------------------------------------------------------- attention ----------
+// Sequence s occupies rows seq_start[s] .. seq_start[s] + seq_len[s] - 1 of batch row s
+// when batch == num_seqs (padded form) or of batch row 0 when batch == 1 (packed form).
+// Query i sees key j iff both are in the same sequence and (!causal or pos(j) <= pos(i)),
+// positions counted from the sequence's first token. Rows outside every sequence, and
+// rows that see no key, are never written: the caller pre-fills them (zeros, -inf LSE).
+struct AttentionParams {
+  Bhld q, k, v;                // [B, H, L, D] inputs
+  Bhld out;                    // [B, H, L, D] output, dtype of q; zero-filled by the caller
+  float* lse;                  // [B, H, L] contiguous; forward writes it (caller fills -inf)
+  const int32_t* seq_start;    // [S]
+  const int32_t* seq_len;      // [S]
+  int batch, num_heads, num_rows, head_dim, num_seqs, max_seqlen;
+  bool causal;
+  float scale;
+  // Dropout on the probabilities (csrc/cuda/dropout_hash.h): keep iff the hash's top 24
+  // bits >= keep_threshold, kept values times dropout_scale = 1/(1-p). No dropout iff
+  // dropout_seed == nullptr.
+  uint32_t keep_threshold;
+  float dropout_scale;
+  const int64_t* dropout_seed; // [1] on the device
+  ScalarType dtype;
+};
+
+struct AttentionBackwardParams {
+  AttentionParams fwd;         // inputs, out and lse of the forward (all read-only here)
+  Bhld dout;                   // [B, H, L, D] upstream gradient, dtype of q
+  Bhld dq, dk, dv;             // [B, H, L, D] outputs, dtype of q; zero-filled by the caller
+  float* workspace;            // attention_backward_workspace_floats(p) floats, zero-filled
+};
+
+cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
+size_t attention_backward_workspace_floats(const AttentionBackwardParams& p);
+cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t stream);
+
+// ------------------------------------------------------------- softmax losses --------
+// logit(t, n) = <hidden[t], weight[n]> / temperature (- log_q where given); rows whose
+// positive/target == ignore_index have loss 0 and no gradient.
+struct LossInputs {
+  const void* hidden;          // [T, D], row stride hidden_row_stride, unit stride on D
+  const void* weight;          // [N, D], row stride weight_row_stride, unit stride on D
+  int64_t hidden_row_stride, weight_row_stride;
+  int64_t num_rows, num_items, dim;  // T, N, D
+  float temperature;
+  int64_t ignore_index;
+  ScalarType dtype;
+};
+
+struct LossGradients {
+  const float* grad_loss;      // [T] upstream gradient of the per-row loss
+  const float* lse;            // [T] from the forward
+  void* d_hidden;              // [T, D] contiguous, dtype of hidden (every row written)
+  float* d_weight;             // [N, D] contiguous float32, zero-filled by the caller
+  float* workspace;            // *_backward_workspace_floats(...) floats, zero-filled
+};
+
+// Sampled: row t scores its positive against the negatives of group t / rows_per_group;
+// loss(t) = logsumexp(pos logit, neg logits except accidental hits) - pos logit.
+struct SampledSoftmaxParams {
+  LossInputs in;
+  const int64_t* pos_ids;      // [T]
+  const int64_t* neg_ids;      // [G, K] contiguous
+  const float* pos_log_q;      // [T] or nullptr
+  const float* neg_log_q;      // [G, K] or nullptr
+  int64_t num_groups, num_neg, rows_per_group;  // G, K, T / G
+  bool remove_hits;            // a negative equal to the row's positive is left out
+};
+
+cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse,
+                                    cudaStream_t stream);
+// deterministic: d_weight is bitwise reproducible run to run (no float atomics order).
+size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic);
+cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g,
+                                     bool deterministic, cudaStream_t stream);
+
+// Full: loss(t) = logsumexp over items not in excluded_ids - logit(target).
+struct FullSoftmaxParams {
+  LossInputs in;
+  const int64_t* targets;      // [T]
+  const int32_t* excluded_ids; // [E] sorted, distinct, E < N
+  int64_t num_excluded;
+};
+
+cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse,
+                                 cudaStream_t stream);
+size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p);
+cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g,
+                                  cudaStream_t stream);
+
+}  // namespace seqrec::cuda
