@@ -31,12 +31,20 @@ lint: setup
 	$(PY) -m ruff format --check seqrec_kernels tests benchmarks
 
 # On a GPU machine, with its own python3 (torch + triton preinstalled, no network):
-# all GPU tests, then the short benchmark; results land in benchmarks/results/.
+# build the extension with its CUDA kernels for this GPU, run all GPU tests and
+# compute-sanitizer (memcheck, racecheck) over a small grid, then the short benchmarks;
+# results land in benchmarks/results/.
 GPU_NAME = $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
+GPU_ARCH = $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+SANITIZER = $(shell command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 gpu-check:
 	mkdir -p benchmarks/results
+	SEQREC_CUDA_ARCHS="$(GPU_ARCH)" $(PYTHON) setup.py -q build_ext --inplace
 	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu tests 2>&1 \
 		| tee benchmarks/results/gpu-tests-$(GPU_NAME).txt
+	set -o pipefail; for tool in memcheck racecheck; do \
+		PYTHONPATH=$(CURDIR) $(SANITIZER) --tool $$tool --error-exitcode 1 $(PYTHON) tests/sanitizer_grid.py || exit 1; \
+	done 2>&1 | tee benchmarks/results/gpu-sanitizer-$(GPU_NAME).txt
 	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_attention.py --quick
 	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_softmax_loss.py --quick
 

@@ -117,3 +117,10 @@ def test_cuda_glue_compiles_against_torch_headers():
     command = ["g++", "-fsyntax-only", "-std=c++17", "-w", "-DC10_USING_CUSTOM_GENERATED_MACROS", *includes]
     result = subprocess.run([*command, str(CSRC / "ops_cuda.cpp")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_sanitizer_grid_runs_on_cpu():
+    """The grid `make gpu-check` runs under compute-sanitizer, here on the C++ CPU path."""
+    script = Path(__file__).resolve().parent / "sanitizer_grid.py"
+    result = subprocess.run([sys.executable, str(script), "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
