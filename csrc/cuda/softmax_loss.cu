@@ -1,0 +1,1272 @@
+// Sampled-softmax and full-catalog softmax losses, forward and backward, for the `cuda`
+// backend (semantics: seqrec_kernels/reference/softmax_loss.py; interface: kernels.h).
+// Logits are never materialized: every kernel recomputes them tile by tile, and the
+// backward recomputes probabilities from the forward's LSE.
+//
+// The tile engine (engine_kernel) runs every op whose candidates are shared by many rows
+// (full softmax, and sampled softmax when rows_per_group >= kEngineMinRows):
+// - a CTA holds a "stationary" block of X lines in shared memory (whole padded D) and
+//   streams tiles of kTile "streamed" Y lines through a 2-stage cp.async pipeline in
+//   kChunk-wide D chunks; a warp owns 16 X lines and a [16, kTile] float32 score tile in
+//   registers, in the m16n8k16 accumulator layout (rows g, g+8; columns 8j + 2*tig + e).
+// - float16/bfloat16: mma.sync m16n8k16 tensor cores with float32 accumulation;
+//   float32: plain FFMA in the same layout (no TF32).
+// - forward (X = hidden rows, Y = items): online log-sum-exp per row; when the rows alone
+//   do not fill the GPU the item range is split across CTAs (blockIdx.y), with (max,
+//   sumexp) partials in a stream-ordered scratch allocation (the forward has no workspace
+//   argument), combined by combine_forward.
+// - backward d hidden (X = hidden rows, Y = items): coef tile [16, kTile] times the Y
+//   chunk of the CTA's output D chunk (blockIdx.y), so acc is [16, kChunk] per warp.
+// - backward d weight (X = items, Y = hidden rows): the transpose, no atomics for the
+//   full softmax (each item row has one writer); sampled negatives use float32 atomics.
+// - full backward: a badly underfilled grid also splits the streamed lines, with
+//   [splits, rows, D] partials in the workspace summed in split order (reduce_splits).
+// Rows with few rows per group (per-row negatives) use one warp per row instead.
+// Deterministic sampled d weight: the (item -> sample slot) list is radix-sorted by item
+// (CUB, stable) and one CTA per item sums its slots' contributions in sorted order.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "kernels.h"
+
+namespace seqrec::cuda {
+namespace {
+
+using i64 = int64_t;
+
+constexpr int kTile = 64;          // streamed lines per tile
+constexpr int kChunk = 64;         // D columns per pipeline stage and per backward output chunk
+constexpr int kMaxWarps = 8;       // 16 stationary lines per warp: at most 128 per CTA
+constexpr int kMaxDim = 1024;
+constexpr size_t kStationaryBudget = 96 * 1024;  // shared-memory bytes for the X block
+constexpr i64 kEngineMinRows = 16;  // sampled: rows per group from which the tile engine runs
+constexpr int kRowWarps = 8;        // warp-per-row kernels: rows per CTA
+constexpr float kInf = __builtin_huge_valf();
+constexpr i64 kNoItem = -0x7fffffffffffffffLL - 1;  // id of an absent item line
+constexpr i64 kNoRow = kNoItem + 1;                 // id of an absent hidden line
+
+template <typename A>
+__host__ __device__ __forceinline__ A imin(A x, A y) { return x < y ? x : y; }
+template <typename A>
+__host__ __device__ __forceinline__ A imax(A x, A y) { return x < y ? y : x; }
+__host__ __device__ __forceinline__ i64 ceil_div(i64 x, i64 y) { return (x + y - 1) / y; }
+
+template <typename T> struct IsF32 { static constexpr bool value = false; };
+template <> struct IsF32<float> { static constexpr bool value = true; };
+// Row padding of shared tiles (elements): conflict-free ldmatrix rows / float4 loads.
+template <typename T> __host__ __device__ constexpr int smem_pad() { return IsF32<T>::value ? 4 : 8; }
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats as one 16-bit pair register, the lower column in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------ PTX wrappers ---------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// BYTES from global to shared, or zeros when !valid (src-size 0 reads nothing).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? BYTES : 0;
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
+                 "r"(src_bytes) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// c[16x8] += a[16x16] b[16x8], float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Reductions over the 4 lanes (tig) that share a tile row.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ------------------------------------------------------------------ op arguments ---------
+
+// One view of both ops for the kernels. pos is the positive (sampled) or target (full).
+struct LossArgs {
+  const void* hidden;          // [T, D], row stride hs
+  const void* weight;          // [N, D], row stride ws
+  i64 hs, ws, T, N, D;
+  float inv_temp;
+  i64 ignore;
+  bool sampled, remove_hits;
+  const i64* pos;              // [T]
+  const i64* neg;              // [G, K] (sampled)
+  const float* pos_lq;         // [T] or null (sampled)
+  const float* neg_lq;         // [G, K] or null (sampled)
+  i64 K, rpg;                  // sampled: negatives per group, rows per group
+  const int32_t* excl;         // [E] sorted (full)
+  i64 E;
+  const float* grad;           // [T] backward only
+  const float* lse;            // [T] backward only
+  const float* scale_max;      // [1] max |grad| / temperature over kept rows (d weight tiles)
+  int vec_h, vec_w;            // widest copy (bytes: 16, 8, 4, or 2 = element-wise) for hidden / weight rows
+};
+
+// A streamed or stationary line of the tile engine: an item (id, a = logit offset: log_q,
+// or +inf when absent/excluded) or a hidden row (id = positive/target, a = LSE,
+// b = grad / temperature, 0 for ignored rows).
+struct alignas(16) Line {
+  i64 id;
+  float a, b;
+};
+
+__device__ bool is_excluded(const LossArgs& a, i64 n) {
+  i64 lo = 0, hi = a.E;  // lower_bound of n in the sorted excluded ids
+  while (lo < hi) {
+    const i64 mid = (lo + hi) >> 1;
+    if (a.excl[mid] < n) lo = mid + 1; else hi = mid;
+  }
+  return lo < a.E && a.excl[lo] == n;
+}
+
+// Item line y: the item y (full) or negative slot y of group grp (sampled).
+__device__ Line item_line(const LossArgs& a, i64 grp, i64 y, bool valid) {
+  if (!valid) return {kNoItem, kInf, 0.f};
+  if (a.sampled) {
+    const i64 idx = grp * a.K + y;
+    return {a.neg[idx], a.neg_lq != nullptr ? a.neg_lq[idx] : 0.f, 0.f};
+  }
+  return {y, is_excluded(a, y) ? kInf : 0.f, 0.f};
+}
+
+__device__ Line hidden_line(const LossArgs& a, i64 t, bool valid, float inv_scale_max) {
+  if (!valid) return {kNoRow, 0.f, 0.f};
+  const i64 id = a.pos[t];
+  const bool kept = a.grad != nullptr && id != a.ignore;
+  return {id, a.lse != nullptr ? a.lse[t] : 0.f, kept ? a.grad[t] * a.inv_temp * inv_scale_max : 0.f};
+}
+
+// ------------------------------------------------------------------ tile loads -----------
+
+template <typename T, int BYTES, typename Src>
+__device__ __forceinline__ void copy_rows_async(T* dst, int ld, int rows, int cols, const T* base, i64 stride,
+                                                i64 dim, i64 col0, Src src) {
+  constexpr int kElems = BYTES / sizeof(T);
+  const int per_row = cols / kElems;
+  for (int u = threadIdx.x; u < rows * per_row; u += blockDim.x) {
+    const int r = u / per_row, c = (u - r * per_row) * kElems;
+    const i64 row = src(r), col = col0 + c;
+    const bool ok = row >= 0 && col < dim;  // dim * sizeof(T) is a multiple of BYTES
+    cp_async<BYTES>(dst + r * ld + c, ok ? base + row * stride + col : base, ok);
+  }
+}
+
+// dst[r, c] = base[src(r), col0 + c] for r < rows, c < cols (cols a multiple of 64); zeros
+// where src(r) < 0 or col0 + c >= dim. Asynchronous unless vec == 2 (odd 16-bit offsets).
+template <typename T, typename Src>
+__device__ __forceinline__ void load_rows(T* dst, int ld, int rows, int cols, const T* base, i64 stride, i64 dim,
+                                          i64 col0, int vec, Src src) {
+  switch (vec) {
+    case 16: copy_rows_async<T, 16>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
+    case 8: copy_rows_async<T, 8>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
+    case 4: copy_rows_async<T, 4>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
+    default:
+      for (int u = threadIdx.x; u < rows * cols; u += blockDim.x) {
+        const int r = u / cols, c = u - r * cols;
+        const i64 row = src(r), col = col0 + c;
+        dst[r * ld + c] = (row >= 0 && col < dim) ? base[row * stride + col] : from_f<T>(0.f);
+      }
+  }
+}
+
+// ------------------------------------------------------------------ tile products --------
+
+// s[16, kTile] += x[16, kChunk] y[kTile, kChunk]^T for one warp: x points at its first
+// row (row stride xld), y at the stage buffer (row stride yld). Layout: s[j][e] is row g,
+// column 8j + 2*tig + e; s[j][2 + e] is row g + 8.
+template <typename T>
+__device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xld, const T* y, int yld, int lane) {
+  if constexpr (IsF32<T>::value) {
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < kChunk; k += 4) {
+      const float4 xa = *reinterpret_cast<const float4*>(x + g * xld + k);
+      const float4 xb = *reinterpret_cast<const float4*>(x + (g + 8) * xld + k);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 yv = *reinterpret_cast<const float4*>(y + (8 * j + 2 * tig + e) * yld + k);
+          s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
+          s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
+        }
+      }
+    }
+  } else {
+    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: this lane addresses row mrow of matrix mat
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
+      ldsm_x4(af, x + ((mat & 1) * 8 + mrow) * xld + kk * 16 + (mat >> 1) * 8);
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) {
+        uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
+        ldsm_x4(bf, y + ((2 * jp + (mat >> 1)) * 8 + mrow) * yld + kk * 16 + (mat & 1) * 8);
+        mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
+        mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// Column of acc[j][e] (and acc[j][2 + e]) within the output chunk.
+template <typename T>
+__device__ __forceinline__ int acc_col(int j, int e, int tig) {
+  return IsF32<T>::value ? 16 * tig + 2 * j + e : 8 * j + 2 * tig + e;
+}
+
+// acc[16, kChunk] += p[16, kTile] y[kTile, kChunk] for one warp (p in the layout of s).
+template <typename T>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float (&p)[8][4], const T* y, int yld,
+                                                int lane) {
+  if constexpr (IsF32<T>::value) {
+    const int tig = lane & 3;
+#pragma unroll
+    for (int c = 0; c < kTile; ++c) {
+      // Column c of p lives in lane (g, (c >> 1) & 3), entries [c >> 3][c & 1] and [c >> 3][2 + (c & 1)].
+      const int src = (lane & ~3) | ((c >> 1) & 3);
+      const float p0 = __shfl_sync(0xffffffffu, p[c >> 3][c & 1], src);
+      const float p1 = __shfl_sync(0xffffffffu, p[c >> 3][2 + (c & 1)], src);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // columns 16 * tig + 4q .. + 3
+        const float4 yv = *reinterpret_cast<const float4*>(y + c * yld + 16 * tig + 4 * q);
+        acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
+        acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
+        acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
+        acc[2 * q + 1][1] = fmaf(p0, yv.w, acc[2 * q + 1][1]);
+        acc[2 * q][2] = fmaf(p1, yv.x, acc[2 * q][2]);
+        acc[2 * q][3] = fmaf(p1, yv.y, acc[2 * q][3]);
+        acc[2 * q + 1][2] = fmaf(p1, yv.z, acc[2 * q + 1][2]);
+        acc[2 * q + 1][3] = fmaf(p1, yv.w, acc[2 * q + 1][3]);
+      }
+    }
+  } else {
+    const int mat = lane >> 3, mrow = lane & 7;
+#pragma unroll
+    for (int kk = 0; kk < kTile / 16; ++kk) {
+      // The accumulator layout of two n tiles is the A layout of one k step.
+      const uint32_t af[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                              pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                              pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) {
+        uint32_t bf[4];  // y is [k = line, n = column]: transposed loads give the "col" B layout
+        ldsm_x4_trans(bf, y + (kk * 16 + (mat & 1) * 8 + mrow) * yld + (2 * jp + (mat >> 1)) * 8);
+        mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
+        mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ tile engine ----------
+
+enum Kind : int { kFwd = 0, kBwdRows = 1, kBwdItems = 2 };
+
+struct EnginePlan {
+  int warps, dpad, nchunks, splits;  // dpad = D rounded up to kChunk
+  i64 tiles_per_group, groups;       // grid.x = groups * tiles_per_group
+  i64 split_len;                     // streamed lines per split (a multiple of kTile)
+  size_t smem;
+};
+
+struct EngineOut {
+  float* loss;       // [T] forward, one split
+  float* lse;        // [T] forward, one split
+  float* part;       // forward: [splits, T, 2] (max, sumexp); backward: [splits, X rows, D]
+  float* row_logit;  // forward with splits: [T] positive / target logits
+  void* d_hidden;    // [T, D] backward rows, one split
+  float* d_weight;   // [N, D] backward items (full, one split; sampled: atomics)
+  bool atomic_dw;    // backward rows, sampled: also add the positives' d weight (atomics)
+};
+
+// blockIdx.x: (group, stationary tile); blockIdx.y: (stream split, output D chunk).
+// KIND kFwd / kBwdRows: X = hidden rows of one group, Y = its candidate items;
+// kBwdItems: X = items (full) or negative slots (sampled), Y = hidden rows of the group.
+// Two CTAs per SM (128 registers), except the float32 backward (FFMA tiles, no spills).
+template <typename T, int KIND>
+__global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFwd ? 1 : 2)
+    engine_kernel(const LossArgs a, const EnginePlan p, const EngineOut o) {
+  constexpr bool kRowsX = KIND != kBwdItems;
+  constexpr bool kBwd = KIND != kFwd;
+  constexpr int kPad = smem_pad<T>();
+  constexpr int yld = kChunk + kPad;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
+  const int rows_x = blockDim.x / 2;  // 16 per warp
+  const int xld = p.dpad + kPad;
+  T* xs = reinterpret_cast<T*>(smem);                                  // [rows_x, xld]
+  T* ys = xs + rows_x * xld;                                           // [2, kTile, yld]
+  Line* xlines = reinterpret_cast<Line*>(ys + 2 * kTile * yld);        // [rows_x]
+  Line* ylines = xlines + rows_x;                                      // [2, kTile]
+  float* xlogit = reinterpret_cast<float*>(ylines + 2 * kTile);        // [rows_x] sampled positives' logits
+  const T* hidden = static_cast<const T*>(a.hidden);
+  const T* weight = static_cast<const T*>(a.weight);
+
+  const i64 grp = blockIdx.x / p.tiles_per_group;
+  const i64 x0 = (blockIdx.x - grp * p.tiles_per_group) * rows_x;
+  const int nout = kBwd ? p.nchunks : 1;
+  const int split = blockIdx.y / nout;
+  const int oc = kBwd ? static_cast<int>(blockIdx.y) - split * nout : p.nchunks - 1;
+  const i64 row_base = a.sampled ? grp * a.rpg : 0;  // first hidden row of the group
+  const i64 x_extent = kRowsX ? (a.sampled ? a.rpg : a.T) : (a.sampled ? a.K : a.N);
+  const i64 y_extent = kRowsX ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
+  const int x_count = static_cast<int>(imin<i64>(rows_x, x_extent - x0));
+  const i64 ybeg = split * p.split_len, yend = imin(y_extent, ybeg + p.split_len);
+  const int nstages = static_cast<int>(ceil_div(yend - ybeg, kTile)) * p.nchunks;
+  const float scale_max = (KIND == kBwdItems && a.scale_max != nullptr) ? *a.scale_max : 1.f;
+
+  // Stationary lines and rows (first cp.async group).
+  for (int r = tid; r < rows_x; r += blockDim.x) {
+    const bool valid = r < x_count;
+    xlines[r] = kRowsX ? hidden_line(a, row_base + x0 + r, valid, 1.f) : item_line(a, grp, x0 + r, valid);
+  }
+  auto x_src = [&](int r) -> i64 {
+    if (r >= x_count) return -1;
+    if constexpr (kRowsX) return row_base + x0 + r;
+    else return a.sampled ? a.neg[grp * a.K + x0 + r] : x0 + r;
+  };
+  if constexpr (kRowsX) load_rows(xs, xld, rows_x, p.dpad, hidden, a.hs, a.D, 0, a.vec_h, x_src);
+  else load_rows(xs, xld, rows_x, p.dpad, weight, a.ws, a.D, 0, a.vec_w, x_src);
+  cp_async_commit();
+
+  // Stage st = (tile i, chunk q) into buffer st & 1; the tile's lines into ylines[i & 1].
+  // Chunks run from oc + 1 round to oc, so the output chunk is the one left in shared memory.
+  auto load_stage = [&](int st) {
+    const int i = st / p.nchunks, q = st - i * p.nchunks;
+    const i64 first = ybeg + static_cast<i64>(i) * kTile;
+    if (q == 0) {
+      Line* yl = ylines + (i & 1) * kTile;
+      for (int c = tid; c < kTile; c += blockDim.x) {
+        const i64 y = first + c;
+        yl[c] = kRowsX ? item_line(a, grp, y, y < yend) : hidden_line(a, row_base + y, y < yend, 1.f / scale_max);
+      }
+    }
+    auto y_src = [&](int r) -> i64 {
+      const i64 y = first + r;
+      if (y >= yend) return -1;
+      if constexpr (kRowsX) return a.sampled ? a.neg[grp * a.K + y] : y;
+      else return row_base + y;
+    };
+    const i64 col0 = static_cast<i64>((oc + 1 + q) % p.nchunks) * kChunk;
+    T* dst = ys + (st & 1) * kTile * yld;
+    if constexpr (kRowsX) load_rows(dst, yld, kTile, kChunk, weight, a.ws, a.D, col0, a.vec_w, y_src);
+    else load_rows(dst, yld, kTile, kChunk, hidden, a.hs, a.D, col0, a.vec_h, y_src);
+    cp_async_commit();
+  };
+  load_stage(0);
+
+  // Sampled positives' logits, from the stationary rows (the same in forward and backward).
+  if (kRowsX && a.sampled) {
+    cp_async_wait<1>();
+    __syncthreads();
+    for (int r = warp * 16; r < imin(warp * 16 + 16, x_count); ++r) {
+      const i64 t = row_base + x0 + r;
+      const T* w = weight + imin(imax(a.pos[t], i64{0}), a.N - 1) * a.ws;  // ignored rows may hold any id
+      float dot = 0.f;
+      for (int d = lane; d < a.D; d += 32) dot = fmaf(to_f(xs[r * xld + d]), to_f(w[d]), dot);
+      dot = warp_sum(dot);
+      if (lane == 0) xlogit[r] = dot * a.inv_temp - (a.pos_lq != nullptr ? a.pos_lq[t] : 0.f);
+    }
+  }
+
+  const int r0 = warp * 16;
+  const bool active = r0 < x_count;  // warps without lines only help load
+  float s[8][4];                     // [16, kTile] scores, then probabilities / coefficients
+  float acc[8][4] = {};              // backward: [16, kChunk] gradient rows
+  float run_max[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};  // forward: rows g, g + 8
+  float target_logit[2] = {0.f, 0.f};
+  bool target_found[2] = {false, false};
+
+  for (int st = 0; st < nstages; ++st) {
+    if (st + 1 < nstages) {
+      load_stage(st + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // stage st visible to all
+    const int i = st / p.nchunks, q = st - i * p.nchunks;
+    const T* yb = ys + (st & 1) * kTile * yld;
+    if (active) {
+      if (q == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      }
+      tile_scores<T>(s, xs + r0 * xld + ((oc + 1 + q) % p.nchunks) * kChunk, xld, yb, yld, lane);
+      if (q == p.nchunks - 1) {  // the tile's scores are complete
+        const Line* yl = ylines + (i & 1) * kTile;
+        const i64 first = ybeg + static_cast<i64>(i) * kTile;
+        if constexpr (kRowsX) {
+          const Line xr[2] = {xlines[r0 + g], xlines[r0 + g + 8]};
+          // Full softmax: the target's column in this tile, relative to this lane (items are contiguous).
+          int target_col[2] = {-1000, -1000};
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr)
+            if (!a.sampled && xr[rr].id >= first && xr[rr].id < first + kTile)
+              target_col[rr] = static_cast<int>(xr[rr].id - first) - 2 * tig;
+          float tile_max[2] = {-kInf, -kInf};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // column by column: each line is used at once by both rows
+              const int c = 8 * j + 2 * tig + e;
+              const float bias = yl[c].a;
+              const bool hits = a.sampled && a.remove_hits;
+              const i64 id = hits ? yl[c].id : kNoItem;
+#pragma unroll
+              for (int rr = 0; rr < 2; ++rr) {
+                float x = s[j][2 * rr + e] * a.inv_temp - bias;
+                if (hits && id == xr[rr].id) x = -kInf;  // accidental hit
+                if constexpr (KIND == kFwd) {
+                  if (8 * j + e == target_col[rr]) {
+                    target_logit[rr] = x;
+                    target_found[rr] = true;
+                  }
+                  tile_max[rr] = fmaxf(tile_max[rr], x);
+                  s[j][2 * rr + e] = x;
+                } else {  // softmax - onehot(target); the row scale is applied to acc at the end
+                  s[j][2 * rr + e] = __expf(x - xr[rr].a) - (8 * j + e == target_col[rr] ? 1.f : 0.f);
+                }
+              }
+            }
+          }
+          if constexpr (KIND == kFwd) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+              const float new_max = fmaxf(run_max[rr], quad_max(tile_max[rr]));
+              const float ref = new_max == -kInf ? 0.f : new_max;  // no (-inf) - (-inf)
+              float sum = 0.f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j) sum += __expf(s[j][2 * rr] - ref) + __expf(s[j][2 * rr + 1] - ref);
+              run_sum[rr] = run_sum[rr] * __expf(run_max[rr] - ref) + sum;
+              run_max[rr] = new_max;
+            }
+          }
+        } else {
+          const Line xi[2] = {xlines[r0 + g], xlines[r0 + g + 8]};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const Line h = yl[8 * j + 2 * tig + e];
+#pragma unroll
+              for (int rr = 0; rr < 2; ++rr) {
+                float x = s[j][2 * rr + e] * a.inv_temp - xi[rr].a;
+                const bool same = xi[rr].id == h.id;
+                if (a.sampled && a.remove_hits && same) x = -kInf;  // accidental hit
+                const float prob = __expf(x - h.a) - ((!a.sampled && same) ? 1.f : 0.f);
+                s[j][2 * rr + e] = h.b != 0.f ? prob * h.b : 0.f;  // b = grad / temperature / scale_max
+              }
+            }
+          }
+        }
+        if constexpr (kBwd) tile_accumulate<T>(acc, s, yb, yld, lane);
+      }
+    }
+    __syncthreads();  // buffer st & 1 free for stage st + 2
+  }
+
+  if (!active) return;
+  if constexpr (KIND == kFwd) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const float sum = quad_sum(run_sum[rr]);
+      const float tlogit = quad_sum(target_found[rr] ? target_logit[rr] : 0.f);
+      const bool found = quad_sum(target_found[rr] ? 1.f : 0.f) > 0.f;
+      const int r = r0 + g + 8 * rr;
+      if (tig != 0 || r >= x_count) continue;
+      const i64 t = row_base + x0 + r;
+      if (p.splits == 1) {
+        float m = run_max[rr], l = sum, row_logit = tlogit;
+        if (a.sampled) {  // the positive is always in the denominator
+          row_logit = xlogit[r];
+          const float new_max = fmaxf(m, row_logit);
+          l = l * __expf(m - new_max) + __expf(row_logit - new_max);
+          m = new_max;
+        }
+        const float lse = m + logf(l);
+        o.lse[t] = lse;
+        o.loss[t] = a.pos[t] != a.ignore ? lse - row_logit : 0.f;
+      } else {
+        o.part[2 * (split * a.T + t)] = run_max[rr];
+        o.part[2 * (split * a.T + t) + 1] = sum;
+        if (a.sampled ? split == 0 : found) o.row_logit[t] = a.sampled ? xlogit[r] : tlogit;
+      }
+    }
+  } else if constexpr (KIND == kBwdRows) {
+    float* dw = o.d_weight;
+    T* dh = static_cast<T*>(o.d_hidden);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = r0 + g + 8 * rr;
+      if (r >= x_count) continue;
+      const i64 t = row_base + x0 + r;
+      const Line xr = xlines[r];
+      const float scale = xr.b;  // grad / temperature, 0 for ignored rows
+      if (a.sampled && split == 0) {  // the positive: (softmax - 1) w_pos, and its d weight
+        const i64 pos = imin(imax(xr.id, i64{0}), a.N - 1);
+        const float coef = __expf(xlogit[r] - xr.a) - 1.f;
+        const bool scatter = o.atomic_dw && scale != 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int d = oc * kChunk + acc_col<T>(j, e, tig);
+            if (d >= a.D) continue;
+            acc[j][2 * rr + e] = fmaf(coef, to_f(weight[pos * a.ws + d]), acc[j][2 * rr + e]);
+            if (scatter) atomicAdd(dw + pos * a.D + d, coef * scale * to_f(xs[r * xld + d]));
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = oc * kChunk + acc_col<T>(j, e, tig);
+          if (d >= a.D) continue;
+          const float v = scale != 0.f ? acc[j][2 * rr + e] * scale : 0.f;
+          if (p.splits == 1) dh[t * a.D + d] = from_f<T>(v);
+          else o.part[(split * a.T + t) * a.D + d] = v;
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = r0 + g + 8 * rr;
+      if (r >= x_count) continue;
+      const i64 item = xlines[r].id;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int d = oc * kChunk + acc_col<T>(j, e, tig);
+          if (d >= a.D) continue;
+          const float v = acc[j][2 * rr + e] * scale_max;
+          if (a.sampled) atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
+          else if (p.splits == 1) o.d_weight[item * a.D + d] = v;
+          else o.part[(split * a.N + item) * a.D + d] = v;
+        }
+      }
+    }
+  }
+}
+
+// Forward with split streams: lse and loss from the (max, sumexp) partials [splits, T, 2].
+__global__ void combine_forward(const LossArgs a, const float* part, const float* row_logit, int splits,
+                                float* loss, float* lse) {
+  for (i64 t = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; t < a.T;
+       t += static_cast<i64>(gridDim.x) * blockDim.x) {
+    float m = a.sampled ? row_logit[t] : -kInf, l = a.sampled ? 1.f : 0.f;
+    for (int sp = 0; sp < splits; ++sp) {
+      const float pm = part[2 * (sp * a.T + t)], pl = part[2 * (sp * a.T + t) + 1];
+      if (pm == -kInf) continue;  // a split with no kept candidate
+      const float new_max = fmaxf(m, pm);
+      l = l * expf(m - new_max) + pl * expf(pm - new_max);
+      m = new_max;
+    }
+    const float value = m + logf(l);
+    lse[t] = value;
+    loss[t] = a.pos[t] != a.ignore ? value - row_logit[t] : 0.f;
+  }
+}
+
+// out[i] = sum over splits of part[split, i], in split order.
+template <typename Out>
+__global__ void reduce_splits(const float* part, int splits, i64 count, Out* out) {
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += part[sp * count + i];
+    out[i] = from_f<Out>(v);
+  }
+}
+
+// out[0] = max |grad| / temperature over kept rows (1 when 0 or not finite): d weight tiles
+// carry grad / temperature / out[0] in [-1, 1], safe in float16, and multiply back by out[0].
+__global__ void grad_scale_max(const LossArgs a, float* out) {
+  __shared__ float warp_max[32];
+  float v = 0.f;
+  for (i64 t = threadIdx.x; t < a.T; t += blockDim.x)
+    if (a.pos[t] != a.ignore) v = fmaxf(v, fabsf(a.grad[t]));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) v = fmaxf(v, warp_max[w]);
+    const float m = v * a.inv_temp;
+    out[0] = (m > 0.f && m < kInf) ? m : 1.f;
+  }
+}
+
+// ------------------------------------------------------------------ warp per row ---------
+
+// v[i] = row[i * 32 + lane] (0 past D): a row of D <= VPL * 32 spread over the warp.
+template <typename T, int VPL>
+__device__ __forceinline__ void load_vec(float (&v)[VPL], const T* row, i64 dim, int lane) {
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) v[i] = i * 32 + lane < dim ? to_f(row[i * 32 + lane]) : 0.f;
+}
+// Warp-per-row kernels: gathered rows in flight (registers: B * VPL floats).
+template <int VPL> __host__ __device__ constexpr int batch_rows() { return VPL >= 32 ? 1 : 4; }
+
+template <int VPL>
+__device__ __forceinline__ float dot_part(const float (&x)[VPL], const float (&y)[VPL]) {
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) s = fmaf(x[i], y[i], s);
+  return s;
+}
+template <int N>
+__device__ __forceinline__ void warp_sums(float (&v)[N]) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int u = 0; u < N; ++u) v[u] += __shfl_xor_sync(0xffffffffu, v[u], o);
+  }
+}
+
+// Row t's hidden row h, positive weight row w_pos and positive logit (same in fwd and bwd).
+template <typename T, int VPL>
+__device__ __forceinline__ float positive_logit(const LossArgs& a, i64 t, float (&h)[VPL], float (&w_pos)[VPL],
+                                                int lane) {
+  load_vec(h, static_cast<const T*>(a.hidden) + t * a.hs, a.D, lane);
+  const i64 pos = imin(imax(a.pos[t], i64{0}), a.N - 1);  // ignored rows may hold any id
+  load_vec(w_pos, static_cast<const T*>(a.weight) + pos * a.ws, a.D, lane);
+  return warp_sum(dot_part(h, w_pos)) * a.inv_temp - (a.pos_lq != nullptr ? a.pos_lq[t] : 0.f);
+}
+
+// Negatives k .. k + B - 1 of group grp for a row with positive pos: their ids, weight
+// rows w [B, D] and logits x (-inf where absent or an accidental hit).
+template <typename T, int VPL, int B>
+__device__ __forceinline__ void negative_batch(const LossArgs& a, i64 grp, i64 k, i64 pos, const float (&h)[VPL],
+                                               int lane, i64 (&id)[B], float (&w)[B][VPL], float (&x)[B]) {
+#pragma unroll
+  for (int u = 0; u < B; ++u) {
+    const bool ok = k + u < a.K;
+    id[u] = ok ? a.neg[grp * a.K + k + u] : kNoItem;
+    if (ok) load_vec(w[u], static_cast<const T*>(a.weight) + id[u] * a.ws, a.D, lane);
+    else
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) w[u][i] = 0.f;
+    x[u] = dot_part(h, w[u]);
+  }
+  warp_sums(x);
+#pragma unroll
+  for (int u = 0; u < B; ++u) {
+    const bool kept = id[u] != kNoItem && !(a.remove_hits && id[u] == pos);
+    const float lq = a.neg_lq != nullptr && id[u] != kNoItem ? a.neg_lq[grp * a.K + k + u] : 0.f;
+    x[u] = kept ? x[u] * a.inv_temp - lq : -kInf;
+  }
+}
+
+// One warp per row: lse and loss of the sampled softmax.
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const LossArgs a, float* loss, float* lse) {
+  const i64 t = static_cast<i64>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (t >= a.T) return;
+  float h[VPL], w_pos[VPL];
+  const float pos_logit = positive_logit<T>(a, t, h, w_pos, lane);
+  const i64 pos = a.pos[t], grp = t / a.rpg;
+  constexpr int B = batch_rows<VPL>();
+  float m = pos_logit, l = 1.f;  // the positive is always in the denominator
+  for (i64 k = 0; k < a.K; k += B) {
+    i64 id[B];
+    float w[B][VPL], x[B];
+    negative_batch<T>(a, grp, k, pos, h, lane, id, w, x);
+    float new_max = m;
+#pragma unroll
+    for (int u = 0; u < B; ++u) new_max = fmaxf(new_max, x[u]);
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < B; ++u) sum += __expf(x[u] - new_max);
+    l = l * __expf(m - new_max) + sum;
+    m = new_max;
+  }
+  if (lane == 0) {
+    const float value = m + logf(l);
+    lse[t] = value;
+    loss[t] = pos != a.ignore ? value - pos_logit : 0.f;
+  }
+}
+
+// One warp per row: d hidden, and d weight by float32 atomics when d_weight != null.
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_backward(const LossArgs a, T* d_hidden,
+                                                                         float* d_weight) {
+  const i64 t = static_cast<i64>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (t >= a.T) return;
+  T* dh_row = d_hidden + t * a.D;
+  const i64 pos = a.pos[t];
+  if (pos == a.ignore) {  // no gradient
+    for (i64 d = lane; d < a.D; d += 32) dh_row[d] = from_f<T>(0.f);
+    return;
+  }
+  float h[VPL], w_pos[VPL], dh[VPL];
+  const float pos_logit = positive_logit<T>(a, t, h, w_pos, lane);
+  const float lse = a.lse[t], scale = a.grad[t] * a.inv_temp;
+  const float pos_coef = (__expf(pos_logit - lse) - 1.f) * scale;  // softmax - 1
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    dh[i] = pos_coef * w_pos[i];
+    if (d_weight != nullptr && i * 32 + lane < a.D) atomicAdd(d_weight + pos * a.D + i * 32 + lane, pos_coef * h[i]);
+  }
+  const i64 grp = t / a.rpg;
+  constexpr int B = batch_rows<VPL>();
+  for (i64 k = 0; k < a.K; k += B) {
+    i64 id[B];
+    float w[B][VPL], x[B];
+    negative_batch<T>(a, grp, k, pos, h, lane, id, w, x);
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      if (x[u] == -kInf) continue;  // absent or an accidental hit: no gradient
+      const float coef = __expf(x[u] - lse) * scale;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        dh[i] = fmaf(coef, w[u][i], dh[i]);
+        if (d_weight != nullptr && i * 32 + lane < a.D) atomicAdd(d_weight + id[u] * a.D + i * 32 + lane, coef * h[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VPL; ++i)
+    if (i * 32 + lane < a.D) dh_row[i * 32 + lane] = from_f<T>(dh[i]);
+}
+
+// ------------------------------------------------------------------ deterministic d weight
+
+// Sample slot s < T is row s's positive (key N, after every item, for ignored rows);
+// slot T + g * K + k is negative k of group g.
+__global__ void sampled_slot_keys(const LossArgs a, uint32_t* keys, uint32_t* slots, i64 num_slots) {
+  for (i64 s = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; s < num_slots;
+       s += static_cast<i64>(gridDim.x) * blockDim.x) {
+    i64 key;
+    if (s < a.T) {
+      const i64 id = a.pos[s];
+      key = (id != a.ignore && id >= 0 && id < a.N) ? id : a.N;
+    } else {
+      key = a.neg[s - a.T];
+    }
+    keys[s] = static_cast<uint32_t>(key);
+    slots[s] = static_cast<uint32_t>(s);
+  }
+}
+
+// CTA p owns the item keys[p] if p starts its run in the sorted keys: it sums, slot by slot
+// in sorted (= slot) order, each slot's rows' contributions; warp w takes rows w * B + u
+// (mod warps * B), and the warps' sums are added in warp order.
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(const LossArgs a, const uint32_t* keys,
+                                                                              const uint32_t* slots, i64 num_slots,
+                                                                              float* d_weight) {
+  __shared__ float partial[kRowWarps][VPL * 32];
+  const i64 p = blockIdx.x;
+  const uint32_t key = keys[p];
+  if (key >= a.N || (p > 0 && keys[p - 1] == key)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* hidden = static_cast<const T*>(a.hidden);
+  const i64 item = key;
+  constexpr int B = batch_rows<VPL>();
+  float w[VPL], acc[VPL] = {};
+  load_vec(w, static_cast<const T*>(a.weight) + item * a.ws, a.D, lane);
+  for (i64 q = p; q < num_slots && keys[q] == key; ++q) {
+    const i64 slot = slots[q];
+    const bool is_pos = slot < a.T;
+    const i64 first = is_pos ? slot : (slot - a.T) / a.K * a.rpg, count = is_pos ? 1 : a.rpg;
+    const float lq = is_pos ? (a.pos_lq != nullptr ? a.pos_lq[slot] : 0.f)
+                            : (a.neg_lq != nullptr ? a.neg_lq[slot - a.T] : 0.f);
+    for (i64 r = static_cast<i64>(warp) * B; r < count; r += static_cast<i64>(kRowWarps) * B) {
+      float hv[B][VPL], x[B];
+      bool kept[B];
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const i64 t = first + r + u;
+        const i64 pos = r + u < count ? a.pos[t] : a.ignore;
+        kept[u] = pos != a.ignore && (is_pos || !a.remove_hits || pos != item);
+        if (kept[u]) load_vec(hv[u], hidden + t * a.hs, a.D, lane);
+        else
+#pragma unroll
+          for (int i = 0; i < VPL; ++i) hv[u][i] = 0.f;
+        x[u] = dot_part(hv[u], w);
+      }
+      warp_sums(x);
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        if (!kept[u]) continue;
+        const i64 t = first + r + u;
+        const float prob = __expf(x[u] * a.inv_temp - lq - a.lse[t]);
+        const float coef = (prob - (is_pos ? 1.f : 0.f)) * a.grad[t] * a.inv_temp;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) acc[i] = fmaf(coef, hv[u][i], acc[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) partial[warp][i * 32 + lane] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    if (i * 32 + lane >= a.D) continue;
+    float v = 0.f;
+    for (int w2 = 0; w2 < kRowWarps; ++w2) v += partial[w2][i * 32 + lane];
+    d_weight[item * a.D + i * 32 + lane] = v;
+  }
+}
+
+// ------------------------------------------------------------------ host side ------------
+
+template <typename T> struct TypeTag { using type = T; };
+template <int V> struct IntTag { static constexpr int value = V; };
+
+// f(TypeTag<T>) for the op's element type; cudaErrorInvalidValue for an unknown one.
+template <typename F>
+cudaError_t with_dtype(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::kFloat32: return f(TypeTag<float>{});
+    case ScalarType::kFloat16: return f(TypeTag<__half>{});
+    case ScalarType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// f(IntTag<VPL>) with VPL * 32 >= D for the warp-per-row kernels.
+template <typename F>
+cudaError_t with_vpl(i64 dim, F&& f) {
+  if (dim <= 64) return f(IntTag<2>{});
+  if (dim <= 128) return f(IntTag<4>{});
+  if (dim <= 256) return f(IntTag<8>{});
+  return f(IntTag<32>{});
+}
+
+size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
+
+// The widest of 16 / 8 / 4 bytes that every row start and D * element size is a multiple of; else 2.
+int copy_width(const void* ptr, i64 row_stride, i64 dim, size_t esize) {
+  const int widths[] = {16, 8, 4};
+  for (int v : widths) {
+    if (reinterpret_cast<uintptr_t>(ptr) % v == 0 && (row_stride * static_cast<i64>(esize)) % v == 0 &&
+        (dim * static_cast<i64>(esize)) % v == 0)
+      return v;
+  }
+  return 2;
+}
+
+cudaError_t common_args(const LossInputs& in, LossArgs* a) {
+  const bool known = in.dtype == ScalarType::kFloat32 || in.dtype == ScalarType::kFloat16 ||
+                     in.dtype == ScalarType::kBFloat16;
+  if (!known || in.dim < 1 || in.dim > kMaxDim || in.num_rows < 0 || in.num_items < 1 ||
+      in.num_items >= 0xffffffffLL || !(in.temperature > 0.f) || in.hidden == nullptr || in.weight == nullptr)
+    return cudaErrorInvalidValue;
+  *a = LossArgs{};
+  a->hidden = in.hidden;
+  a->weight = in.weight;
+  a->hs = in.hidden_row_stride;
+  a->ws = in.weight_row_stride;
+  a->T = in.num_rows;
+  a->N = in.num_items;
+  a->D = in.dim;
+  a->inv_temp = 1.f / in.temperature;
+  a->ignore = in.ignore_index;
+  const size_t esize = element_size(in.dtype);
+  a->vec_h = copy_width(in.hidden, in.hidden_row_stride, in.dim, esize);
+  a->vec_w = copy_width(in.weight, in.weight_row_stride, in.dim, esize);
+  return cudaSuccess;
+}
+
+cudaError_t sampled_args(const SampledSoftmaxParams& p, LossArgs* a) {
+  const cudaError_t err = common_args(p.in, a);
+  if (err != cudaSuccess) return err;
+  if (p.num_neg < 1 || p.rows_per_group < 1 || p.num_groups * p.rows_per_group != p.in.num_rows ||
+      p.pos_ids == nullptr || p.neg_ids == nullptr)
+    return cudaErrorInvalidValue;
+  a->sampled = true;
+  a->remove_hits = p.remove_hits;
+  a->pos = p.pos_ids;
+  a->neg = p.neg_ids;
+  a->pos_lq = p.pos_log_q;
+  a->neg_lq = p.neg_log_q;
+  a->K = p.num_neg;
+  a->rpg = p.rows_per_group;
+  return cudaSuccess;
+}
+
+cudaError_t full_args(const FullSoftmaxParams& p, LossArgs* a) {
+  const cudaError_t err = common_args(p.in, a);
+  if (err != cudaSuccess) return err;
+  if (p.targets == nullptr || p.num_excluded < 0 || p.num_excluded >= p.in.num_items ||
+      (p.num_excluded > 0 && p.excluded_ids == nullptr))
+    return cudaErrorInvalidValue;
+  a->pos = p.targets;
+  a->excl = p.excluded_ids;
+  a->E = p.num_excluded;
+  return cudaSuccess;
+}
+
+struct DeviceInfo {
+  int sms, smem_optin;
+  bool pools;
+};
+
+cudaError_t device_info(DeviceInfo* info) {
+  int dev = 0, pools = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev);
+  info->pools = pools != 0;
+  return err;
+}
+
+bool uses_engine(const LossArgs& a) { return !a.sampled || a.rpg >= kEngineMinRows; }
+
+// Warps (16 stationary lines each, as many as the shared-memory budget allows), tiles and
+// shared memory of the tile engine for `kind`; one stream split.
+EnginePlan engine_plan(const LossArgs& a, int kind, size_t esize) {
+  EnginePlan p{};
+  p.dpad = static_cast<int>(ceil_div(a.D, kChunk) * kChunk);
+  p.nchunks = p.dpad / kChunk;
+  const int pad = esize == 4 ? 4 : 8;  // smem_pad<T>()
+  const bool rows_x = kind != kBwdItems;
+  const i64 x_extent = rows_x ? (a.sampled ? a.rpg : a.T) : (a.sampled ? a.K : a.N);
+  const i64 y_extent = rows_x ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
+  const size_t warp_bytes = 16 * static_cast<size_t>(p.dpad + pad) * esize;
+  p.warps = static_cast<int>(imin<size_t>(kMaxWarps, imax<size_t>(1, kStationaryBudget / warp_bytes)));
+  p.warps = static_cast<int>(imin<i64>(p.warps, ceil_div(x_extent, 16)));
+  p.tiles_per_group = ceil_div(x_extent, 16 * p.warps);
+  p.groups = a.sampled ? a.T / a.rpg : 1;
+  p.splits = 1;
+  p.split_len = ceil_div(y_extent, kTile) * kTile;
+  p.smem = p.warps * warp_bytes + 2 * kTile * static_cast<size_t>(kChunk + pad) * esize +
+           (16 * p.warps + 2 * kTile) * sizeof(Line) + 16 * p.warps * sizeof(float);
+  return p;
+}
+
+// Splits the streamed lines so that the grid has about `target_ctas` CTAs (no empty split),
+// if that takes at least `min_splits` splits. Backward partials are [splits, X rows, D]:
+// with min_splits = 4, at most about 4/3 * target_ctas * 128 * kChunk floats, whatever N or T.
+void split_stream(EnginePlan* p, const LossArgs& a, int kind, i64 target_ctas, i64 min_splits) {
+  const bool rows_x = kind != kBwdItems;
+  const i64 y_extent = rows_x ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
+  const i64 nout = kind == kFwd ? 1 : p->nchunks;
+  const i64 ctas = p->groups * p->tiles_per_group * nout;
+  const i64 ytiles = ceil_div(y_extent, kTile);
+  i64 splits = imax<i64>(1, imin(imin(ceil_div(target_ctas, ctas), ytiles), 65535 / nout));
+  if (splits < min_splits) splits = 1;
+  p->split_len = ceil_div(ytiles, splits) * kTile;
+  p->splits = static_cast<int>(ceil_div(y_extent, p->split_len));
+}
+
+template <int KIND>
+cudaError_t launch_engine(const LossArgs& a, const EnginePlan& p, const EngineOut& o, ScalarType dtype,
+                          const DeviceInfo& dev, cudaStream_t stream) {
+  const i64 grid_x = p.groups * p.tiles_per_group;
+  const i64 grid_y = static_cast<i64>(p.splits) * (KIND == kFwd ? 1 : p.nchunks);
+  if (grid_x > 0x7fffffff || grid_y > 65535 || p.smem > static_cast<size_t>(dev.smem_optin))
+    return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto kernel = engine_kernel<T, KIND>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(p.smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), p.warps * 32, p.smem, stream>>>(
+        a, p, o);
+    return cudaGetLastError();
+  });
+}
+
+// Blocks of 256 for the grid-stride elementwise kernels.
+unsigned elementwise_blocks(i64 count) {
+  return static_cast<unsigned>(imax<i64>(1, imin<i64>(ceil_div(count, 256), 65535)));
+}
+
+// Tile-engine forward (full, or sampled with shared negatives). With a split stream, the
+// partials go to a stream-ordered allocation (the forward has no workspace argument).
+cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, float* lse, cudaStream_t stream) {
+  DeviceInfo dev{};
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  EnginePlan plan = engine_plan(a, kFwd, element_size(dtype));
+  if (dev.pools) split_stream(&plan, a, kFwd, 2 * static_cast<i64>(dev.sms), 2);
+  float* scratch = nullptr;
+  if (plan.splits > 1 &&
+      cudaMallocAsync(reinterpret_cast<void**>(&scratch), (2 * plan.splits + 1) * a.T * sizeof(float), stream) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // no memory for partials: one split
+    plan = engine_plan(a, kFwd, element_size(dtype));
+    scratch = nullptr;
+  }
+  EngineOut o{};
+  o.loss = loss;
+  o.lse = lse;
+  o.part = scratch;                                               // [splits, T, 2]
+  o.row_logit = scratch != nullptr ? scratch + 2 * plan.splits * a.T : nullptr;  // [T]
+  err = launch_engine<kFwd>(a, plan, o, dtype, dev, stream);
+  if (err == cudaSuccess && scratch != nullptr) {
+    combine_forward<<<elementwise_blocks(a.T), 256, 0, stream>>>(a, o.part, o.row_logit, plan.splits, loss, lse);
+    err = cudaGetLastError();
+  }
+  if (scratch != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(scratch, stream);
+    if (err == cudaSuccess) err = free_err;
+  }
+  return err;
+}
+
+// Deterministic sampled d weight: workspace words (4 bytes) for keys, slots and CUB.
+struct SortLayout {
+  i64 num_slots;
+  int end_bit;
+  size_t keys0, keys1, slots0, slots1, temp, temp_bytes, total_words;
+};
+
+size_t align_words(size_t words) { return (words + 63) / 64 * 64; }  // 256-byte sub-buffers
+
+cudaError_t sort_layout(const LossArgs& a, SortLayout* s) {
+  s->num_slots = a.T + a.T / a.rpg * a.K;
+  if (s->num_slots > 0x7fffffff) return cudaErrorInvalidValue;
+  s->end_bit = 1;
+  while (s->end_bit < 32 && (i64{1} << s->end_bit) <= a.N) ++s->end_bit;  // keys are <= N
+  cub::DoubleBuffer<uint32_t> keys(nullptr, nullptr), slots(nullptr, nullptr);
+  s->temp_bytes = 0;
+  const cudaError_t err = cub::DeviceRadixSort::SortPairs(nullptr, s->temp_bytes, keys, slots,
+                                                          static_cast<int>(s->num_slots), 0, s->end_bit);
+  const size_t n = align_words(static_cast<size_t>(s->num_slots));
+  s->keys0 = 0;
+  s->keys1 = n;
+  s->slots0 = 2 * n;
+  s->slots1 = 3 * n;
+  s->temp = 4 * n;
+  s->total_words = 4 * n + align_words((s->temp_bytes + 3) / 4);
+  return err;
+}
+
+cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtype, const LossGradients& g,
+                                              cudaStream_t stream) {
+  SortLayout s{};
+  cudaError_t err = sort_layout(a, &s);
+  if (err != cudaSuccess) return err;
+  uint32_t* words = reinterpret_cast<uint32_t*>(g.workspace);
+  sampled_slot_keys<<<elementwise_blocks(s.num_slots), 256, 0, stream>>>(a, words + s.keys0, words + s.slots0,
+                                                                         s.num_slots);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  cub::DoubleBuffer<uint32_t> keys(words + s.keys0, words + s.keys1), slots(words + s.slots0, words + s.slots1);
+  size_t temp_bytes = s.temp_bytes;
+  err = cub::DeviceRadixSort::SortPairs(words + s.temp, temp_bytes, keys, slots, static_cast<int>(s.num_slots), 0,
+                                        s.end_bit, stream);
+  if (err != cudaSuccess) return err;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return with_vpl(a.D, [&](auto vpl) {
+      sampled_weight_grad_sorted<T, decltype(vpl)::value><<<static_cast<unsigned>(s.num_slots), kRowWarps * 32, 0,
+                                                            stream>>>(a, keys.Current(), slots.Current(),
+                                                                      s.num_slots, g.d_weight);
+      return cudaGetLastError();
+    });
+  });
+}
+
+unsigned row_blocks(i64 rows) { return static_cast<unsigned>(ceil_div(rows, kRowWarps)); }
+
+// Full backward: the stream splits of the d hidden and d weight kernels.
+struct FullBackwardPlan {
+  EnginePlan rows, items;
+};
+
+FullBackwardPlan full_backward_plan(const LossArgs& a, size_t esize, const DeviceInfo& dev) {
+  FullBackwardPlan p{engine_plan(a, kBwdRows, esize), engine_plan(a, kBwdItems, esize)};
+  split_stream(&p.rows, a, kBwdRows, 2 * static_cast<i64>(dev.sms), 4);
+  split_stream(&p.items, a, kBwdItems, 2 * static_cast<i64>(dev.sms), 4);
+  return p;
+}
+
+constexpr size_t kScaleMaxWords = 64;  // workspace[0]: grad_scale_max, padded to 256 bytes
+
+}  // namespace
+
+// ------------------------------------------------------------------ launchers ------------
+
+cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream) {
+  LossArgs a;
+  const cudaError_t err = sampled_args(p, &a);
+  if (err != cudaSuccess || a.T == 0) return err;
+  if (uses_engine(a)) return engine_forward(a, p.in.dtype, loss, lse, stream);
+  return with_dtype(p.in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return with_vpl(a.D, [&](auto vpl) {
+      sampled_rows_forward<T, decltype(vpl)::value><<<row_blocks(a.T), kRowWarps * 32, 0, stream>>>(a, loss, lse);
+      return cudaGetLastError();
+    });
+  });
+}
+
+size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic) {
+  LossArgs a;
+  if (sampled_args(p, &a) != cudaSuccess || a.T == 0) return 0;
+  if (!deterministic) return kScaleMaxWords;
+  SortLayout s{};
+  return sort_layout(a, &s) == cudaSuccess ? s.total_words : 0;
+}
+
+cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g, bool deterministic,
+                                     cudaStream_t stream) {
+  LossArgs a;
+  cudaError_t err = sampled_args(p, &a);
+  if (err != cudaSuccess || a.T == 0) return err;
+  a.grad = g.grad_loss;
+  a.lse = g.lse;
+  if (uses_engine(a)) {
+    DeviceInfo dev{};
+    if ((err = device_info(&dev)) != cudaSuccess) return err;
+    const size_t esize = element_size(p.in.dtype);
+    EngineOut o{};
+    o.d_hidden = g.d_hidden;
+    o.d_weight = g.d_weight;
+    o.atomic_dw = !deterministic;
+    err = launch_engine<kBwdRows>(a, engine_plan(a, kBwdRows, esize), o, p.in.dtype, dev, stream);
+    if (err != cudaSuccess) return err;
+    if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
+    grad_scale_max<<<1, 1024, 0, stream>>>(a, g.workspace);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    a.scale_max = g.workspace;
+    return launch_engine<kBwdItems>(a, engine_plan(a, kBwdItems, esize), o, p.in.dtype, dev, stream);
+  }
+  err = with_dtype(p.in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return with_vpl(a.D, [&](auto vpl) {
+      sampled_rows_backward<T, decltype(vpl)::value><<<row_blocks(a.T), kRowWarps * 32, 0, stream>>>(
+          a, static_cast<T*>(g.d_hidden), deterministic ? nullptr : g.d_weight);
+      return cudaGetLastError();
+    });
+  });
+  if (err != cudaSuccess || !deterministic) return err;
+  return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
+}
+
+cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream) {
+  LossArgs a;
+  const cudaError_t err = full_args(p, &a);
+  if (err != cudaSuccess || a.T == 0) return err;
+  return engine_forward(a, p.in.dtype, loss, lse, stream);
+}
+
+size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p) {
+  LossArgs a;
+  DeviceInfo dev{};
+  if (full_args(p, &a) != cudaSuccess || a.T == 0 || device_info(&dev) != cudaSuccess) return 0;
+  const FullBackwardPlan plan = full_backward_plan(a, element_size(p.in.dtype), dev);
+  const size_t rows = plan.rows.splits > 1 ? plan.rows.splits * a.T * a.D : 0;     // [splits, T, D]
+  const size_t items = plan.items.splits > 1 ? plan.items.splits * a.N * a.D : 0;  // [splits, N, D]
+  return kScaleMaxWords + imax(rows, items);
+}
+
+cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g, cudaStream_t stream) {
+  LossArgs a;
+  cudaError_t err = full_args(p, &a);
+  if (err != cudaSuccess || a.T == 0) return err;
+  DeviceInfo dev{};
+  if ((err = device_info(&dev)) != cudaSuccess) return err;
+  a.grad = g.grad_loss;
+  a.lse = g.lse;
+  const FullBackwardPlan plan = full_backward_plan(a, element_size(p.in.dtype), dev);
+  float* part = g.workspace + kScaleMaxWords;  // split partials, reused by both kernels in stream order
+  EngineOut o{};
+  o.part = part;
+  o.d_hidden = g.d_hidden;
+  o.d_weight = g.d_weight;
+
+  // d hidden: rows stationary, items streamed.
+  if ((err = launch_engine<kBwdRows>(a, plan.rows, o, p.in.dtype, dev, stream)) != cudaSuccess) return err;
+  if (plan.rows.splits > 1) {
+    err = with_dtype(p.in.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      reduce_splits<T><<<elementwise_blocks(a.T * a.D), 256, 0, stream>>>(part, plan.rows.splits, a.T * a.D,
+                                                                         static_cast<T*>(g.d_hidden));
+      return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+  }
+
+  // d weight: items stationary, rows streamed.
+  grad_scale_max<<<1, 1024, 0, stream>>>(a, g.workspace);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  a.scale_max = g.workspace;
+  if ((err = launch_engine<kBwdItems>(a, plan.items, o, p.in.dtype, dev, stream)) != cudaSuccess) return err;
+  if (plan.items.splits > 1) {
+    reduce_splits<float><<<elementwise_blocks(a.N * a.D), 256, 0, stream>>>(part, plan.items.splits, a.N * a.D,
+                                                                            g.d_weight);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+}  // namespace seqrec::cuda
