@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint gpu-check clean
+.PHONY: setup run test lint gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,15 @@ gpu-check:
 	set -o pipefail; for tool in memcheck racecheck; do \
 		PYTHONPATH=$(CURDIR) $(SANITIZER) --tool $$tool --error-exitcode 1 $(PYTHON) tests/sanitizer_grid.py || exit 1; \
 	done 2>&1 | tee benchmarks/results/gpu-sanitizer-$(GPU_NAME).txt
-	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_attention.py --quick
-	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/bench_softmax_loss.py --quick
+	set -o pipefail; PYTHONPATH=$(CURDIR) $(PYTHON) -m benchmarks all --quick 2>&1 \
+		| tee benchmarks/results/gpu-bench-$(GPU_NAME).txt
+
+# make bench [BENCH=attention|softmax_loss|sasrec|all|plot] [ARGS="--quick"]: the benchmarks (README,
+# "Benchmarks"; e.g. BENCH=attention ARGS="--shapes SASRec"), run by .venv's python when `make setup`
+# made one, else by $(PYTHON) (a GPU machine's own); rows go to benchmarks/results/results.csv.
+BENCH_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+bench:
+	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m benchmarks $(or $(BENCH),all) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache

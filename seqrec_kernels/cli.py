@@ -5,6 +5,7 @@ seqrec eval CHECKPOINT             test metrics of a checkpoint, both protocols
 seqrec recommend CHECKPOINT ITEM.. top-k next items after a history
 seqrec plot RUN_DIR                learning curves of a run (needs matplotlib)
 seqrec info | demo                 available backends | fused_attention vs float64
+seqrec bench NAME [--quick] ...    benchmarks: attention, softmax_loss, sasrec, all, plot (a checkout's)
 """
 
 from __future__ import annotations
@@ -149,6 +150,22 @@ def _plot(args) -> None:
     print(f"wrote {run / 'curves.png'}")
 
 
+def _bench(options: list[str]) -> None:
+    """Runs benchmarks/ of the source checkout this package is installed from (editable)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        raise SystemExit(
+            f"bench: the benchmarks are a folder of the source checkout, not of the installed package, and "
+            f"{root / 'benchmarks'} does not exist; install the checkout with `pip install -e .` or run "
+            f"`python -m benchmarks` from it"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import main as run_benchmarks
+
+    run_benchmarks(options)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="seqrec", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +187,11 @@ def main(argv=None) -> None:
     demo.add_argument("--batch", type=int, default=16)
     demo.add_argument("--length", type=int, default=50)
     demo.add_argument("--head-dim", type=int, default=50)
+    commands.add_parser("bench", help="benchmarks: attention, softmax_loss, sasrec, all, plot (NAME --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to the benchmark
+        _bench(argv[1:])
+        return
     args = parser.parse_args(argv)
     if args.command == "demo" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
