@@ -1,0 +1,798 @@
+// Fused multi-head attention (causal or not, with probability dropout) over padded and
+// packed histories, forward and backward, for the `cuda` backend (semantics:
+// seqrec_kernels/reference/attention.py; interface: kernels.h; algorithm: the Triton
+// kernels of seqrec_kernels/triton/attention.py).
+//
+// - A program handles one tile of rows of one (sequence, head): grid (sequence * head,
+//   tile). Rows are addressed relative to the sequence's first token, so padding is never
+//   loaded, a program whose tile starts past the sequence exits at once, and tiles that
+//   the causal mask hides entirely are never visited.
+// - Each warp owns 16 "stationary" rows (queries in the forward and dq kernels, keys in
+//   dk/dv) and the CTA streams tiles of kN rows of the other side through shared memory
+//   (cp.async; single buffers, each refilled while the CTA works on the other operand).
+//   Scores stay in registers in the mma.sync m16n8k16 accumulator layout; float16 and
+//   bfloat16 multiply on tensor cores (float32 accumulation), float32 with FFMA in the
+//   same row layout (no TF32). Softmax runs in base 2 with float32 statistics.
+// - Head dims are padded with zero columns to DP = 32, 64, 128 or 256.
+// - Backward (FlashAttention-2): the dq kernel also writes delta = rowsum(dout * out) of
+//   its rows to the workspace; the dk/dv kernel, launched after it, streams the query
+//   tiles that see its key tile (for DP = 256, dv and dk in two launches so that one
+//   [16, 256] accumulator per warp suffices). Every output row has one writer: no atomics,
+//   deterministic results.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "dropout_hash.h"
+#include "kernels.h"
+
+namespace seqrec::cuda {
+namespace {
+
+using i64 = int64_t;
+
+constexpr float kInf = __builtin_huge_valf();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxHeadDim = 256;
+constexpr size_t kSmemBudget = 112 * 1024;  // per CTA: fits A100 (163 KB), two CTAs per SM on H100
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T> struct IsF32 { static constexpr bool value = false; };
+template <> struct IsF32<float> { static constexpr bool value = true; };
+
+// Shared tiles are [rows, DP + pad]: the pad makes ldmatrix rows (16-bit) and float4 rows
+// (float32) of consecutive tile rows fall into different banks.
+template <typename T, int DP> __host__ __device__ constexpr int tile_ld() { return DP + (IsF32<T>::value ? 4 : 8); }
+template <typename T, int DP> __host__ __device__ constexpr size_t tile_row_bytes() {
+  return tile_ld<T, DP>() * sizeof(T);
+}
+// Streamed rows per tile: 64, fewer for wide rows (16 KB of unpadded row data at most).
+template <typename T, int DP> __host__ __device__ constexpr int stream_rows() {
+  return 16384 / (DP * static_cast<int>(sizeof(T))) < 64 ? 16384 / (DP * static_cast<int>(sizeof(T))) : 64;
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two floats as one 16-bit pair register, the lower column in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ------------------------------------------------------------------ PTX wrappers ---------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// BYTES from global to shared, or zeros when !valid (src-size 0 reads nothing).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+  const int src_bytes = valid ? BYTES : 0;
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(src_bytes) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
+                 "r"(src_bytes) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// c[16x8] += a[16x16] b[16x8], float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Reductions over the 4 lanes (tig) that share a tile row.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFull, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFull, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(kFull, v, 1);
+  return v + __shfl_xor_sync(kFull, v, 2);
+}
+
+// ------------------------------------------------------------------ sequences and tiles ---
+
+// This program's sequence s and head h (blockIdx.x = s * H + h), its batch row b and
+// first row, and its length, clamped like the Triton kernels (never past num_rows or
+// max_seqlen) so that inputs the caller could not check never address outside the tensors.
+struct Seq {
+  int s, h, len;
+  i64 b, start;
+};
+
+__device__ __forceinline__ Seq this_seq(const AttentionParams& p) {
+  Seq q;
+  q.s = static_cast<int>(blockIdx.x) / p.num_heads;
+  q.h = static_cast<int>(blockIdx.x) - q.s * p.num_heads;
+  const int start = min(max(p.seq_start[q.s], 0), p.num_rows);
+  q.len = min(max(p.seq_len[q.s], 0), min(p.num_rows - start, p.max_seqlen));
+  q.b = p.batch == p.num_seqs ? q.s : 0;  // padded: batch row s; packed: the one batch row
+  q.start = start;
+  return q;
+}
+
+// Element (sequence position 0, column 0) of (b, h) in a [B, H, L, D] tensor.
+template <typename T>
+__device__ __forceinline__ T* seq_rows(const Bhld& t, const Seq& q) {
+  return static_cast<T*>(t.data) + q.b * t.batch_stride + q.h * t.head_stride + q.start * t.row_stride;
+}
+
+// Index of the sequence's first row in the contiguous [B, H, L] lse / delta.
+__device__ __forceinline__ i64 stat_base(const AttentionParams& p, const Seq& q) {
+  return (q.b * p.num_heads + q.h) * p.num_rows + q.start;
+}
+
+// Dropout row key of the sequence's position 0 (add the query position).
+__device__ __forceinline__ i64 dropout_key0(const AttentionParams& p, const Seq& q) {
+  return (static_cast<i64>(q.s) * p.num_heads + q.h) * p.max_seqlen;
+}
+
+// dst[r, c] = src[r * stride + c] for r < rows, c < DP; zeros where r >= valid_rows or
+// c >= D. D * sizeof(T) is a multiple of BYTES, so a copy is wholly inside or outside D.
+template <typename T, int DP, int BYTES>
+__device__ __forceinline__ void copy_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D) {
+  constexpr int kElems = BYTES / sizeof(T), kPerRow = DP / kElems, kLd = tile_ld<T, DP>();
+  for (int u = threadIdx.x; u < rows * kPerRow; u += blockDim.x) {
+    const int r = u / kPerRow, c = (u - r * kPerRow) * kElems;
+    const bool ok = r < valid_rows && c < D;
+    const T* s = ok ? src + r * stride + c : src;
+    if constexpr (BYTES >= 4) {
+      cp_async<BYTES>(dst + r * kLd + c, s, ok);
+    } else {
+      dst[r * kLd + c] = ok ? *s : from_f<T>(0.f);
+    }
+  }
+}
+
+// A [rows, DP] tile (row stride tile_ld) with vec-byte copies: cp.async for 16 / 8 / 4
+// bytes (completion: cp_async_wait), plain loads for 2 (16-bit elements at odd offsets).
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D,
+                                          int vec) {
+  switch (vec) {
+    case 16: copy_tile<T, DP, 16>(dst, rows, src, stride, valid_rows, D); break;
+    case 8: copy_tile<T, DP, 8>(dst, rows, src, stride, valid_rows, D); break;
+    case 4: copy_tile<T, DP, 4>(dst, rows, src, stride, valid_rows, D); break;
+    default:
+      if constexpr (sizeof(T) == 2) copy_tile<T, DP, 2>(dst, rows, src, stride, valid_rows, D);
+  }
+}
+
+// ------------------------------------------------------------------ tile products --------
+
+// s[16, 8 NK] = x[16, DP] y[8 NK, DP]^T for one warp; x is its first row, both have row
+// stride tile_ld. Layout: s[j][e] is row g, column 8j + 2 tig + e; s[j][2 + e] is row g + 8.
+template <typename T, int DP, int NK>
+__device__ __forceinline__ void tile_scores(float (&s)[NK][4], const T* x, const T* y, int lane) {
+  constexpr int ld = tile_ld<T, DP>();
+#pragma unroll
+  for (int j = 0; j < NK; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  if constexpr (IsF32<T>::value) {
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < DP; k += 4) {
+      const float4 xa = *reinterpret_cast<const float4*>(x + g * ld + k);
+      const float4 xb = *reinterpret_cast<const float4*>(x + (g + 8) * ld + k);
+#pragma unroll
+      for (int j = 0; j < NK; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float4 yv = *reinterpret_cast<const float4*>(y + (8 * j + 2 * tig + e) * ld + k);
+          s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
+          s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
+        }
+      }
+    }
+  } else {
+    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: this lane addresses row mrow of matrix mat
+    constexpr int kUnroll = DP <= 64 ? DP / 16 : 2;  // bounds the fragments loaded ahead
+#pragma unroll kUnroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
+      ldsm_x4(af, x + ((mat & 1) * 8 + mrow) * ld + kk * 16 + (mat >> 1) * 8);
+#pragma unroll
+      for (int jp = 0; jp < NK / 2; ++jp) {
+        uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
+        ldsm_x4(bf, y + ((2 * jp + (mat >> 1)) * 8 + mrow) * ld + kk * 16 + (mat & 1) * 8);
+        mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
+        mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// Column of acc[j][e] (row g) and acc[j][2 + e] (row g + 8) of a [16, DP] accumulator:
+// the mma layout for 16-bit types; for float32, lanes tig read adjacent float4 of a row.
+template <typename T>
+__device__ __forceinline__ int acc_col(int j, int e, int tig) {
+  return IsF32<T>::value ? 16 * (j >> 1) + 4 * tig + 2 * (j & 1) + e : 8 * j + 2 * tig + e;
+}
+
+// acc[16, DP] += p[16, 8 NK] y[8 NK, DP] for one warp (p in the layout of tile_scores,
+// rounded to T for the tensor cores; y with row stride tile_ld).
+template <typename T, int DP, int NK>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const float (&p)[NK][4], const T* y,
+                                                int lane) {
+  constexpr int ld = tile_ld<T, DP>();
+  if constexpr (IsF32<T>::value) {
+    const int tig = lane & 3;
+#pragma unroll
+    for (int c = 0; c < 8 * NK; ++c) {
+      // Column c of p lives in lane (g, (c >> 1) & 3), entries [c >> 3][c & 1] and [c >> 3][2 + (c & 1)].
+      const int src = (lane & ~3) | ((c >> 1) & 3);
+      const float p0 = __shfl_sync(kFull, p[c >> 3][c & 1], src);
+      const float p1 = __shfl_sync(kFull, p[c >> 3][2 + (c & 1)], src);
+#pragma unroll
+      for (int q = 0; q < DP / 16; ++q) {  // columns 16q + 4 tig .. + 3: acc[2q][0..1], acc[2q + 1][0..1]
+        const float4 yv = *reinterpret_cast<const float4*>(y + c * ld + 16 * q + 4 * tig);
+        acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
+        acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
+        acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
+        acc[2 * q + 1][1] = fmaf(p0, yv.w, acc[2 * q + 1][1]);
+        acc[2 * q][2] = fmaf(p1, yv.x, acc[2 * q][2]);
+        acc[2 * q][3] = fmaf(p1, yv.y, acc[2 * q][3]);
+        acc[2 * q + 1][2] = fmaf(p1, yv.z, acc[2 * q + 1][2]);
+        acc[2 * q + 1][3] = fmaf(p1, yv.w, acc[2 * q + 1][3]);
+      }
+    }
+  } else {
+    const int mat = lane >> 3, mrow = lane & 7;
+#pragma unroll
+    for (int kk = 0; kk < NK / 2; ++kk) {
+      // The accumulator layout of two n tiles is the A layout of one k step.
+      const uint32_t af[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                              pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                              pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+      for (int jp = 0; jp < DP / 16; ++jp) {
+        uint32_t bf[4];  // y is [k = row, n = column]: transposed loads give the "col" B layout
+        ldsm_x4_trans(bf, y + (kk * 16 + (mat & 1) * 8 + mrow) * ld + (2 * jp + (mat >> 1)) * 8);
+        mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
+        mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// dst[r, c] = acc[r, c] * mul[r >= 8] for the warp's rows r < valid_rows and columns c < D;
+// dst is the warp's first row.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc)[DP / 8][4], const float (&mul)[2],
+                                           int valid_rows, int D, int lane) {
+  const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (g + 8 * h >= valid_rows) continue;
+    T* row = dst + (g + 8 * h) * stride;
+#pragma unroll
+    for (int j = 0; j < DP / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = acc_col<T>(j, e, tig);
+        if (c < D) row[c] = from_f<T>(acc[j][2 * h + e] * mul[h]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ forward --------------
+
+template <typename T, int DP>
+struct FwdTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kM = 16 * kWarps;             // query rows per program
+  static constexpr int kN = stream_rows<T, DP>();    // key rows per streamed tile
+  static constexpr size_t kSmem = (kM + 2 * kN) * tile_row_bytes<T, DP>();  // Q, K, V tiles
+  static_assert(kSmem <= kSmemBudget, "forward tiles exceed the shared-memory budget");
+};
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
+    attention_fwd_kernel(const AttentionParams p, const int vec) {
+  using Tiles = FwdTiles<T, DP>;
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  const Seq sq = this_seq(p);
+  const int m0 = static_cast<int>(blockIdx.y) * kM;  // first query position of the tile
+  if (m0 >= sq.len) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
+  T* ks = qs + kM * kLd;               // [kN, kLd]
+  T* vs = ks + kN * kLd;               // [kN, kLd]
+  const T* qg = seq_rows<const T>(p.q, sq);
+  const T* kg = seq_rows<const T>(p.k, sq);
+  const T* vg = seq_rows<const T>(p.v, sq);
+  const int len = sq.len, D = p.head_dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+  const int r0 = m0 + 16 * warp;  // first query position of this warp
+  const int key_end = p.causal ? min(len, m0 + kM) : len;
+  const int ntiles = (key_end + kN - 1) / kN;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_seed != nullptr;
+  uint32_t rh[2] = {0u, 0u};  // dropout row hashes of rows g, g + 8
+  if (dropout) {
+    const i64 seed = *p.dropout_seed, key0 = dropout_key0(p, sq);
+    rh[0] = dropout::row_hash(seed, key0 + r0 + g);
+    rh[1] = dropout::row_hash(seed, key0 + r0 + g + 8);
+  }
+
+  // Groups in flight: {Q, K tile 0}, {V tile 0}; then K t+1 and V t+1 as each buffer frees.
+  load_tile<T, DP>(qs, kM, qg + m0 * p.q.row_stride, p.q.row_stride, len - m0, D, vec);
+  load_tile<T, DP>(ks, kN, kg, p.k.row_stride, len, D, vec);
+  cp_async_commit();
+  load_tile<T, DP>(vs, kN, vg, p.v.row_stride, len, D, vec);
+  cp_async_commit();
+
+  float o[DP / 8][4] = {};                             // [16, DP] output rows, unnormalized
+  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};  // rows g, g + 8; row_sum per lane
+  for (int t = 0; t < ntiles; ++t) {
+    const int n0 = t * kN;  // first key position of the tile
+    // Warps whose rows are all padding, or all before the tile (causal), skip the math.
+    const bool active = r0 < len && (!p.causal || n0 <= r0 + 15);
+    float s[kNK][4];  // [16, kN] scores, then probabilities
+    cp_async_wait<1>();
+    __syncthreads();  // Q and K tile t landed
+    if (active) {
+      tile_scores<T, DP, kNK>(s, qs + 16 * warp * kLd, ks, lane);
+      float safe_max[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = r0 + g + 8 * h;
+        float tile_max = -kInf;
+#pragma unroll
+        for (int j = 0; j < kNK; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n0 + 8 * j + 2 * tig + e;
+            const bool visible = row < len && col < len && (!p.causal || col <= row);
+            s[j][2 * h + e] = visible ? s[j][2 * h + e] * scale_log2 : -kInf;
+            tile_max = fmaxf(tile_max, s[j][2 * h + e]);
+          }
+        }
+        const float new_max = fmaxf(row_max[h], quad_max(tile_max));
+        safe_max[h] = new_max == -kInf ? 0.f : new_max;  // rows that saw no key yet: no (-inf) - (-inf)
+        const float rescale = exp2f(row_max[h] - safe_max[h]);
+        row_max[h] = new_max;
+        row_sum[h] *= rescale;
+#pragma unroll
+        for (int j = 0; j < DP / 8; ++j) {
+          o[j][2 * h] *= rescale;
+          o[j][2 * h + 1] *= rescale;
+        }
+#pragma unroll
+        for (int j = 0; j < kNK; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float pr = exp2f(s[j][2 * h + e] - safe_max[h]);
+            row_sum[h] += pr;  // the LSE is of the undropped probabilities
+            if (dropout) {
+              const int col = n0 + 8 * j + 2 * tig + e;
+              pr = dropout::keep(rh[h], col, p.keep_threshold) ? pr * p.dropout_scale : 0.f;
+            }
+            s[j][2 * h + e] = pr;
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V tile t landed; every warp is done with K tile t
+    if (t + 1 < ntiles)
+      load_tile<T, DP>(ks, kN, kg + (n0 + kN) * p.k.row_stride, p.k.row_stride, len - n0 - kN, D, vec);
+    cp_async_commit();
+    if (active) tile_accumulate<T, DP, kNK>(o, s, vs, lane);
+    __syncthreads();  // every warp is done with V tile t
+    if (t + 1 < ntiles)
+      load_tile<T, DP>(vs, kN, vg + (n0 + kN) * p.v.row_stride, p.v.row_stride, len - n0 - kN, D, vec);
+    cp_async_commit();
+  }
+
+  if (r0 >= len) return;
+  float inv_sum[2], lse[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float total = quad_sum(row_sum[h]);
+    inv_sum[h] = total > 0.f ? 1.f / total : 0.f;  // a row that sees no key keeps its zeros and -inf
+    lse[h] = total > 0.f ? (row_max[h] + log2f(total)) * kLn2 : -kInf;
+  }
+  store_rows<T, DP>(seq_rows<T>(p.out, sq) + r0 * p.out.row_stride, p.out.row_stride, o, inv_sum, len - r0, D, lane);
+  if (tig == 0) {
+    const i64 base = stat_base(p, sq) + r0;
+    if (g < len - r0) p.lse[base + g] = lse[0];
+    if (g + 8 < len - r0) p.lse[base + g + 8] = lse[1];
+  }
+}
+
+// ------------------------------------------------------------------ backward -------------
+
+// dq: kM queries per program (16 per warp), streaming kN keys; dk/dv: kM keys per program,
+// streaming kN queries. Four warps unless that exceeds the shared-memory budget.
+template <typename T, int DP>
+struct BwdTiles {
+  // At most 4096 / DP: registers hold [16, kN] scores and dP next to [16, DP] gradient rows.
+  static constexpr int kN = stream_rows<T, DP>() < 4096 / DP ? stream_rows<T, DP>() : 4096 / DP;
+  static constexpr size_t kStatBytes = 3 * kN * sizeof(float);  // dk/dv: lse, delta, dropout hash per query
+  static constexpr int kWarps = (2 * 64 + 2 * kN) * tile_row_bytes<T, DP>() + kStatBytes <= kSmemBudget ? 4 : 2;
+  static constexpr int kM = 16 * kWarps;
+  static constexpr size_t kSmemDq = (2 * kM + 2 * kN) * tile_row_bytes<T, DP>();  // Q, dO, K, V
+  static constexpr size_t kSmemDkDv = kSmemDq + kStatBytes;                      // K, V, Q, dO, stats
+  static_assert(kSmemDkDv <= kSmemBudget, "backward tiles exceed the shared-memory budget");
+};
+
+enum Grads : int { kGradV = 1, kGradK = 2 };
+
+// Which gradients each dk/dv launch computes: both, or (DP = 256) one per launch.
+template <int DP> __host__ __device__ constexpr bool split_dkdv() { return DP >= 256; }
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
+    attention_bwd_dq_kernel(const AttentionBackwardParams bp, const int vec) {
+  using Tiles = BwdTiles<T, DP>;
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  const AttentionParams& p = bp.fwd;
+  const Seq sq = this_seq(p);
+  const int m0 = static_cast<int>(blockIdx.y) * kM;  // first query position of the tile
+  if (m0 >= sq.len) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
+  T* dos = qs + kM * kLd;              // [kM, kLd]
+  T* ks = dos + kM * kLd;              // [kN, kLd]
+  T* vs = ks + kN * kLd;               // [kN, kLd]
+  const T* qg = seq_rows<const T>(p.q, sq);
+  const T* kg = seq_rows<const T>(p.k, sq);
+  const T* vg = seq_rows<const T>(p.v, sq);
+  const T* dog = seq_rows<const T>(bp.dout, sq);
+  const int len = sq.len, D = p.head_dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+  const int r0 = m0 + 16 * warp;  // first query position of this warp
+  const int key_end = p.causal ? min(len, m0 + kM) : len;
+  const int ntiles = (key_end + kN - 1) / kN;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_seed != nullptr;
+  const i64 stats = stat_base(p, sq);
+
+  // Groups in flight: {Q, dO, V tile 0}, {K tile 0}; then V t+1 and K t+1 as each buffer frees.
+  load_tile<T, DP>(qs, kM, qg + m0 * p.q.row_stride, p.q.row_stride, len - m0, D, vec);
+  load_tile<T, DP>(dos, kM, dog + m0 * bp.dout.row_stride, bp.dout.row_stride, len - m0, D, vec);
+  load_tile<T, DP>(vs, kN, vg, p.v.row_stride, len, D, vec);
+  cp_async_commit();
+  load_tile<T, DP>(ks, kN, kg, p.k.row_stride, len, D, vec);
+  cp_async_commit();
+
+  // Rows g, g + 8 of this warp: base-2 LSE, delta = dout . out (written to the workspace
+  // for the dk/dv kernel), dropout row hashes. Two lanes per row (lane >> 1) for delta.
+  float lse2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
+  uint32_t rh[2] = {0u, 0u};
+  if (r0 < len) {
+    const int r = r0 + (lane >> 1);
+    float dot = 0.f;
+    if (r < len) {
+      const T* orow = seq_rows<const T>(p.out, sq) + r * p.out.row_stride;
+      const T* dorow = dog + r * bp.dout.row_stride;
+      for (int d = lane & 1; d < D; d += 2) dot = fmaf(to_f(dorow[d]), to_f(orow[d]), dot);
+    }
+    dot += __shfl_xor_sync(kFull, dot, 1);
+    if ((lane & 1) == 0 && r < len) bp.workspace[stats + r] = dot;
+    delta[0] = __shfl_sync(kFull, dot, 2 * g);       // row r0 + g
+    delta[1] = __shfl_sync(kFull, dot, 2 * g + 16);  // row r0 + g + 8
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = r0 + g + 8 * h;
+      if (row < len) lse2[h] = p.lse[stats + row] * kLog2e;
+    }
+    if (dropout) {
+      const i64 seed = *p.dropout_seed, key0 = dropout_key0(p, sq);
+      rh[0] = dropout::row_hash(seed, key0 + r0 + g);
+      rh[1] = dropout::row_hash(seed, key0 + r0 + g + 8);
+    }
+  }
+
+  float dq[DP / 8][4] = {};  // [16, DP]
+  for (int t = 0; t < ntiles; ++t) {
+    const int n0 = t * kN;  // first key position of the tile
+    const bool active = r0 < len && (!p.causal || n0 <= r0 + 15);
+    float dp[kNK][4], s[kNK][4];  // [16, kN]: dP; scores, then dS
+    cp_async_wait<1>();
+    __syncthreads();  // Q, dO and V tile t landed
+    if (active) tile_scores<T, DP, kNK>(dp, dos + 16 * warp * kLd, vs, lane);
+    cp_async_wait<0>();
+    __syncthreads();  // K tile t landed; every warp is done with V tile t
+    if (t + 1 < ntiles)
+      load_tile<T, DP>(vs, kN, vg + (n0 + kN) * p.v.row_stride, p.v.row_stride, len - n0 - kN, D, vec);
+    cp_async_commit();
+    if (active) {
+      tile_scores<T, DP, kNK>(s, qs + 16 * warp * kLd, ks, lane);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = r0 + g + 8 * h;
+#pragma unroll
+        for (int j = 0; j < kNK; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n0 + 8 * j + 2 * tig + e;
+            const bool visible = row < len && col < len && (!p.causal || col <= row);
+            const float pr = visible ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
+            float dpr = dp[j][2 * h + e];
+            if (dropout) dpr = dropout::keep(rh[h], col, p.keep_threshold) ? dpr * p.dropout_scale : 0.f;
+            s[j][2 * h + e] = pr * (dpr - delta[h]);
+          }
+        }
+      }
+      tile_accumulate<T, DP, kNK>(dq, s, ks, lane);
+    }
+    __syncthreads();  // every warp is done with K tile t
+    if (t + 1 < ntiles)
+      load_tile<T, DP>(ks, kN, kg + (n0 + kN) * p.k.row_stride, p.k.row_stride, len - n0 - kN, D, vec);
+    cp_async_commit();
+  }
+
+  if (r0 >= len) return;
+  const float mul[2] = {p.scale, p.scale};
+  store_rows<T, DP>(seq_rows<T>(bp.dq, sq) + r0 * bp.dq.row_stride, bp.dq.row_stride, dq, mul, len - r0, D, lane);
+}
+
+// dk and/or dv (GRADS) of kM keys, streaming the query tiles that can see them; needs the
+// delta that the dq kernel wrote to the workspace. Products are transposed: a warp's
+// scores are [16 keys, kN queries], so the query statistics are per column.
+template <typename T, int DP, int GRADS>
+__global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
+    attention_bwd_dkdv_kernel(const AttentionBackwardParams bp, const int vec) {
+  using Tiles = BwdTiles<T, DP>;
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  constexpr bool kDv = (GRADS & kGradV) != 0, kDk = (GRADS & kGradK) != 0;
+  const AttentionParams& p = bp.fwd;
+  const Seq sq = this_seq(p);
+  const int n0 = static_cast<int>(blockIdx.y) * kM;  // first key position of the tile
+  if (n0 >= sq.len) return;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);  // [kM, kLd]
+  T* vs = ks + kM * kLd;               // [kM, kLd]
+  T* qs = vs + kM * kLd;               // [kN, kLd]
+  T* dos = qs + kN * kLd;              // [kN, kLd]
+  float* lse_s = reinterpret_cast<float*>(dos + kN * kLd);  // [kN] LSE of the streamed queries
+  float* delta_s = lse_s + kN;                               // [kN]
+  uint32_t* rh_s = reinterpret_cast<uint32_t*>(delta_s + kN);  // [kN] their dropout row hashes
+  const T* qg = seq_rows<const T>(p.q, sq);
+  const T* kg = seq_rows<const T>(p.k, sq);
+  const T* vg = seq_rows<const T>(p.v, sq);
+  const T* dog = seq_rows<const T>(bp.dout, sq);
+  const int len = sq.len, D = p.head_dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+  const int k0 = n0 + 16 * warp;  // first key position of this warp
+  const float scale_log2 = p.scale * kLog2e;
+  const bool dropout = p.dropout_seed != nullptr;
+  const i64 stats = stat_base(p, sq);
+  const i64 seed = dropout ? *p.dropout_seed : 0, key0 = dropout_key0(p, sq);
+  // Causal: queries before the key tile's query-tile boundary cannot see it.
+  const int q_begin = p.causal ? n0 / kN * kN : 0;
+  const int ntiles = (len - q_begin + kN - 1) / kN;
+
+  // The query tile at m (Q rows, LSE, delta and dropout hashes): one cp.async group.
+  auto load_queries = [&](int m) {
+    load_tile<T, DP>(qs, kN, qg + m * p.q.row_stride, p.q.row_stride, len - m, D, vec);
+    for (int i = threadIdx.x; i < kN; i += blockDim.x) {
+      const bool ok = m + i < len;
+      cp_async<4>(lse_s + i, p.lse + stats + (ok ? m + i : 0), ok);
+      cp_async<4>(delta_s + i, bp.workspace + stats + (ok ? m + i : 0), ok);
+      if (dropout) rh_s[i] = dropout::row_hash(seed, key0 + m + i);
+    }
+  };
+
+  // Groups in flight: {K, V, query tile 0}, {dO tile 0}; then the next query tile and dO
+  // tile as each buffer frees.
+  load_tile<T, DP>(ks, kM, kg + n0 * p.k.row_stride, p.k.row_stride, len - n0, D, vec);
+  load_tile<T, DP>(vs, kM, vg + n0 * p.v.row_stride, p.v.row_stride, len - n0, D, vec);
+  load_queries(q_begin);
+  cp_async_commit();
+  load_tile<T, DP>(dos, kN, dog + q_begin * bp.dout.row_stride, bp.dout.row_stride, len - q_begin, D, vec);
+  cp_async_commit();
+
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};  // [16, DP] each
+  for (int t = 0; t < ntiles; ++t) {
+    const int m0 = q_begin + t * kN;  // first query position of the tile
+    // Warps whose keys are all padding, or all after the tile's queries (causal), skip the math.
+    const bool active = k0 < len && (!p.causal || m0 + kN - 1 >= k0);
+    float s[kNK][4], dp[kNK][4];  // [16 keys, kN queries]: scores, then dropped P; dP, then dS
+    cp_async_wait<1>();
+    __syncthreads();  // query tile t landed
+    if (active) tile_scores<T, DP, kNK>(s, ks + 16 * warp * kLd, qs, lane);
+    cp_async_wait<0>();
+    __syncthreads();  // dO tile t landed
+    if (active) {
+      if (kDk) tile_scores<T, DP, kNK>(dp, vs + 16 * warp * kLd, dos, lane);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int key = k0 + g + 8 * h;
+#pragma unroll
+        for (int j = 0; j < kNK; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int c = 8 * j + 2 * tig + e, query = m0 + c;
+            const bool visible = key < len && query < len && (!p.causal || key <= query);
+            const float pr = visible ? exp2f(s[j][2 * h + e] * scale_log2 - lse_s[c] * kLog2e) : 0.f;
+            const bool kept = !dropout || dropout::keep(rh_s[c], key, p.keep_threshold);
+            const float mult = kept ? (dropout ? p.dropout_scale : 1.f) : 0.f;
+            if (kDk) dp[j][2 * h + e] = pr * (dp[j][2 * h + e] * mult - delta_s[c]);
+            s[j][2 * h + e] = pr * mult;
+          }
+        }
+      }
+      if (kDk) tile_accumulate<T, DP, kNK>(dk, dp, qs, lane);
+    }
+    __syncthreads();  // every warp is done with query tile t
+    if (t + 1 < ntiles) load_queries(m0 + kN);
+    cp_async_commit();
+    if (active && kDv) tile_accumulate<T, DP, kNK>(dv, s, dos, lane);
+    __syncthreads();  // every warp is done with dO tile t
+    if (t + 1 < ntiles)
+      load_tile<T, DP>(dos, kN, dog + (m0 + kN) * bp.dout.row_stride, bp.dout.row_stride, len - m0 - kN, D, vec);
+    cp_async_commit();
+  }
+
+  if (k0 >= len) return;
+  if (kDk) {
+    const float mul[2] = {p.scale, p.scale};
+    store_rows<T, DP>(seq_rows<T>(bp.dk, sq) + k0 * bp.dk.row_stride, bp.dk.row_stride, dk, mul, len - k0, D, lane);
+  }
+  if (kDv) {
+    const float mul[2] = {1.f, 1.f};
+    store_rows<T, DP>(seq_rows<T>(bp.dv, sq) + k0 * bp.dv.row_stride, bp.dv.row_stride, dv, mul, len - k0, D, lane);
+  }
+}
+
+// ------------------------------------------------------------------ host side ------------
+
+template <typename T> struct TypeTag { using type = T; };
+template <int V> struct IntTag { static constexpr int value = V; };
+
+// f(TypeTag<T>, IntTag<DP>) for the dtype and the padded head dim; cudaErrorInvalidValue
+// for an unknown dtype or a head dim outside 1..256.
+template <typename F>
+cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
+  auto with_dp = [&](auto tag) -> cudaError_t {
+    if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+    if (head_dim <= 32) return f(tag, IntTag<32>{});
+    if (head_dim <= 64) return f(tag, IntTag<64>{});
+    if (head_dim <= 128) return f(tag, IntTag<128>{});
+    return f(tag, IntTag<256>{});
+  };
+  switch (dtype) {
+    case ScalarType::kFloat32: return with_dp(TypeTag<float>{});
+    case ScalarType::kFloat16: return with_dp(TypeTag<__half>{});
+    case ScalarType::kBFloat16: return with_dp(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
+
+// The widest of 16 / 8 / 4 bytes that the start of every row of `t` (batch stride only
+// when there are several batch rows) and D * element size are multiples of; else 2.
+int copy_width(const Bhld& t, int batch, int head_dim, size_t esize) {
+  const i64 es = static_cast<i64>(esize);
+  const int widths[] = {16, 8, 4};
+  for (int v : widths) {
+    if (reinterpret_cast<uintptr_t>(t.data) % v == 0 && (batch <= 1 || (t.batch_stride * es) % v == 0) &&
+        (t.head_stride * es) % v == 0 && (t.row_stride * es) % v == 0 && (head_dim * es) % v == 0)
+      return v;
+  }
+  return 2;
+}
+
+// The grid (sequence * head, tiles of `rows` positions), empty (x == 0) when there is
+// nothing to do; cudaErrorInvalidValue for bad sizes or beyond the grid limits.
+cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
+  if (p.num_heads < 0 || p.num_seqs < 0 || p.num_rows < 0 || p.max_seqlen < 0 ||
+      (p.batch != p.num_seqs && p.batch != 1))
+    return cudaErrorInvalidValue;
+  const i64 programs = static_cast<i64>(p.num_seqs) * p.num_heads;
+  const i64 tiles = p.num_rows == 0 ? 0 : (static_cast<i64>(p.max_seqlen) + rows - 1) / rows;
+  if (programs > 0x7fffffff || tiles > 65535) return cudaErrorInvalidValue;
+  *grid = dim3(tiles == 0 ? 0u : static_cast<unsigned>(programs), static_cast<unsigned>(tiles));
+  return cudaSuccess;
+}
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
+  return with_config(p.dtype, p.head_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
+    using T = typename decltype(type_tag)::type;
+    constexpr int DP = decltype(dp_tag)::value;
+    using Tiles = FwdTiles<T, DP>;
+    dim3 grid;
+    const cudaError_t err = attention_grid(p, Tiles::kM, &grid);
+    if (err != cudaSuccess || grid.x == 0) return err;
+    const size_t es = element_size(p.dtype);
+    const int vec = min(copy_width(p.q, p.batch, p.head_dim, es),
+                        min(copy_width(p.k, p.batch, p.head_dim, es), copy_width(p.v, p.batch, p.head_dim, es)));
+    return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec);
+  });
+}
+
+size_t attention_backward_workspace_floats(const AttentionBackwardParams& p) {
+  // delta = rowsum(dout * out), laid out like the LSE: [B, H, L].
+  return static_cast<size_t>(p.fwd.batch) * p.fwd.num_heads * p.fwd.num_rows;
+}
+
+cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
+  const AttentionParams& f = p.fwd;
+  return with_config(f.dtype, f.head_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
+    using T = typename decltype(type_tag)::type;
+    constexpr int DP = decltype(dp_tag)::value;
+    using Tiles = BwdTiles<T, DP>;
+    dim3 grid;
+    cudaError_t err = attention_grid(f, Tiles::kM, &grid);
+    if (err != cudaSuccess || grid.x == 0) return err;
+    const size_t es = element_size(f.dtype);
+    const int vec = min(min(copy_width(f.q, f.batch, f.head_dim, es), copy_width(f.k, f.batch, f.head_dim, es)),
+                        min(copy_width(f.v, f.batch, f.head_dim, es), copy_width(p.dout, f.batch, f.head_dim, es)));
+    const int threads = Tiles::kWarps * 32;
+    // dq first: it writes the delta that the dk/dv kernel reads.
+    err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec);
+    if (err != cudaSuccess) return err;
+    if constexpr (split_dkdv<DP>()) {
+      err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
+      if (err != cudaSuccess) return err;
+      return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
+    } else {
+      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, Tiles::kSmemDkDv, stream,
+                    p, vec);
+    }
+  });
+}
+
+}  // namespace seqrec::cuda
