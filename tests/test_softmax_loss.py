@@ -155,6 +155,16 @@ def test_sharply_peaked_and_huge_logits(backend, dtype, scale):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_full_loss_with_whole_item_tiles_excluded(backend):
+    """Excluding items 0..63 empties the first item tile of every kernel's tiling (16-64
+    items): the online log-sum-exp starts from -inf there and must not turn into NaN."""
+    rows, dim, n = 20, 50, 150
+    hidden, weight = torch.randn(rows, dim), torch.randn(n, dim)
+    targets = torch.randint(64, n, (rows,))
+    check_loss_against_truth(*full_pair(backend, targets, excluded=tuple(range(64))), hidden, weight)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_reductions_and_all_ignored_batch(backend):
     hidden = torch.randn(2, 5, 16, requires_grad=True)
     weight = torch.randn(30, 16, requires_grad=True)

@@ -221,3 +221,16 @@ def test_gpu_extra_memory_does_not_grow_with_k_or_n(backend, loss_name):
     weight_gradient_growth = (large_n - small_n) * dim * (4 + 2)
     smallest_logits = rows * large_k * 4  # one [T, K] float32 tensor: 32 MiB
     assert growth < weight_gradient_growth + 2**20 < smallest_logits, growth
+
+
+def test_sampled_triton_grid_fits_cuda_limits():
+    """Millions of rows under one negative list stay within CUDA's grid limits (axis 0
+    < 2^31, axes 1-2 <= 65,535): shape arithmetic only, on meta tensors."""
+    from seqrec_kernels.triton.softmax_loss import _sampled_launch
+
+    rows, dim = 5_000_000, 64
+    hidden = torch.empty(rows, dim, device="meta")
+    for groups, rows_per_group in ((1, rows), (rows // 50, 50), (rows, 1)):
+        neg_ids = torch.empty(groups, 128, dtype=torch.long, device="meta")
+        grid, _, _ = _sampled_launch(hidden, neg_ids, rows_per_group, None, None, True)
+        assert grid[0] < 2**31 and all(size <= 65_535 for size in grid[1:]), grid

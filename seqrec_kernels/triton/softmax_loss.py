@@ -59,15 +59,21 @@ def _dot_meta(dtype):
 
 
 @triton.jit
-def _sampled_rows(num_rows, rows_per_group, PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
-    """This program's rows, their validity, and the group whose negatives they use."""
+def _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's rows, their validity, and the group whose negatives they use ([BT]
+    per row, a scalar when shared). One grid axis: program = group * blocks_per_group +
+    block, so that a single group of millions of rows stays within grid limits. One
+    return statement: Triton's compiler rejects branches that return different types."""
     if PER_ROW:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        return rows, rows < num_rows, rows
-    group = tl.program_id(0)
-    local = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows = group * rows_per_group + local
-    return rows, (local < rows_per_group) & (rows < num_rows), group
+        row_mask = rows < num_rows
+        group = rows
+    else:
+        group = tl.program_id(0) // blocks_per_group
+        local = (tl.program_id(0) % blocks_per_group) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = group * rows_per_group + local
+        row_mask = (local < rows_per_group) & (rows < num_rows)
+    return rows, row_mask, group
 
 
 @triton.jit
@@ -136,16 +142,18 @@ def _negative_logits(
 def _sampled_fwd_kernel(
     H, W, Pos, Neg, PosLogQ, NegLogQ, Loss, Lse,
     stride_h, stride_w, stride_neg,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, blocks_per_group, inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, PER_ROW, BLOCK_T)
+    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW, BLOCK_T)
     if tl.max(row_mask.to(tl.int32), 0) == 0:
         return
     offs_d = tl.arange(0, BLOCK_D)
-    h, pos, valid, _, pos_logits = _positive_logits(
+    # Distinct names for unused results: a name re-bound inside the loop below would be a
+    # loop-carried value whose type changes (float32 -> bfloat16), which the compiler rejects.
+    h, pos, valid, _w_pos, pos_logits = _positive_logits(
         H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
         ignore_index, HAS_POS_LOGQ,
     )  # fmt: skip
@@ -153,7 +161,7 @@ def _sampled_fwd_kernel(
     running_sum = tl.full([BLOCK_T], 1.0, tl.float32)
     for k_start in range(0, num_neg, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
-        logits, _, _ = _negative_logits(
+        logits, _ids, _w = _negative_logits(
             h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
             hidden_dim, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
@@ -169,14 +177,14 @@ def _sampled_fwd_kernel(
 def _sampled_bwd_kernel(
     H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DH, DW,
     stride_h, stride_w, stride_neg, stride_dh, stride_dw,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, blocks_per_group, inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     SCATTER_DW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics."""
-    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, PER_ROW, BLOCK_T)
+    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW, BLOCK_T)
     if tl.max(row_mask.to(tl.int32), 0) == 0:
         return
     offs_d = tl.arange(0, BLOCK_D)
@@ -271,18 +279,21 @@ def _sampled_dw_by_item_kernel(
 
 
 def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits):
+    """(grid, blocks per group, meta) of the sampled forward/backward kernels."""
     per_row = rows_per_group == 1
     if per_row:
         block_t, block_k, block_d = _per_row_blocks(hidden.shape[1])
-        grid = (triton.cdiv(hidden.shape[0], block_t), 1)
+        blocks_per_group = 1
+        grid = (triton.cdiv(hidden.shape[0], block_t),)
     else:
         block_t, block_k, block_d = _blocks(hidden.shape[1])
-        grid = (neg_ids.shape[0], triton.cdiv(rows_per_group, block_t))
+        blocks_per_group = triton.cdiv(rows_per_group, block_t)
+        grid = (neg_ids.shape[0] * blocks_per_group,)
     meta = dict(
         HAS_POS_LOGQ=pos_log_q is not None, HAS_NEG_LOGQ=neg_log_q is not None, REMOVE_HITS=remove_hits,
         PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **_dot_meta(hidden.dtype),
     )  # fmt: skip
-    return grid, meta
+    return grid, blocks_per_group, meta
 
 
 def _contiguous_rows(*tensors):
@@ -301,12 +312,12 @@ def sampled_forward(
     lse = torch.zeros_like(loss)
     if num_rows == 0:
         return loss, lse
-    grid, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    grid, blocks_per_group, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
     _sampled_fwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0),
-        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], rows_per_group, 1.0 / temperature,
-        ignore_index, **meta,
+        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], rows_per_group, blocks_per_group,
+        1.0 / temperature, ignore_index, **meta,
     )  # fmt: skip
     return loss, lse
 
@@ -335,18 +346,19 @@ def sampled_backward(
     d_weight = torch.zeros(weight.shape, dtype=torch.float32 if scatter else weight.dtype, device=weight.device)
     if num_rows == 0:
         return d_hidden, d_weight.to(weight.dtype)
-    grid, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
-    scalars = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1], rows_per_group, 1.0 / temperature, ignore_index)
+    grid, blocks_per_group, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    sizes = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1], rows_per_group)
     _sampled_bwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_hidden.stride(0), d_weight.stride(0),
-        *scalars, SCATTER_DW=scatter, **meta,
+        *sizes, blocks_per_group, 1.0 / temperature, ignore_index, SCATTER_DW=scatter, **meta,
     )  # fmt: skip
     if deterministic:
         order, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index)
         _sampled_dw_by_item_kernel[(num_items,)](
             hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, order, starts,
-            hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0), *scalars,
+            hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0),
+            *sizes, 1.0 / temperature, ignore_index,
             HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
             BLOCK_T=16 if triton_interpreter_enabled() else 64, BLOCK_D=meta["BLOCK_D"],
         )  # fmt: skip
@@ -396,7 +408,9 @@ def _full_fwd_kernel(
         # is exactly 0 when the target is the only class.
         target_logits += tl.sum(tl.where(offs_n[None, :] == target[:, None], logits, 0.0), 1)
         new_max = tl.maximum(running_max, tl.max(logits, 1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+        # -inf until a tile holds an item that is not excluded: exp(-inf - -inf) would be NaN.
+        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(logits - safe_max[:, None]), 1)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     tl.store(Lse + rows, lse, mask=row_mask)
