@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint gpu-check bench clean
+.PHONY: setup run test lint offline-compile gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,21 @@ run: setup
 # The extension is part of the build: its tests must run, not skip.
 test: setup
 	SEQREC_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
+
+# make offline-compile [TRITON=3.6.0]: compile every Triton kernel the public API launches for
+# sm_80 and sm_90 without a GPU, check it (tests/offline_compile.py) and write the resource table
+# to benchmarks/results/offline-compile[-triton-<version>].md. TRITON=<version> runs the same
+# check under that Triton release in its own venv (3.6.0 is the GPU machine's).
+TRITON ?=
+COMPILE_VENV = $(if $(TRITON),.venv-triton-$(TRITON),$(VENV))
+$(COMPILE_VENV)/.installed-triton:
+	$(PYTHON) -m venv $(COMPILE_VENV)
+	$(COMPILE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPILE_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) triton==$(TRITON) numpy tqdm
+	touch $@
+offline-compile: setup $(if $(TRITON),$(COMPILE_VENV)/.installed-triton)
+	PYTHONPATH=$(CURDIR) $(COMPILE_VENV)/bin/python tests/offline_compile.py \
+		--markdown benchmarks/results/offline-compile$(if $(TRITON),-triton-$(TRITON)).md
 
 lint: setup
 	$(PY) -m ruff check seqrec_kernels tests benchmarks
@@ -56,4 +71,4 @@ bench:
 	PYTHONPATH=$(CURDIR) $(BENCH_PY) -m benchmarks $(or $(BENCH),all) $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .hypothesis .pytest_cache
+	rm -rf $(VENV) .venv-triton-* build *.egg-info .hypothesis .pytest_cache

@@ -20,6 +20,10 @@ from .dropout import keep_mask, row_hash
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+# Every launch lets ptxas use all 255 registers a thread may have (`maxnreg`): left to
+# itself it stopped short (96 in the D=16 forward, 128 in backward kernels, 80 in the
+# deterministic item gradient) and spilled at 16-bit.
+MAX_REGISTERS = 255
 
 
 @triton.jit
@@ -270,14 +274,17 @@ def _attention_bwd_dq_kernel(
 
 
 def _launch_config(head_dim, dtype, backward):
-    """Block sizes and warps: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)."""
+    """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg})."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
-        return 32, 16, block_d, 4, 1
+        return 32, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
     wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
     if backward:
-        return (16, 32, block_d, 8, 1) if wide else (32, 64, block_d, 4, 2)
-    return (32, 32, block_d, 4, 1) if wide else (64, 64 if block_d <= 64 else 32, block_d, 4, 2)
+        block_m, block_n, num_warps, num_stages = (16, 32, 8, 1) if wide else (32, 64, 4 if block_d <= 64 else 8, 2)
+        # 8 warps at D=128: else dk/dv spilled at 16-bit (D=128 with dropout).
+        return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+    block_m, block_n, num_stages = (32, 32, 1) if wide else (64, 64 if block_d <= 64 else 32, 2)
+    return block_m, block_n, block_d, dict(num_warps=4, num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
 
 def _dot_dtype(dtype):
@@ -317,15 +324,14 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     if q.numel() == 0 or max_seqlen == 0:
         return out, lse
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
-    block_m, block_n, block_d, num_warps, num_stages = _launch_config(q.shape[3], q.dtype, backward=False)
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=False)
     grid = (seq_len.shape[0] * q.shape[1], triton.cdiv(max_seqlen, block_m))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, seq_start, seq_len, dropout_seed,
         *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
         *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
         *c["sizes"], scale * math.log2(math.e), *c["drop"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
-        **c["meta"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"],
     )  # fmt: skip
     return out, lse
 
@@ -340,7 +346,7 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
     packed, num_pairs = c["packed"], seq_len.shape[0] * q.shape[1]
     lse_strides = _strides(lse, packed)[:2]
-    block_m, block_n, block_d, num_warps, num_stages = _launch_config(q.shape[3], q.dtype, backward=True)
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=True)
 
     delta = torch.zeros_like(lse)  # [B, H, L]: rowsum(dout * out)
     _attention_bwd_delta_kernel[(num_pairs, triton.cdiv(max_seqlen, block_m))](
@@ -352,9 +358,7 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed),
         *lse_strides, *c["sizes"], scale, scale * math.log2(math.e), *c["drop"],
     )  # fmt: skip
-    launch = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages, **c["meta"]
-    )
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
     _attention_bwd_dkdv_kernel[(num_pairs, triton.cdiv(max_seqlen, block_n))](
         q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
         *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,

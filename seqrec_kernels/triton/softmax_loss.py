@@ -24,25 +24,40 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter_enabled
-from .attention import _dot_dtype
+from .attention import MAX_REGISTERS, _dot_dtype
 
 MAX_HIDDEN_DIM = 1024
 
 
-def _blocks(hidden_dim):
+def _blocks(hidden_dim, dtype):
+    """(BLOCK_T, BLOCK_N, BLOCK_D, launch options) of the tile kernels (shared negatives, full)."""
     block_d = max(16, triton.next_power_of_2(hidden_dim))
     if triton_interpreter_enabled():
-        return 16, 16, block_d
-    if block_d <= 128:
-        return 64, 64, block_d
-    return (32, 32, block_d) if block_d <= 256 else (16, 16, block_d)
+        return 16, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
+    block_t = block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+    # 8 warps: with 4, the backward kernels (two [BT, BD] float32 tiles more, a gradient and
+    # its update, and the addresses of the item-gradient atomics) and the D=50 forward spilled.
+    num_warps = 8
+    # Streamed item tiles in shared memory: 3 stages, fewer where they would pass 64 KB
+    # (float32, D=1024: 3 x 64 KB is over the A100's 163 KB per block).
+    tile_bytes = block_n * block_d * torch.empty((), dtype=dtype).element_size()
+    num_stages = max(1, min(3, (64 * 1024) // tile_bytes))
+    return block_t, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
 
 def _per_row_blocks(hidden_dim):
-    """(BLOCK_T, BLOCK_K, BLOCK_D) for per-row negatives: a [T, K, D] register tile."""
+    """(BLOCK_T, BLOCK_K, BLOCK_D) for per-row negatives: a [T, K, D] register tile of at
+    most 4,096 elements (8,192 spilled in the backward at 16-bit, D=64, sm_80: the tile's
+    64-bit addresses for the item-gradient atomics take as many registers as its values)."""
     block_d = max(16, triton.next_power_of_2(hidden_dim))
-    block_k = 16
-    return max(1, 8192 // (block_k * block_d)), block_k, block_d
+    block_k = max(1, min(16, 4096 // block_d))
+    return max(1, 4096 // (block_k * block_d)), block_k, block_d
+
+
+def _item_rows_block(block_d):
+    """Rows per step of the deterministic item-gradient kernel: a [BLOCK_T, BLOCK_D] float32
+    tile of at most 4,096 elements (64 x 1024 spilled kilobytes per thread)."""
+    return 16 if triton_interpreter_enabled() else max(1, min(64, 4096 // block_d))
 
 
 def _check_hidden_dim(hidden_dim):
@@ -179,7 +194,7 @@ def _sampled_bwd_kernel(
     stride_h, stride_w, stride_neg, stride_dh, stride_dw,
     num_rows, num_items, num_neg, hidden_dim, rows_per_group, blocks_per_group, inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
-    SCATTER_DW: tl.constexpr,
+    SCATTER_DW: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -218,12 +233,24 @@ def _sampled_bwd_kernel(
         else:
             dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if SCATTER_DW:
-                # [BK, BD]: every row of the block against each negative.
-                dw_tile = tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-                ids_k = tl.reshape(ids, [BLOCK_K])
+                # [BK, BD]: every row of the block against each negative, in column chunks of
+                # h re-read from cache, so that no [BK, BD] tile of atomic addresses (64-bit
+                # each) is live beside dh: at D=1024 that spilled.
+                coef_t = tl.trans(coef).to(DOT_DTYPE)
                 present_k = tl.reshape(present, [BLOCK_K])
-                dw_ptr = DW + tl.where(present_k, ids_k, 0)[:, None].to(tl.int64) * stride_dw + offs_d[None, :]
-                tl.atomic_add(dw_ptr, dw_tile, mask=present_k[:, None] & d_mask[None, :])
+                dw_rows = DW + tl.where(present_k, tl.reshape(ids, [BLOCK_K]), 0).to(tl.int64) * stride_dw  # [BK]
+                if D_CHUNK == BLOCK_D:
+                    dw_tile = tl.dot(coef_t, h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                    dw_mask = present_k[:, None] & d_mask[None, :]
+                    tl.atomic_add(dw_rows[:, None] + offs_d[None, :], dw_tile, mask=dw_mask)
+                else:
+                    for d_start in tl.static_range(0, BLOCK_D, D_CHUNK):
+                        offs_c = d_start + tl.arange(0, D_CHUNK)
+                        c_mask = offs_c[None, :] < hidden_dim
+                        h_c = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_c[None, :],
+                                      mask=row_mask[:, None] & c_mask, other=0.0)  # fmt: skip
+                        dw_c = tl.dot(coef_t, h_c.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # [BK, DC]
+                        tl.atomic_add(dw_rows[:, None] + offs_c[None, :], dw_c, mask=present_k[:, None] & c_mask)
     dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
     tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -267,7 +294,7 @@ def _sampled_dw_by_item_kernel(
             h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
                         mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
             pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
-            keep = row_mask & (pos != ignore_index)
+            keep = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)  # out of range: ignored
             if REMOVE_HITS:
                 keep &= is_positive | (pos != item)
             logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
@@ -278,20 +305,23 @@ def _sampled_dw_by_item_kernel(
     tl.store(DW + item.to(tl.int64) * stride_dw + offs_d, acc.to(DW.dtype.element_ty), mask=d_mask)
 
 
-def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits):
+def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward):
     """(grid, blocks per group, meta) of the sampled forward/backward kernels."""
     per_row = rows_per_group == 1
     if per_row:
         block_t, block_k, block_d = _per_row_blocks(hidden.shape[1])
+        launch = dict(maxnreg=MAX_REGISTERS)
         blocks_per_group = 1
         grid = (triton.cdiv(hidden.shape[0], block_t),)
     else:
-        block_t, block_k, block_d = _blocks(hidden.shape[1])
+        block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
+        if backward:  # the item-gradient tile [BK, BD] and its atomics' addresses: half as many negatives
+            block_k = max(16, block_k // 2)
         blocks_per_group = triton.cdiv(rows_per_group, block_t)
         grid = (neg_ids.shape[0] * blocks_per_group,)
     meta = dict(
         HAS_POS_LOGQ=pos_log_q is not None, HAS_NEG_LOGQ=neg_log_q is not None, REMOVE_HITS=remove_hits,
-        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **_dot_meta(hidden.dtype),
+        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch,
     )  # fmt: skip
     return grid, blocks_per_group, meta
 
@@ -312,7 +342,9 @@ def sampled_forward(
     lse = torch.zeros_like(loss)
     if num_rows == 0:
         return loss, lse
-    grid, blocks_per_group, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    grid, blocks_per_group, meta = _sampled_launch(
+        hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward=False
+    )
     _sampled_fwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0),
@@ -346,12 +378,15 @@ def sampled_backward(
     d_weight = torch.zeros(weight.shape, dtype=torch.float32 if scatter else weight.dtype, device=weight.device)
     if num_rows == 0:
         return d_hidden, d_weight.to(weight.dtype)
-    grid, blocks_per_group, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits)
+    grid, blocks_per_group, meta = _sampled_launch(
+        hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward=True
+    )
     sizes = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1], rows_per_group)
     _sampled_bwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_hidden.stride(0), d_weight.stride(0),
-        *sizes, blocks_per_group, 1.0 / temperature, ignore_index, SCATTER_DW=scatter, **meta,
+        *sizes, blocks_per_group, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
+        D_CHUNK=min(meta["BLOCK_D"], 256), **meta,
     )  # fmt: skip
     if deterministic:
         order, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index)
@@ -360,7 +395,7 @@ def sampled_backward(
             hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0),
             *sizes, 1.0 / temperature, ignore_index,
             HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
-            BLOCK_T=16 if triton_interpreter_enabled() else 64, BLOCK_D=meta["BLOCK_D"],
+            BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"], maxnreg=MAX_REGISTERS,
         )  # fmt: skip
     return d_hidden, d_weight.to(weight.dtype)
 
@@ -414,7 +449,9 @@ def _full_fwd_kernel(
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     tl.store(Lse + rows, lse, mask=row_mask)
-    tl.store(Loss + rows, tl.where(target != ignore_index, lse - target_logits, 0.0), mask=row_mask)
+    # A target outside [0, N) (possible only where the host check was skipped) is an ignored row.
+    valid = (target != ignore_index) & (target >= 0) & (target < num_items)
+    tl.store(Loss + rows, tl.where(valid, lse - target_logits, 0.0), mask=row_mask)
 
 
 @triton.jit
@@ -464,7 +501,7 @@ def _full_bwd_weight_kernel(
         h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask,
                     other=0.0)  # fmt: skip
         target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-        valid = row_mask & (target != ignore_index)
+        valid = row_mask & (target != ignore_index) & (target >= 0) & (target < num_items)
         lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
         row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
         logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
@@ -485,11 +522,11 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     lse = torch.zeros_like(loss)
     if num_rows == 0:
         return loss, lse
-    block_t, block_n, block_d = _blocks(hidden.shape[1])
+    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
     _full_fwd_kernel[(triton.cdiv(num_rows, block_t),)](
         hidden, weight, targets, excluded_ids, loss, lse, hidden.stride(0), weight.stride(0),
         num_rows, weight.shape[0], hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch,
     )  # fmt: skip
     return loss, lse
 
@@ -501,9 +538,9 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     num_rows, num_items = hidden.shape[0], weight.shape[0]
     if num_rows == 0:
         return d_hidden, d_weight
-    block_t, block_n, block_d = _blocks(hidden.shape[1])
+    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
     scalars = (num_rows, num_items, hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index)
-    meta = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype))
+    meta = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch)
     _full_bwd_hidden_kernel[(triton.cdiv(num_rows, block_t),)](
         hidden, weight, targets, excluded_ids, lse, grad_loss, d_hidden,
         hidden.stride(0), weight.stride(0), d_hidden.stride(0), *scalars, **meta,

@@ -1,0 +1,60 @@
+"""Every Triton kernel the public API launches, compiled for sm_80 and sm_90 by Triton's
+real compiler (no GPU needed): see `offline_compile.py` for the harness and the grid.
+The interpreter the other tests use accepts code the compiler rejects and says nothing
+about spills, shared memory or tensor cores; this is where those are checked."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from offline_compile import TARGETS, describe, expects_tensor_cores, is_16bit, run_targets, violations  # noqa: E402
+
+# Every @triton.jit kernel with a launcher; the grid must reach each on each target.
+LAUNCHED_KERNELS = {
+    "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
+    "_sampled_fwd_kernel", "_sampled_bwd_kernel", "_sampled_dw_by_item_kernel",
+    "_full_fwd_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return run_targets("ci")
+
+
+def _report(failing):
+    return "\n".join(f"{describe(row)}: {'; '.join(violations(row))}" for row in failing[:20])
+
+
+def test_the_grid_reaches_every_kernel_on_every_target(rows):
+    for cc in TARGETS:
+        assert {r["kernel"] for r in rows if r["cc"] == cc} >= LAUNCHED_KERNELS, f"sm_{cc}"
+    # The target is honoured: Hopper's warp-group MMA appears only on sm_90.
+    assert any(r.get("mma") == "wgmma" for r in rows if r["cc"] == 90)
+    assert not any(r.get("mma") == "wgmma" for r in rows if r["cc"] == 80)
+
+
+def test_every_kernel_compiles(rows):
+    failing = [r for r in rows if "error" in r]
+    assert not failing, _report(failing)
+
+
+def test_16bit_kernels_spill_nothing_and_use_tensor_cores(rows):
+    failing = [r for r in rows if "error" not in r and is_16bit(r) and violations(r)]
+    assert not failing, _report(failing)
+    assert any(expects_tensor_cores(r) for r in rows)
+
+
+def test_shared_memory_and_grids_within_limits(rows):
+    failing = [r for r in rows if "error" not in r and violations(r)]
+    assert not failing, _report(failing)
+
+
+def test_violations_names_each_defect():
+    """The checks themselves can fail: each defect of a made-up kernel is reported."""
+    row = dict(cc=80, kernel="_full_fwd_kernel", dtype="bfloat16", D=64, grid=(1, 70_000, 1), local_bytes=96,
+               mma_count=0, shared=170_000)  # fmt: skip
+    problems = " | ".join(violations(row))
+    for words in ("grid", "spills at 16-bit", "no tensor-core MMA", "shared memory 170000 B > sm_80"):
+        assert words in problems
+    assert violations(dict(row, error="CompilationError: x")) == ["does not compile: CompilationError: x"]
