@@ -8,10 +8,17 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <optional>
 #include <string>
 
 namespace seqrec {
+
+// Whether the CPU ops check item id values (on by default). With the checks off they see
+// out-of-range ids as the CUDA kernels do when no host check ran (torch.compile, CUDA
+// graph capture): masked, never dereferenced. Tests turn them off to compare the masking
+// with Triton's (op seqrec::_set_item_id_checks, ops_cpu.cpp).
+inline std::atomic<bool> item_id_checks{true};
 
 inline std::string dtype_name(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
 
@@ -41,10 +48,17 @@ inline void check_device(const char* name, const at::Tensor& t, const at::Tensor
                     " (the device of the other inputs), got ", t.device());
 }
 
+// The kernels read index tensors through their raw data pointer.
+inline void check_contiguous_index(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous index tensor, got shape ", t.sizes(),
+                    " with strides ", t.strides(), " (call .contiguous())");
+}
+
 inline void check_index(const char* name, const at::Tensor& t, const at::Tensor& like) {
   check_device(name, t, like);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
                    ": expected dtype int32 or int64, got ", dtype_name(t));
+  check_contiguous_index(name, t);
 }
 
 inline void check_unit_stride(const char* name, const at::Tensor& t) {
@@ -74,6 +88,7 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
     check_device(name, *t, q);
     TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, name, ": expected dtype int32, got ", dtype_name(*t));
     check_dim(name, *t, 1, "[S]");
+    check_contiguous_index(name, *t);
   }
   TORCH_CHECK_VALUE(seq_start.size(0) == seq_len.size(0), "seq_start: expected shape (", seq_len.size(0),
                     ",) (the shape of seq_len), got ", seq_start.sizes());
@@ -117,10 +132,16 @@ inline void check_attention_backward_inputs(const at::Tensor& dout, const at::Te
 
 // --------------------------------------------------------------------- softmax losses ----
 
-// hidden [T, D] and weight [N, D] of one kernel dtype, unit stride on D.
+// The loss kernels' largest hidden size: kMaxDim in csrc/cuda, MAX_KERNEL_HIDDEN_DIM in
+// seqrec_kernels/ops/softmax_loss.py (tests/test_cuda_inputs.py keeps them equal).
+constexpr int64_t kMaxLossDim = 1024;
+
+// hidden [T, D] and weight [N, D] of one kernel dtype, unit stride on D, D <= kMaxLossDim.
 inline void check_loss_inputs(const at::Tensor& hidden, const at::Tensor& weight, double temperature) {
   check_dim("hidden", hidden, 2, "[T, D]");
   check_kernel_dtype("hidden", hidden);
+  TORCH_CHECK_VALUE(hidden.size(1) <= kMaxLossDim, "hidden: expected D <= ", kMaxLossDim,
+                    " (the 'cuda' backend's kernel limit; backend='reference' has none), got D=", hidden.size(1));
   check_dim("weight", weight, 2, "[N, D]");
   check_device("weight", weight, hidden);
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight: expected dtype ", dtype_name(hidden),
@@ -133,12 +154,12 @@ inline void check_loss_inputs(const at::Tensor& hidden, const at::Tensor& weight
   TORCH_CHECK_VALUE(temperature > 0.0, "temperature: expected a value > 0, got ", temperature);
 }
 
-// ids of `shape` in [0, N) or == ignore_index (checked on the host only).
+// ids of `shape` in [0, N) or == ignore_index (values checked on the host only).
 inline void check_ids(const char* name, const at::Tensor& ids, at::IntArrayRef shape, const at::Tensor& hidden,
                       int64_t num_items, std::optional<int64_t> ignore_index) {
   check_index(name, ids, hidden);
   TORCH_CHECK_VALUE(ids.sizes() == shape, name, ": expected shape ", shape, ", got ", ids.sizes());
-  if (ids.is_cpu() && ids.numel() > 0) {
+  if (ids.is_cpu() && ids.numel() > 0 && item_id_checks) {
     auto in_range = ids.ge(0).logical_and(ids.lt(num_items));
     if (ignore_index) in_range = in_range.logical_or(ids.eq(*ignore_index));
     TORCH_CHECK_VALUE(in_range.all().item<bool>(), name, ": expected item ids in [0, ", num_items, ") (N)");
@@ -183,7 +204,7 @@ inline void check_full_inputs(const at::Tensor& hidden, const at::Tensor& weight
   check_ids("excluded_ids", excluded_ids, excluded_ids.sizes(), hidden, num_items, std::nullopt);
   TORCH_CHECK_VALUE(excluded_ids.size(0) < num_items, "excluded_ids: excludes all ", num_items,
                     " items, leaving no class");
-  if (excluded_ids.is_cpu() && excluded_ids.numel() > 1) {
+  if (excluded_ids.is_cpu() && excluded_ids.numel() > 1 && item_id_checks) {
     auto ids = excluded_ids.to(at::kLong);
     TORCH_CHECK_VALUE(ids.diff().gt(0).all().item<bool>(), "excluded_ids: expected sorted, distinct ids");
   }

@@ -53,9 +53,8 @@ template <typename Body>
 void for_each_sequence_head(const Tensor& q, const Tensor& seq_start, const Tensor& seq_len, int64_t max_seqlen,
                             const Body& body) {
   auto num_seqs = seq_len.size(0), num_heads = q.size(1);
-  auto starts = seq_start.contiguous(), lengths = seq_len.contiguous();
-  const int32_t* start = starts.data_ptr<int32_t>();
-  const int32_t* length = lengths.data_ptr<int32_t>();
+  const int32_t* start = seq_start.data_ptr<int32_t>();  // contiguous (checks.h)
+  const int32_t* length = seq_len.data_ptr<int32_t>();
   bool padded = q.size(0) == num_seqs;
   at::parallel_for(0, num_seqs * num_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
@@ -182,8 +181,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout, const T
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   Dropout dropout(dropout_p, dropout_seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_backward_loops<scalar_t>(unit_stride_rows(dout), q, k, v, out, lse, dq, dk, dv, seq_start, seq_len, max_seqlen, causal,
-                                       static_cast<float>(scale), dropout);
+    attention_backward_loops<scalar_t>(unit_stride_rows(dout), q, k, v, out, lse, dq, dk, dv, seq_start, seq_len,
+                                       max_seqlen, causal, static_cast<float>(scale), dropout);
   });
   return {dq, dk, dv};
 }
@@ -199,16 +198,20 @@ float logsumexp(const std::vector<float>& logits) {
   return m + std::log(sum);
 }
 
-// Row t's logits: [0] its positive, [1 + k] its negatives (-inf at accidental hits).
+// Row t's logits: [0] its positive, [1 + k] its negatives (-inf at accidental hits and
+// absent negatives). Ids outside [0, N) are masked as in the kernels: a row whose positive
+// is out of range counts as ignored, an absent negative leaves the denominator.
 template <typename scalar_t>
 struct SampledLogits {
   const scalar_t *hidden, *weight;
-  int64_t hidden_stride, weight_stride, dim, num_items, num_neg, rows_per_group;
+  int64_t hidden_stride, weight_stride, dim, num_items, num_neg, rows_per_group, ignore_index;
   const int64_t *pos_ids, *neg_ids;
   const float *pos_log_q, *neg_log_q;  // nullptr when not given
   bool remove_hits;
   float inv_temperature;
 
+  bool present(int64_t id) const { return id >= 0 && id < num_items; }
+  bool valid(int64_t t) const { return pos_ids[t] != ignore_index && present(pos_ids[t]); }
   int64_t safe_pos(int64_t t) const { return std::min(std::max<int64_t>(pos_ids[t], 0), num_items - 1); }
   const int64_t* negatives(int64_t t) const { return neg_ids + (t / rows_per_group) * num_neg; }
 
@@ -219,9 +222,9 @@ struct SampledLogits {
     const int64_t* negs = negatives(t);
     const float* neg_q = neg_log_q ? neg_log_q + (t / rows_per_group) * num_neg : nullptr;
     for (int64_t k = 0; k < num_neg; ++k) {
-      bool hit = remove_hits && negs[k] == pos_ids[t];
-      logits[1 + k] = hit ? kNegInf : dot(h, weight + negs[k] * weight_stride, dim) * inv_temperature;
-      if (neg_q && !hit) logits[1 + k] -= neg_q[k];
+      bool kept = present(negs[k]) && !(remove_hits && negs[k] == pos_ids[t]);
+      logits[1 + k] = kept ? dot(h, weight + negs[k] * weight_stride, dim) * inv_temperature : kNegInf;
+      if (neg_q && kept) logits[1 + k] -= neg_q[k];
     }
   }
 };
@@ -238,7 +241,7 @@ struct SampledInputs {
 
   template <typename scalar_t>
   SampledLogits<scalar_t> logits(const Tensor& hidden, const Tensor& weight, int64_t rows_per_group,
-                                 bool remove_hits, double temperature) const {
+                                 bool remove_hits, double temperature, int64_t ignore_index) const {
     return {static_cast<const scalar_t*>(hidden.data_ptr()),
             static_cast<const scalar_t*>(weight.data_ptr()),
             hidden.stride(0),
@@ -247,6 +250,7 @@ struct SampledInputs {
             weight.size(0),
             neg_ids.size(1),
             rows_per_group,
+            ignore_index,
             pos_ids.data_ptr<int64_t>(),
             neg_ids.data_ptr<int64_t>(),
             pos_log_q.defined() ? pos_log_q.data_ptr<float>() : nullptr,
@@ -268,13 +272,13 @@ std::tuple<Tensor, Tensor> sampled_softmax_fwd_cpu(const Tensor& hidden, const T
   auto lse = at::empty({rows}, hidden.options().dtype(at::kFloat));
   float *loss_data = loss.data_ptr<float>(), *lse_data = lse.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "sampled_softmax_fwd_cpu", [&] {
-    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature);
+    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature, ignore_index);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> logits(1 + logits_of.num_neg);
       for (int64_t t = begin; t < end; ++t) {
         logits_of(t, logits);
         lse_data[t] = logsumexp(logits);
-        loss_data[t] = logits_of.pos_ids[t] == ignore_index ? 0.0f : lse_data[t] - logits[0];
+        loss_data[t] = logits_of.valid(t) ? lse_data[t] - logits[0] : 0.0f;
       }
     });
   });
@@ -299,19 +303,20 @@ std::tuple<Tensor, Tensor> sampled_softmax_bwd_cpu(const Tensor& grad_loss, cons
   // d loss / d logit = (softmax - onehot(positive)) * grad / temperature: [T, 1 + K].
   std::vector<float> coef(rows * (1 + num_neg));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "sampled_softmax_bwd_cpu", [&] {
-    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature);
+    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature, ignore_index);
     auto* dh = d_hidden.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> logits(1 + num_neg), row_grad(dim);
       for (int64_t t = begin; t < end; ++t) {
         float* c = &coef[t * (1 + num_neg)];
-        float row_scale = logits_of.pos_ids[t] == ignore_index ? 0.0f : grad_data[t] * logits_of.inv_temperature;
+        float row_scale = logits_of.valid(t) ? grad_data[t] * logits_of.inv_temperature : 0.0f;
         logits_of(t, logits);
         for (int64_t k = 0; k <= num_neg; ++k) c[k] = std::exp(logits[k] - lse_data[t]) * row_scale;
         c[0] -= row_scale;
         std::fill(row_grad.begin(), row_grad.end(), 0.0f);
         const int64_t* negs = logits_of.negatives(t);
         for (int64_t k = 0; k <= num_neg; ++k) {
+          if (k > 0 && !logits_of.present(negs[k - 1])) continue;  // absent: no weight row to read
           const scalar_t* w = logits_of.weight + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * weight.stride(0);
           for (int64_t d = 0; d < dim; ++d) row_grad[d] += c[k] * static_cast<float>(w[d]);
         }
@@ -321,10 +326,11 @@ std::tuple<Tensor, Tensor> sampled_softmax_bwd_cpu(const Tensor& grad_loss, cons
     // d_weight in row order, one thread: deterministic (the CPU path always is).
     float* dw = d_weight.data_ptr<float>();
     for (int64_t t = 0; t < rows; ++t) {
-      if (logits_of.pos_ids[t] == ignore_index) continue;
+      if (!logits_of.valid(t)) continue;
       const scalar_t* h = logits_of.hidden + t * hidden.stride(0);
       const int64_t* negs = logits_of.negatives(t);
       for (int64_t k = 0; k <= num_neg; ++k) {
+        if (k > 0 && !logits_of.present(negs[k - 1])) continue;
         float c = coef[t * (1 + num_neg) + k];
         float* w = dw + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * dim;
         for (int64_t d = 0; d < dim; ++d) w[d] += c * static_cast<float>(h[d]);
@@ -356,8 +362,16 @@ void full_logits_block(const Tensor& hidden, const Tensor& weight, const std::ve
 std::vector<bool> excluded_mask(const Tensor& excluded_ids, int64_t num_items) {
   std::vector<bool> mask(num_items, false);
   auto ids = excluded_ids.to(at::kLong).contiguous();
-  for (int64_t i = 0; i < ids.numel(); ++i) mask[ids.data_ptr<int64_t>()[i]] = true;
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    int64_t id = ids.data_ptr<int64_t>()[i];
+    if (id >= 0 && id < num_items) mask[id] = true;  // no item to exclude otherwise
+  }
   return mask;
+}
+
+// A target that is not ignore_index and in [0, N) (an out-of-range one counts as ignored).
+bool valid_target(int64_t target, int64_t ignore_index, int64_t num_items) {
+  return target != ignore_index && target >= 0 && target < num_items;
 }
 
 std::tuple<Tensor, Tensor> full_softmax_fwd_cpu(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
@@ -378,8 +392,8 @@ std::tuple<Tensor, Tensor> full_softmax_fwd_cpu(const Tensor& hidden, const Tens
         int64_t t = begin + r;
         row.assign(logits.begin() + r * num_items, logits.begin() + (r + 1) * num_items);
         lse.data_ptr<float>()[t] = logsumexp(row);
-        bool ignored = target_data[t] == ignore_index;
-        loss.data_ptr<float>()[t] = ignored ? 0.0f : lse.data_ptr<float>()[t] - row[target_data[t]];
+        bool valid = valid_target(target_data[t], ignore_index, num_items);
+        loss.data_ptr<float>()[t] = valid ? lse.data_ptr<float>()[t] - row[target_data[t]] : 0.0f;
       }
     }
   });
@@ -409,10 +423,11 @@ std::tuple<Tensor, Tensor> full_softmax_bwd_cpu(const Tensor& grad_loss, const T
       full_logits_block<scalar_t>(hidden, weight, excluded, inv_temp, begin, count, coef);
       for (int64_t r = 0; r < count; ++r) {
         int64_t t = begin + r, target_id = target.data_ptr<int64_t>()[t];
-        float row_scale = target_id == ignore_index ? 0.0f : grad.data_ptr<float>()[t] * inv_temp;
+        bool valid = valid_target(target_id, ignore_index, num_items);
+        float row_scale = valid ? grad.data_ptr<float>()[t] * inv_temp : 0.0f;
         float* c = &coef[r * num_items];
         for (int64_t n = 0; n < num_items; ++n) c[n] = std::exp(c[n] - lse_f.data_ptr<float>()[t]) * row_scale;
-        if (target_id != ignore_index) c[target_id] -= row_scale;  // softmax - onehot(target)
+        if (valid) c[target_id] -= row_scale;  // softmax - onehot(target)
       }
       at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {  // d_hidden of the block's rows
         std::vector<float> row_grad(dim);
@@ -437,7 +452,12 @@ std::tuple<Tensor, Tensor> full_softmax_bwd_cpu(const Tensor& grad_loss, const T
   return {d_hidden, d_weight.to(weight.scalar_type())};
 }
 
+// Sets item_id_checks (checks.h); returns the previous setting.
+bool set_item_id_checks(bool enabled) { return item_id_checks.exchange(enabled); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(seqrec, m) { m.def("_set_item_id_checks(bool enabled) -> bool", &set_item_id_checks); }
 
 TORCH_LIBRARY_IMPL(seqrec, CPU, m) {
   m.impl("attention_fwd_cuda", &attention_fwd_cpu);

@@ -47,7 +47,7 @@ cuda::AttentionParams attention_params(const Tensor& q, const Tensor& k, const T
   p.v = bhld(v);
   p.out = bhld(out);
   p.lse = lse.data_ptr<float>();
-  p.seq_start = seq_start.data_ptr<int32_t>();
+  p.seq_start = seq_start.data_ptr<int32_t>();  // contiguous: check_attention_inputs
   p.seq_len = seq_len.data_ptr<int32_t>();
   p.batch = static_cast<int>(q.size(0));
   p.num_heads = static_cast<int>(q.size(1));

@@ -1,7 +1,11 @@
 """The C++/CUDA extension seqrec_kernels._C: its ops' own input checks, availability, and
-the CUDA sources compiling without a GPU (nvcc for every target architecture, no spills;
-the torch glue of the CUDA build against torch's headers)."""
+the CUDA sources compiling without a GPU (nvcc for every target architecture, no spills,
+the SASS as csrc/nvcc_check.py expects it; the torch glue of the CUDA build against
+torch's headers)."""
 
+import collections
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +46,33 @@ def full_args(**overrides):
     return list(args.values())
 
 
+def attention_backward_args(**overrides):
+    """attention_bwd_cuda's arguments: dout, q, k, v, out, lse, then the forward's last six."""
+    q, k, v, *rest = attention_args(**overrides)
+    return [torch.randn_like(q), q, k, v, torch.randn_like(q), torch.zeros(q.shape[:3]), *rest]
+
+
+def loss_backward_args(forward_args):
+    """The *_bwd_cuda op's arguments for a list of full_args / sampled_args: grad_loss first,
+    the LSE after the ids and log_q, `deterministic` last (sampled)."""
+    hidden, weight, *rest = forward_args
+    rows = torch.ones(hidden.shape[0])
+    if len(forward_args) == 6:  # full: targets, excluded_ids | temperature, ignore_index
+        return [rows, hidden, weight, *rest[:2], rows, *rest[2:]]
+    return [rows, hidden, weight, *rest[:4], rows, *rest[4:], False]
+
+
+def strided(values, dtype=torch.int64):
+    """A non-contiguous view of `values` (every other element of a longer tensor)."""
+    return torch.tensor(list(values), dtype=dtype).repeat_interleave(2)[::2]
+
+
+WIDE = dict(hidden=torch.randn(6, 1025), weight=torch.randn(10, 1025))
+WIDE_MESSAGE = (
+    "hidden: expected D <= 1024 (the 'cuda' backend's kernel limit; backend='reference' has none), got D=1025"
+)
+
+
 # Direct calls of the C++ ops bypass the Python checks: the C++ ones must hold.
 BAD_CALLS = [
     ("attention_fwd_cuda", attention_args(q=torch.randn(2, 8, 16)), ValueError, "q: expected 4 dimensions"),
@@ -70,6 +101,43 @@ BAD_CALLS = [
     ("full_softmax_fwd_cuda", full_args(targets=torch.randint(1, 10, (5,))), ValueError, "targets: expected shape"),
     ("full_softmax_fwd_cuda", full_args(excluded_ids=torch.arange(10, dtype=torch.int32)), ValueError, "excludes all"),
     ("full_softmax_fwd_cuda", full_args(excluded_ids=torch.tensor([3, 1], dtype=torch.int32)), ValueError, "sorted"),
+    # Index tensors are read through raw pointers: a strided view is an error, not a misread.
+    (
+        "attention_fwd_cuda",
+        attention_args(seq_start=strided([0, 5], torch.int32)),
+        ValueError,
+        "seq_start: expected a contiguous index tensor",
+    ),
+    (
+        "attention_bwd_cuda",
+        attention_backward_args(seq_len=strided([8, 3], torch.int32)),
+        ValueError,
+        "seq_len: expected a contiguous index tensor",
+    ),
+    ("sampled_softmax_fwd_cuda", sampled_args(pos_ids=strided(range(1, 7))), ValueError, "pos_ids: expected a contig"),
+    (
+        "sampled_softmax_fwd_cuda",
+        sampled_args(neg_ids=torch.randint(1, 10, (4, 2)).T),
+        ValueError,
+        "neg_ids: expected a contiguous index tensor, got shape [2, 4] with strides [1, 2]",
+    ),
+    ("full_softmax_fwd_cuda", full_args(targets=strided(range(1, 7))), ValueError, "targets: expected a contiguous"),
+    (
+        "full_softmax_bwd_cuda",
+        loss_backward_args(full_args(excluded_ids=strided([0, 3], torch.int32))),
+        ValueError,
+        "excluded_ids: expected a contiguous index tensor",
+    ),
+    # The loss kernels' hidden limit, forward and backward.
+    *[
+        (op, args, ValueError, WIDE_MESSAGE)
+        for op, args in [
+            ("sampled_softmax_fwd_cuda", sampled_args(**WIDE)),
+            ("sampled_softmax_bwd_cuda", loss_backward_args(sampled_args(**WIDE))),
+            ("full_softmax_fwd_cuda", full_args(**WIDE)),
+            ("full_softmax_bwd_cuda", loss_backward_args(full_args(**WIDE))),
+        ]
+    ],
 ]
 
 
@@ -95,11 +163,52 @@ def test_info_reports_the_extension(capsys):
     assert "cpu: reference" in output and "cuda" in output.split("cpu:")[1].splitlines()[0]
 
 
+def _load_nvcc_check():
+    spec = importlib.util.spec_from_file_location("nvcc_check", CSRC / "nvcc_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+nvcc_check = _load_nvcc_check()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_cuda_sources_compile_for_every_arch_without_spills():
+def test_cuda_sources_compile_and_their_sass_meets_expectations():
+    """Each .cu compiled once per architecture (sm_80, sm_90): no spills in the ptxas
+    report, and in the SASS of the same object no local memory, HMMA/LDSM/LDGSTS where the
+    kernel multiplies 16-bit tiles, registers that allow the CTAs per SM it intends."""
     result = subprocess.run([sys.executable, str(CSRC / "nvcc_check.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "sm_80" in result.stdout and "sm_90" in result.stdout
+    for source in ("attention.cu", "softmax_loss.cu"):
+        for arch in ("sm_80", "sm_90"):
+            assert re.search(rf"^{source} {arch}: \d+ kernels .* 0 spilling, 0 SASS violations$", result.stdout, re.M)
+    # A 16-bit tile kernel's row: registers, 256 threads, 2 CTAs/SM (2 intended), no local, HMMA LDSM LDGSTS.
+    assert re.search(
+        r"^  engine_kernel<__half, 1> +\d+ +256 +2 \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]", result.stdout, re.M
+    )
+
+
+def test_sass_check_arithmetic_and_parsing():
+    """nvcc_check's occupancy arithmetic, SASS parsing and verdicts, on made-up input."""
+    assert nvcc_check.ctas_per_sm(128, 256) == 2  # 4096 registers per warp, 8 warps
+    assert nvcc_check.ctas_per_sm(129, 256) == 1  # 4128 round up to 4352 per warp
+    assert nvcc_check.ctas_per_sm(255, 128) == 2
+    assert nvcc_check.ctas_per_sm(22, 1024) == 2  # thread slots bind first
+    assert nvcc_check.ctas_per_sm(16, 32) == 32  # CTA slots
+    sass = "\tFunction : _Z1kv\n  /*0000*/   @!P0 HMMA.16816.F32 R4, R8, R12, R4 ;\n  /*0010*/   STL [R1], R0 ;\n"
+    assert nvcc_check.parse_sass(sass) == {"_Z1kv": collections.Counter(HMMA=1, STL=1)}
+    demangled = "void seqrec::cuda::(anonymous namespace)::engine_kernel<__half, 1>(seqrec::cuda::LossArgs)"
+    assert nvcc_check.short_name(demangled) == "engine_kernel<__half, 1>"
+    resources = dict(registers=129, stack=0, shared=0, local=0)
+    row = dict(kernel="engine_kernel<__half, 1>", source="softmax_loss.cu", arch="sm_90", spills=0, launch_threads=256,
+               resources=resources, HMMA=0, LDSM=4, LDGSTS=9, STL=0, LDL=0)  # fmt: skip
+    problems = nvcc_check.check(row)
+    assert len(problems) == 2, problems
+    assert "129 registers x 256 threads allow 1 CTAs per SM, 2 intended" in problems[0]
+    assert "no HMMA in the SASS" in problems[1]
+    assert "no entry in nvcc_check.EXPECTED" in nvcc_check.check({**row, "kernel": "new_kernel<float>"})[0]
 
 
 CUDA_INCLUDE = Path("/usr/local/cuda/include")

@@ -4,7 +4,8 @@
 // kernels of seqrec_kernels/triton/attention.py).
 //
 // - A program handles one tile of rows of one (sequence, head): grid (sequence * head,
-//   tile). Rows are addressed relative to the sequence's first token, so padding is never
+//   tile in y, and z past 65535 tiles; the plans and index expressions are tile_plan.h's).
+//   Rows are addressed relative to the sequence's first token, so padding is never
 //   loaded, a program whose tile starts past the sequence exits at once, and tiles that
 //   the causal mask hides entirely are never visited.
 // - Each warp owns 16 "stationary" rows (queries in the forward and dq kernels, keys in
@@ -25,32 +26,21 @@
 
 #include "dropout_hash.h"
 #include "kernels.h"
+#include "tile_plan.h"
 
 namespace seqrec::cuda {
 namespace {
 
 using i64 = int64_t;
+using namespace attn_plan;
 
 constexpr float kInf = __builtin_huge_valf();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kMaxHeadDim = 256;
-constexpr size_t kSmemBudget = 112 * 1024;  // per CTA: fits A100 (163 KB), two CTAs per SM on H100
 constexpr unsigned kFull = 0xffffffffu;
 
 template <typename T> struct IsF32 { static constexpr bool value = false; };
 template <> struct IsF32<float> { static constexpr bool value = true; };
-
-// Shared tiles are [rows, DP + pad]: the pad makes ldmatrix rows (16-bit) and float4 rows
-// (float32) of consecutive tile rows fall into different banks.
-template <typename T, int DP> __host__ __device__ constexpr int tile_ld() { return DP + (IsF32<T>::value ? 4 : 8); }
-template <typename T, int DP> __host__ __device__ constexpr size_t tile_row_bytes() {
-  return tile_ld<T, DP>() * sizeof(T);
-}
-// Streamed rows per tile: 64, fewer for wide rows (16 KB of unpadded row data at most).
-template <typename T, int DP> __host__ __device__ constexpr int stream_rows() {
-  return 16384 / (DP * static_cast<int>(sizeof(T))) < 64 ? 16384 / (DP * static_cast<int>(sizeof(T))) : 64;
-}
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -145,10 +135,10 @@ __device__ __forceinline__ Seq this_seq(const AttentionParams& p) {
   Seq q;
   q.s = static_cast<int>(blockIdx.x) / p.num_heads;
   q.h = static_cast<int>(blockIdx.x) - q.s * p.num_heads;
-  const int start = min(max(p.seq_start[q.s], 0), p.num_rows);
-  q.len = min(max(p.seq_len[q.s], 0), min(p.num_rows - start, p.max_seqlen));
-  q.b = p.batch == p.num_seqs ? q.s : 0;  // padded: batch row s; packed: the one batch row
-  q.start = start;
+  const SeqRange r = clamp_seq(p.seq_start[q.s], p.seq_len[q.s], p.num_rows, p.max_seqlen);
+  q.len = r.len;
+  q.b = batch_row(q.s, p.batch, p.num_seqs);
+  q.start = r.start;
   return q;
 }
 
@@ -160,7 +150,7 @@ __device__ __forceinline__ T* seq_rows(const Bhld& t, const Seq& q) {
 
 // Index of the sequence's first row in the contiguous [B, H, L] lse / delta.
 __device__ __forceinline__ i64 stat_base(const AttentionParams& p, const Seq& q) {
-  return (q.b * p.num_heads + q.h) * p.num_rows + q.start;
+  return stat_index(q.b, q.h, p.num_heads, p.num_rows, q.start);
 }
 
 // Dropout row key of the sequence's position 0 (add the query position).
@@ -172,7 +162,7 @@ __device__ __forceinline__ i64 dropout_key0(const AttentionParams& p, const Seq&
 // c >= D. D * sizeof(T) is a multiple of BYTES, so a copy is wholly inside or outside D.
 template <typename T, int DP, int BYTES>
 __device__ __forceinline__ void copy_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D) {
-  constexpr int kElems = BYTES / sizeof(T), kPerRow = DP / kElems, kLd = tile_ld<T, DP>();
+  constexpr int kElems = BYTES / sizeof(T), kPerRow = DP / kElems, kLd = tile_ld(sizeof(T), DP);
   for (int u = threadIdx.x; u < rows * kPerRow; u += blockDim.x) {
     const int r = u / kPerRow, c = (u - r * kPerRow) * kElems;
     const bool ok = r < valid_rows && c < D;
@@ -205,36 +195,35 @@ __device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 st
 // stride tile_ld. Layout: s[j][e] is row g, column 8j + 2 tig + e; s[j][2 + e] is row g + 8.
 template <typename T, int DP, int NK>
 __device__ __forceinline__ void tile_scores(float (&s)[NK][4], const T* x, const T* y, int lane) {
-  constexpr int ld = tile_ld<T, DP>();
+  constexpr int ld = tile_ld(sizeof(T), DP);
 #pragma unroll
   for (int j = 0; j < NK; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
   if constexpr (IsF32<T>::value) {
     const int g = lane >> 2, tig = lane & 3;
 #pragma unroll 2
     for (int k = 0; k < DP; k += 4) {
-      const float4 xa = *reinterpret_cast<const float4*>(x + g * ld + k);
-      const float4 xb = *reinterpret_cast<const float4*>(x + (g + 8) * ld + k);
+      const float4 xa = *reinterpret_cast<const float4*>(x + frag::score_row(g, 0) * ld + k);
+      const float4 xb = *reinterpret_cast<const float4*>(x + frag::score_row(g, 1) * ld + k);
 #pragma unroll
       for (int j = 0; j < NK; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float4 yv = *reinterpret_cast<const float4*>(y + (8 * j + 2 * tig + e) * ld + k);
+          const float4 yv = *reinterpret_cast<const float4*>(y + frag::score_col(j, tig, e) * ld + k);
           s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
           s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
         }
       }
     }
   } else {
-    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: this lane addresses row mrow of matrix mat
     constexpr int kUnroll = DP <= 64 ? DP / 16 : 2;  // bounds the fragments loaded ahead
 #pragma unroll kUnroll
     for (int kk = 0; kk < DP / 16; ++kk) {
       uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
-      ldsm_x4(af, x + ((mat & 1) * 8 + mrow) * ld + kk * 16 + (mat >> 1) * 8);
+      ldsm_x4(af, x + frag::ldsm_a_row(lane) * ld + kk * 16 + frag::ldsm_a_col(lane));
 #pragma unroll
       for (int jp = 0; jp < NK / 2; ++jp) {
         uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
-        ldsm_x4(bf, y + ((2 * jp + (mat >> 1)) * 8 + mrow) * ld + kk * 16 + (mat & 1) * 8);
+        ldsm_x4(bf, y + (16 * jp + frag::ldsm_b_row(lane)) * ld + kk * 16 + frag::ldsm_b_col(lane));
         mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
         mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
       }
@@ -242,30 +231,23 @@ __device__ __forceinline__ void tile_scores(float (&s)[NK][4], const T* x, const
   }
 }
 
-// Column of acc[j][e] (row g) and acc[j][2 + e] (row g + 8) of a [16, DP] accumulator:
-// the mma layout for 16-bit types; for float32, lanes tig read adjacent float4 of a row.
-template <typename T>
-__device__ __forceinline__ int acc_col(int j, int e, int tig) {
-  return IsF32<T>::value ? 16 * (j >> 1) + 4 * tig + 2 * (j & 1) + e : 8 * j + 2 * tig + e;
-}
-
 // acc[16, DP] += p[16, 8 NK] y[8 NK, DP] for one warp (p in the layout of tile_scores,
 // rounded to T for the tensor cores; y with row stride tile_ld).
 template <typename T, int DP, int NK>
 __device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const float (&p)[NK][4], const T* y,
                                                 int lane) {
-  constexpr int ld = tile_ld<T, DP>();
+  constexpr int ld = tile_ld(sizeof(T), DP);
   if constexpr (IsF32<T>::value) {
     const int tig = lane & 3;
 #pragma unroll
     for (int c = 0; c < 8 * NK; ++c) {
-      // Column c of p lives in lane (g, (c >> 1) & 3), entries [c >> 3][c & 1] and [c >> 3][2 + (c & 1)].
-      const int src = (lane & ~3) | ((c >> 1) & 3);
-      const float p0 = __shfl_sync(kFull, p[c >> 3][c & 1], src);
-      const float p1 = __shfl_sync(kFull, p[c >> 3][2 + (c & 1)], src);
+      // Column c of p (rows g, g + 8): lane col_lane, entries [col_tile][col_entry], [col_tile][2 + col_entry].
+      const int src = frag::col_lane(lane, c);
+      const float p0 = __shfl_sync(kFull, p[frag::col_tile(c)][frag::col_entry(c)], src);
+      const float p1 = __shfl_sync(kFull, p[frag::col_tile(c)][2 + frag::col_entry(c)], src);
 #pragma unroll
-      for (int q = 0; q < DP / 16; ++q) {  // columns 16q + 4 tig .. + 3: acc[2q][0..1], acc[2q + 1][0..1]
-        const float4 yv = *reinterpret_cast<const float4*>(y + c * ld + 16 * q + 4 * tig);
+      for (int q = 0; q < DP / 16; ++q) {  // acc[2q][0..1], acc[2q + 1][0..1]: one float4
+        const float4 yv = *reinterpret_cast<const float4*>(y + c * ld + acc_col(true, 2 * q, 0, tig));
         acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
         acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
         acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
@@ -277,7 +259,6 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const f
       }
     }
   } else {
-    const int mat = lane >> 3, mrow = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < NK / 2; ++kk) {
       // The accumulator layout of two n tiles is the A layout of one k step.
@@ -287,7 +268,7 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const f
 #pragma unroll
       for (int jp = 0; jp < DP / 16; ++jp) {
         uint32_t bf[4];  // y is [k = row, n = column]: transposed loads give the "col" B layout
-        ldsm_x4_trans(bf, y + (kk * 16 + (mat & 1) * 8 + mrow) * ld + (2 * jp + (mat >> 1)) * 8);
+        ldsm_x4_trans(bf, y + (kk * 16 + frag::ldsm_a_row(lane)) * ld + 16 * jp + frag::ldsm_a_col(lane));
         mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
         mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
       }
@@ -309,7 +290,7 @@ __device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc
     for (int j = 0; j < DP / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int c = acc_col<T>(j, e, tig);
+        const int c = acc_col(IsF32<T>::value, j, e, tig);
         if (c < D) row[c] = from_f<T>(acc[j][2 * h + e] * mul[h]);
       }
     }
@@ -318,23 +299,19 @@ __device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc
 
 // ------------------------------------------------------------------ forward --------------
 
+// The plans of tile_plan.h for element type T (4 bytes: the FFMA path; 2: tensor cores).
 template <typename T, int DP>
-struct FwdTiles {
-  static constexpr int kWarps = 4;
-  static constexpr int kM = 16 * kWarps;             // query rows per program
-  static constexpr int kN = stream_rows<T, DP>();    // key rows per streamed tile
-  static constexpr size_t kSmem = (kM + 2 * kN) * tile_row_bytes<T, DP>();  // Q, K, V tiles
-  static_assert(kSmem <= kSmemBudget, "forward tiles exceed the shared-memory budget");
-};
+using FwdTiles = FwdPlan<sizeof(T), DP>;
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     attention_fwd_kernel(const AttentionParams p, const int vec) {
   using Tiles = FwdTiles<T, DP>;
-  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const Seq sq = this_seq(p);
-  const int m0 = static_cast<int>(blockIdx.y) * kM;  // first query position of the tile
-  if (m0 >= sq.len) return;
+  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
+  if (first >= sq.len) return;
+  const int m0 = static_cast<int>(first);  // first query position of the tile
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
@@ -346,8 +323,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
   const int len = sq.len, D = p.head_dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
   const int r0 = m0 + 16 * warp;  // first query position of this warp
-  const int key_end = p.causal ? min(len, m0 + kM) : len;
-  const int ntiles = (key_end + kN - 1) / kN;
+  const int ntiles = num_tiles(0, key_end(p.causal, len, m0, kM), kN);
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_seed != nullptr;
   uint32_t rh[2] = {0u, 0u};  // dropout row hashes of rows g, g + 8
@@ -369,7 +345,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
   for (int t = 0; t < ntiles; ++t) {
     const int n0 = t * kN;  // first key position of the tile
     // Warps whose rows are all padding, or all before the tile (causal), skip the math.
-    const bool active = r0 < len && (!p.causal || n0 <= r0 + 15);
+    const bool active = rows_active(p.causal, len, r0, n0);
     float s[kNK][4];  // [16, kN] scores, then probabilities
     cp_async_wait<1>();
     __syncthreads();  // Q and K tile t landed
@@ -378,15 +354,14 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
       float safe_max[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = r0 + g + 8 * h;
+        const int row = r0 + frag::score_row(g, h);
         float tile_max = -kInf;
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = n0 + 8 * j + 2 * tig + e;
-            const bool visible = row < len && col < len && (!p.causal || col <= row);
-            s[j][2 * h + e] = visible ? s[j][2 * h + e] * scale_log2 : -kInf;
+            const int col = n0 + frag::score_col(j, tig, e);
+            s[j][2 * h + e] = visible(p.causal, len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
             tile_max = fmaxf(tile_max, s[j][2 * h + e]);
           }
         }
@@ -407,7 +382,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
             float pr = exp2f(s[j][2 * h + e] - safe_max[h]);
             row_sum[h] += pr;  // the LSE is of the undropped probabilities
             if (dropout) {
-              const int col = n0 + 8 * j + 2 * tig + e;
+              const int col = n0 + frag::score_col(j, tig, e);
               pr = dropout::keep(rh[h], col, p.keep_threshold) ? pr * p.dropout_scale : 0.f;
             }
             s[j][2 * h + e] = pr;
@@ -445,34 +420,21 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
 
 // ------------------------------------------------------------------ backward -------------
 
-// dq: kM queries per program (16 per warp), streaming kN keys; dk/dv: kM keys per program,
-// streaming kN queries. Four warps unless that exceeds the shared-memory budget.
 template <typename T, int DP>
-struct BwdTiles {
-  // At most 4096 / DP: registers hold [16, kN] scores and dP next to [16, DP] gradient rows.
-  static constexpr int kN = stream_rows<T, DP>() < 4096 / DP ? stream_rows<T, DP>() : 4096 / DP;
-  static constexpr size_t kStatBytes = 3 * kN * sizeof(float);  // dk/dv: lse, delta, dropout hash per query
-  static constexpr int kWarps = (2 * 64 + 2 * kN) * tile_row_bytes<T, DP>() + kStatBytes <= kSmemBudget ? 4 : 2;
-  static constexpr int kM = 16 * kWarps;
-  static constexpr size_t kSmemDq = (2 * kM + 2 * kN) * tile_row_bytes<T, DP>();  // Q, dO, K, V
-  static constexpr size_t kSmemDkDv = kSmemDq + kStatBytes;                      // K, V, Q, dO, stats
-  static_assert(kSmemDkDv <= kSmemBudget, "backward tiles exceed the shared-memory budget");
-};
+using BwdTiles = BwdPlan<sizeof(T), DP>;
 
 enum Grads : int { kGradV = 1, kGradK = 2 };
-
-// Which gradients each dk/dv launch computes: both, or (DP = 256) one per launch.
-template <int DP> __host__ __device__ constexpr bool split_dkdv() { return DP >= 256; }
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     attention_bwd_dq_kernel(const AttentionBackwardParams bp, const int vec) {
   using Tiles = BwdTiles<T, DP>;
-  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const AttentionParams& p = bp.fwd;
   const Seq sq = this_seq(p);
-  const int m0 = static_cast<int>(blockIdx.y) * kM;  // first query position of the tile
-  if (m0 >= sq.len) return;
+  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
+  if (first >= sq.len) return;
+  const int m0 = static_cast<int>(first);  // first query position of the tile
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
@@ -486,8 +448,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   const int len = sq.len, D = p.head_dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
   const int r0 = m0 + 16 * warp;  // first query position of this warp
-  const int key_end = p.causal ? min(len, m0 + kM) : len;
-  const int ntiles = (key_end + kN - 1) / kN;
+  const int ntiles = num_tiles(0, key_end(p.causal, len, m0, kM), kN);
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_seed != nullptr;
   const i64 stats = stat_base(p, sq);
@@ -531,7 +492,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   float dq[DP / 8][4] = {};  // [16, DP]
   for (int t = 0; t < ntiles; ++t) {
     const int n0 = t * kN;  // first key position of the tile
-    const bool active = r0 < len && (!p.causal || n0 <= r0 + 15);
+    const bool active = rows_active(p.causal, len, r0, n0);
     float dp[kNK][4], s[kNK][4];  // [16, kN]: dP; scores, then dS
     cp_async_wait<1>();
     __syncthreads();  // Q, dO and V tile t landed
@@ -545,14 +506,13 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
       tile_scores<T, DP, kNK>(s, qs + 16 * warp * kLd, ks, lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = r0 + g + 8 * h;
+        const int row = r0 + frag::score_row(g, h);
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = n0 + 8 * j + 2 * tig + e;
-            const bool visible = row < len && col < len && (!p.causal || col <= row);
-            const float pr = visible ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
+            const int col = n0 + frag::score_col(j, tig, e);
+            const float pr = visible(p.causal, len, row, col) ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
             float dpr = dp[j][2 * h + e];
             if (dropout) dpr = dropout::keep(rh[h], col, p.keep_threshold) ? dpr * p.dropout_scale : 0.f;
             s[j][2 * h + e] = pr * (dpr - delta[h]);
@@ -579,12 +539,13 @@ template <typename T, int DP, int GRADS>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     attention_bwd_dkdv_kernel(const AttentionBackwardParams bp, const int vec) {
   using Tiles = BwdTiles<T, DP>;
-  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld<T, DP>();
+  constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   constexpr bool kDv = (GRADS & kGradV) != 0, kDk = (GRADS & kGradK) != 0;
   const AttentionParams& p = bp.fwd;
   const Seq sq = this_seq(p);
-  const int n0 = static_cast<int>(blockIdx.y) * kM;  // first key position of the tile
-  if (n0 >= sq.len) return;
+  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
+  if (first >= sq.len) return;
+  const int n0 = static_cast<int>(first);  // first key position of the tile
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);  // [kM, kLd]
@@ -606,8 +567,8 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   const i64 stats = stat_base(p, sq);
   const i64 seed = dropout ? *p.dropout_seed : 0, key0 = dropout_key0(p, sq);
   // Causal: queries before the key tile's query-tile boundary cannot see it.
-  const int q_begin = p.causal ? n0 / kN * kN : 0;
-  const int ntiles = (len - q_begin + kN - 1) / kN;
+  const int q_begin = query_begin(p.causal, n0, kN);
+  const int ntiles = num_tiles(q_begin, len, kN);
 
   // The query tile at m (Q rows, LSE, delta and dropout hashes): one cp.async group.
   auto load_queries = [&](int m) {
@@ -633,7 +594,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   for (int t = 0; t < ntiles; ++t) {
     const int m0 = q_begin + t * kN;  // first query position of the tile
     // Warps whose keys are all padding, or all after the tile's queries (causal), skip the math.
-    const bool active = k0 < len && (!p.causal || m0 + kN - 1 >= k0);
+    const bool active = keys_active(p.causal, len, k0, m0, kN);
     float s[kNK][4], dp[kNK][4];  // [16 keys, kN queries]: scores, then dropped P; dP, then dS
     cp_async_wait<1>();
     __syncthreads();  // query tile t landed
@@ -644,14 +605,14 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
       if (kDk) tile_scores<T, DP, kNK>(dp, vs + 16 * warp * kLd, dos, lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int key = k0 + g + 8 * h;
+        const int key = k0 + frag::score_row(g, h);
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int c = 8 * j + 2 * tig + e, query = m0 + c;
-            const bool visible = key < len && query < len && (!p.causal || key <= query);
-            const float pr = visible ? exp2f(s[j][2 * h + e] * scale_log2 - lse_s[c] * kLog2e) : 0.f;
+            const int c = frag::score_col(j, tig, e), query = m0 + c;
+            const bool seen = visible(p.causal, len, query, key);
+            const float pr = seen ? exp2f(s[j][2 * h + e] * scale_log2 - lse_s[c] * kLog2e) : 0.f;
             const bool kept = !dropout || dropout::keep(rh_s[c], key, p.keep_threshold);
             const float mult = kept ? (dropout ? p.dropout_scale : 1.f) : 0.f;
             if (kDk) dp[j][2 * h + e] = pr * (dp[j][2 * h + e] * mult - delta_s[c]);
@@ -693,10 +654,12 @@ template <typename F>
 cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
   auto with_dp = [&](auto tag) -> cudaError_t {
     if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-    if (head_dim <= 32) return f(tag, IntTag<32>{});
-    if (head_dim <= 64) return f(tag, IntTag<64>{});
-    if (head_dim <= 128) return f(tag, IntTag<128>{});
-    return f(tag, IntTag<256>{});
+    switch (padded_head_dim(head_dim)) {
+      case 32: return f(tag, IntTag<32>{});
+      case 64: return f(tag, IntTag<64>{});
+      case 128: return f(tag, IntTag<128>{});
+      default: return f(tag, IntTag<256>{});
+    }
   };
   switch (dtype) {
     case ScalarType::kFloat32: return with_dp(TypeTag<float>{});
@@ -721,16 +684,13 @@ int copy_width(const Bhld& t, int batch, int head_dim, size_t esize) {
   return 2;
 }
 
-// The grid (sequence * head, tiles of `rows` positions), empty (x == 0) when there is
-// nothing to do; cudaErrorInvalidValue for bad sizes or beyond the grid limits.
+// The grid of tile_plan.h's attention_grid, empty (x == 0) when there is nothing to do;
+// cudaErrorInvalidValue for bad sizes or beyond the grid limits.
 cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
-  if (p.num_heads < 0 || p.num_seqs < 0 || p.num_rows < 0 || p.max_seqlen < 0 ||
-      (p.batch != p.num_seqs && p.batch != 1))
+  Grid g{};
+  if (!attn_plan::attention_grid(p.batch, p.num_seqs, p.num_heads, p.num_rows, p.max_seqlen, rows, &g))
     return cudaErrorInvalidValue;
-  const i64 programs = static_cast<i64>(p.num_seqs) * p.num_heads;
-  const i64 tiles = p.num_rows == 0 ? 0 : (static_cast<i64>(p.max_seqlen) + rows - 1) / rows;
-  if (programs > 0x7fffffff || tiles > 65535) return cudaErrorInvalidValue;
-  *grid = dim3(tiles == 0 ? 0u : static_cast<unsigned>(programs), static_cast<unsigned>(tiles));
+  *grid = dim3(g.x, g.y, g.z);
   return cudaSuccess;
 }
 
@@ -764,8 +724,7 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
 }
 
 size_t attention_backward_workspace_floats(const AttentionBackwardParams& p) {
-  // delta = rowsum(dout * out), laid out like the LSE: [B, H, L].
-  return static_cast<size_t>(p.fwd.batch) * p.fwd.num_heads * p.fwd.num_rows;
+  return workspace_floats(p.fwd.batch, p.fwd.num_heads, p.fwd.num_rows);
 }
 
 cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
@@ -784,7 +743,7 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
     // dq first: it writes the delta that the dk/dv kernel reads.
     err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec);
     if (err != cudaSuccess) return err;
-    if constexpr (split_dkdv<DP>()) {
+    if constexpr (split_dkdv(DP)) {
       err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
       if (err != cudaSuccess) return err;
       return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);

@@ -31,33 +31,20 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "kernels.h"
+#include "tile_plan.h"
 
 namespace seqrec::cuda {
 namespace {
 
 using i64 = int64_t;
+using namespace loss_plan;  // the engine's constants, plans and index expressions
 
-constexpr int kTile = 64;          // streamed lines per tile
-constexpr int kChunk = 64;         // D columns per pipeline stage and per backward output chunk
-constexpr int kMaxWarps = 8;       // 16 stationary lines per warp: at most 128 per CTA
-constexpr int kMaxDim = 1024;
-constexpr size_t kStationaryBudget = 96 * 1024;  // shared-memory bytes for the X block
-constexpr i64 kEngineMinRows = 16;  // sampled: rows per group from which the tile engine runs
-constexpr int kRowWarps = 8;        // warp-per-row kernels: rows per CTA
 constexpr float kInf = __builtin_huge_valf();
 constexpr i64 kNoItem = -0x7fffffffffffffffLL - 1;  // id of an absent item line
 constexpr i64 kNoRow = kNoItem + 1;                 // id of an absent hidden line
 
-template <typename A>
-__host__ __device__ __forceinline__ A imin(A x, A y) { return x < y ? x : y; }
-template <typename A>
-__host__ __device__ __forceinline__ A imax(A x, A y) { return x < y ? y : x; }
-__host__ __device__ __forceinline__ i64 ceil_div(i64 x, i64 y) { return (x + y - 1) / y; }
-
 template <typename T> struct IsF32 { static constexpr bool value = false; };
 template <> struct IsF32<float> { static constexpr bool value = true; };
-// Row padding of shared tiles (elements): conflict-free ldmatrix rows / float4 loads.
-template <typename T> __host__ __device__ constexpr int smem_pad() { return IsF32<T>::value ? 4 : 8; }
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -166,6 +153,10 @@ struct LossArgs {
   int vec_h, vec_w;            // widest copy (bytes: 16, 8, 4, or 2 = element-wise) for hidden / weight rows
 };
 
+__host__ __device__ __forceinline__ LossShape shape_of(const LossArgs& a) {
+  return {a.T, a.N, a.D, a.K, a.rpg, a.sampled};
+}
+
 // A streamed or stationary line of the tile engine: an item (id, a = logit offset: log_q,
 // or +inf when absent/excluded) or a hidden row (id = positive/target, a = LSE,
 // b = grad / temperature, 0 for ignored rows).
@@ -173,6 +164,19 @@ struct alignas(16) Line {
   i64 id;
   float a, b;
 };
+static_assert(sizeof(Line) == kLineBytes, "engine_smem() counts 16-byte lines");
+
+// Ids outside [0, N) reach the kernels only when no host check ran (torch.compile, CUDA
+// graph capture). They are masked as in the Triton kernels and never dereferenced: an
+// absent negative leaves the denominator and gets no gradient, and a row whose positive
+// (target) is out of range counts as ignored.
+__device__ __forceinline__ bool in_range(const LossArgs& a, i64 id) { return id >= 0 && id < a.N; }
+__device__ __forceinline__ bool valid_row(const LossArgs& a, i64 pos) { return pos != a.ignore && in_range(a, pos); }
+// The item of negative slot idx ([G, K] flat), kNoItem when absent.
+__device__ __forceinline__ i64 negative_id(const LossArgs& a, i64 idx) {
+  const i64 id = a.neg[idx];
+  return in_range(a, id) ? id : kNoItem;
+}
 
 __device__ bool is_excluded(const LossArgs& a, i64 n) {
   i64 lo = 0, hi = a.E;  // lower_bound of n in the sorted excluded ids
@@ -187,8 +191,9 @@ __device__ bool is_excluded(const LossArgs& a, i64 n) {
 __device__ Line item_line(const LossArgs& a, i64 grp, i64 y, bool valid) {
   if (!valid) return {kNoItem, kInf, 0.f};
   if (a.sampled) {
-    const i64 idx = grp * a.K + y;
-    return {a.neg[idx], a.neg_lq != nullptr ? a.neg_lq[idx] : 0.f, 0.f};
+    const i64 idx = grp * a.K + y, id = negative_id(a, idx);
+    if (id == kNoItem) return {kNoItem, kInf, 0.f};
+    return {id, a.neg_lq != nullptr ? a.neg_lq[idx] : 0.f, 0.f};
   }
   return {y, is_excluded(a, y) ? kInf : 0.f, 0.f};
 }
@@ -196,7 +201,7 @@ __device__ Line item_line(const LossArgs& a, i64 grp, i64 y, bool valid) {
 __device__ Line hidden_line(const LossArgs& a, i64 t, bool valid, float inv_scale_max) {
   if (!valid) return {kNoRow, 0.f, 0.f};
   const i64 id = a.pos[t];
-  const bool kept = a.grad != nullptr && id != a.ignore;
+  const bool kept = a.grad != nullptr && valid_row(a, id);
   return {id, a.lse != nullptr ? a.lse[t] : 0.f, kept ? a.grad[t] * a.inv_temp * inv_scale_max : 0.f};
 }
 
@@ -244,28 +249,27 @@ __device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xl
     const int g = lane >> 2, tig = lane & 3;
 #pragma unroll 2
     for (int k = 0; k < kChunk; k += 4) {
-      const float4 xa = *reinterpret_cast<const float4*>(x + g * xld + k);
-      const float4 xb = *reinterpret_cast<const float4*>(x + (g + 8) * xld + k);
+      const float4 xa = *reinterpret_cast<const float4*>(x + frag::score_row(g, 0) * xld + k);
+      const float4 xb = *reinterpret_cast<const float4*>(x + frag::score_row(g, 1) * xld + k);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float4 yv = *reinterpret_cast<const float4*>(y + (8 * j + 2 * tig + e) * yld + k);
+          const float4 yv = *reinterpret_cast<const float4*>(y + frag::score_col(j, tig, e) * yld + k);
           s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
           s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
         }
       }
     }
   } else {
-    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: this lane addresses row mrow of matrix mat
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk) {
       uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
-      ldsm_x4(af, x + ((mat & 1) * 8 + mrow) * xld + kk * 16 + (mat >> 1) * 8);
+      ldsm_x4(af, x + frag::ldsm_a_row(lane) * xld + kk * 16 + frag::ldsm_a_col(lane));
 #pragma unroll
       for (int jp = 0; jp < 4; ++jp) {
         uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
-        ldsm_x4(bf, y + ((2 * jp + (mat >> 1)) * 8 + mrow) * yld + kk * 16 + (mat & 1) * 8);
+        ldsm_x4(bf, y + (16 * jp + frag::ldsm_b_row(lane)) * yld + kk * 16 + frag::ldsm_b_col(lane));
         mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
         mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
       }
@@ -276,7 +280,7 @@ __device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xl
 // Column of acc[j][e] (and acc[j][2 + e]) within the output chunk.
 template <typename T>
 __device__ __forceinline__ int acc_col(int j, int e, int tig) {
-  return IsF32<T>::value ? 16 * tig + 2 * j + e : 8 * j + 2 * tig + e;
+  return chunk_col(IsF32<T>::value, j, e, tig);
 }
 
 // acc[16, kChunk] += p[16, kTile] y[kTile, kChunk] for one warp (p in the layout of s).
@@ -287,13 +291,13 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float 
     const int tig = lane & 3;
 #pragma unroll
     for (int c = 0; c < kTile; ++c) {
-      // Column c of p lives in lane (g, (c >> 1) & 3), entries [c >> 3][c & 1] and [c >> 3][2 + (c & 1)].
-      const int src = (lane & ~3) | ((c >> 1) & 3);
-      const float p0 = __shfl_sync(0xffffffffu, p[c >> 3][c & 1], src);
-      const float p1 = __shfl_sync(0xffffffffu, p[c >> 3][2 + (c & 1)], src);
+      // Column c of p (rows g, g + 8): lane col_lane, entries [col_tile][col_entry], [col_tile][2 + col_entry].
+      const int src = frag::col_lane(lane, c);
+      const float p0 = __shfl_sync(0xffffffffu, p[frag::col_tile(c)][frag::col_entry(c)], src);
+      const float p1 = __shfl_sync(0xffffffffu, p[frag::col_tile(c)][2 + frag::col_entry(c)], src);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {  // columns 16 * tig + 4q .. + 3
-        const float4 yv = *reinterpret_cast<const float4*>(y + c * yld + 16 * tig + 4 * q);
+      for (int q = 0; q < 4; ++q) {  // acc[2q][0..1], acc[2q + 1][0..1]: one float4
+        const float4 yv = *reinterpret_cast<const float4*>(y + c * yld + chunk_col(true, 2 * q, 0, tig));
         acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
         acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
         acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
@@ -305,7 +309,6 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float 
       }
     }
   } else {
-    const int mat = lane >> 3, mrow = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       // The accumulator layout of two n tiles is the A layout of one k step.
@@ -315,7 +318,7 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float 
 #pragma unroll
       for (int jp = 0; jp < 4; ++jp) {
         uint32_t bf[4];  // y is [k = line, n = column]: transposed loads give the "col" B layout
-        ldsm_x4_trans(bf, y + (kk * 16 + (mat & 1) * 8 + mrow) * yld + (2 * jp + (mat >> 1)) * 8);
+        ldsm_x4_trans(bf, y + (kk * 16 + frag::ldsm_a_row(lane)) * yld + 16 * jp + frag::ldsm_a_col(lane));
         mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
         mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
       }
@@ -324,15 +327,6 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float 
 }
 
 // ------------------------------------------------------------------ tile engine ----------
-
-enum Kind : int { kFwd = 0, kBwdRows = 1, kBwdItems = 2 };
-
-struct EnginePlan {
-  int warps, dpad, nchunks, splits;  // dpad = D rounded up to kChunk
-  i64 tiles_per_group, groups;       // grid.x = groups * tiles_per_group
-  i64 split_len;                     // streamed lines per split (a multiple of kTile)
-  size_t smem;
-};
 
 struct EngineOut {
   float* loss;       // [T] forward, one split
@@ -353,7 +347,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
     engine_kernel(const LossArgs a, const EnginePlan p, const EngineOut o) {
   constexpr bool kRowsX = KIND != kBwdItems;
   constexpr bool kBwd = KIND != kFwd;
-  constexpr int kPad = smem_pad<T>();
+  constexpr int kPad = smem_pad(sizeof(T));
   constexpr int yld = kChunk + kPad;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
@@ -367,17 +361,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
   const T* hidden = static_cast<const T*>(a.hidden);
   const T* weight = static_cast<const T*>(a.weight);
 
-  const i64 grp = blockIdx.x / p.tiles_per_group;
-  const i64 x0 = (blockIdx.x - grp * p.tiles_per_group) * rows_x;
-  const int nout = kBwd ? p.nchunks : 1;
-  const int split = blockIdx.y / nout;
-  const int oc = kBwd ? static_cast<int>(blockIdx.y) - split * nout : p.nchunks - 1;
-  const i64 row_base = a.sampled ? grp * a.rpg : 0;  // first hidden row of the group
-  const i64 x_extent = kRowsX ? (a.sampled ? a.rpg : a.T) : (a.sampled ? a.K : a.N);
-  const i64 y_extent = kRowsX ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
-  const int x_count = static_cast<int>(imin<i64>(rows_x, x_extent - x0));
-  const i64 ybeg = split * p.split_len, yend = imin(y_extent, ybeg + p.split_len);
-  const int nstages = static_cast<int>(ceil_div(yend - ybeg, kTile)) * p.nchunks;
+  const EngineCta cta = engine_cta(p, shape_of(a), KIND, blockIdx.x, blockIdx.y, rows_x);
+  const i64 grp = cta.grp, x0 = cta.x0, ybeg = cta.ybeg, yend = cta.yend;
+  const int x_count = cta.x_count, split = cta.split, oc = cta.oc, nstages = cta.nstages;
+  const i64 row_base = group_first_row(shape_of(a), grp);
   const float scale_max = (KIND == kBwdItems && a.scale_max != nullptr) ? *a.scale_max : 1.f;
 
   // Stationary lines and rows (first cp.async group).
@@ -388,7 +375,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
   auto x_src = [&](int r) -> i64 {
     if (r >= x_count) return -1;
     if constexpr (kRowsX) return row_base + x0 + r;
-    else return a.sampled ? a.neg[grp * a.K + x0 + r] : x0 + r;
+    else return a.sampled ? negative_id(a, grp * a.K + x0 + r) : x0 + r;  // kNoItem < 0: zeros
   };
   if constexpr (kRowsX) load_rows(xs, xld, rows_x, p.dpad, hidden, a.hs, a.D, 0, a.vec_h, x_src);
   else load_rows(xs, xld, rows_x, p.dpad, weight, a.ws, a.D, 0, a.vec_w, x_src);
@@ -397,8 +384,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
   // Stage st = (tile i, chunk q) into buffer st & 1; the tile's lines into ylines[i & 1].
   // Chunks run from oc + 1 round to oc, so the output chunk is the one left in shared memory.
   auto load_stage = [&](int st) {
-    const int i = st / p.nchunks, q = st - i * p.nchunks;
-    const i64 first = ybeg + static_cast<i64>(i) * kTile;
+    const Stage sg = stage_of(st, p.nchunks);
+    const int i = sg.tile, q = sg.step;
+    const i64 first = tile_first_line(ybeg, i);
     if (q == 0) {
       Line* yl = ylines + (i & 1) * kTile;
       for (int c = tid; c < kTile; c += blockDim.x) {
@@ -409,10 +397,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
     auto y_src = [&](int r) -> i64 {
       const i64 y = first + r;
       if (y >= yend) return -1;
-      if constexpr (kRowsX) return a.sampled ? a.neg[grp * a.K + y] : y;
+      if constexpr (kRowsX) return a.sampled ? negative_id(a, grp * a.K + y) : y;
       else return row_base + y;
     };
-    const i64 col0 = static_cast<i64>((oc + 1 + q) % p.nchunks) * kChunk;
+    const i64 col0 = static_cast<i64>(stage_chunk(oc, q, p.nchunks)) * kChunk;
     T* dst = ys + (st & 1) * kTile * yld;
     if constexpr (kRowsX) load_rows(dst, yld, kTile, kChunk, weight, a.ws, a.D, col0, a.vec_w, y_src);
     else load_rows(dst, yld, kTile, kChunk, hidden, a.hs, a.D, col0, a.vec_h, y_src);
@@ -426,7 +414,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
     __syncthreads();
     for (int r = warp * 16; r < imin(warp * 16 + 16, x_count); ++r) {
       const i64 t = row_base + x0 + r;
-      const T* w = weight + imin(imax(a.pos[t], i64{0}), a.N - 1) * a.ws;  // ignored rows may hold any id
+      const T* w = weight + imin(imax(a.pos[t], i64{0}), a.N - 1) * a.ws;  // any id: an in-bounds read
       float dot = 0.f;
       for (int d = lane; d < a.D; d += 32) dot = fmaf(to_f(xs[r * xld + d]), to_f(w[d]), dot);
       dot = warp_sum(dot);
@@ -450,31 +438,33 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
       cp_async_wait<0>();
     }
     __syncthreads();  // stage st visible to all
-    const int i = st / p.nchunks, q = st - i * p.nchunks;
+    const Stage sg = stage_of(st, p.nchunks);
+    const int i = sg.tile, q = sg.step;
     const T* yb = ys + (st & 1) * kTile * yld;
     if (active) {
       if (q == 0) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       }
-      tile_scores<T>(s, xs + r0 * xld + ((oc + 1 + q) % p.nchunks) * kChunk, xld, yb, yld, lane);
+      tile_scores<T>(s, xs + r0 * xld + stage_chunk(oc, q, p.nchunks) * kChunk, xld, yb, yld, lane);
       if (q == p.nchunks - 1) {  // the tile's scores are complete
         const Line* yl = ylines + (i & 1) * kTile;
-        const i64 first = ybeg + static_cast<i64>(i) * kTile;
+        const i64 first = tile_first_line(ybeg, i);
         if constexpr (kRowsX) {
           const Line xr[2] = {xlines[r0 + g], xlines[r0 + g + 8]};
-          // Full softmax: the target's column in this tile, relative to this lane (items are contiguous).
+          // Full softmax: the target's column in this tile, less this lane's score_col(0, tig, 0), to
+          // compare with score_col(j, 0, e) (items are contiguous).
           int target_col[2] = {-1000, -1000};
 #pragma unroll
           for (int rr = 0; rr < 2; ++rr)
             if (!a.sampled && xr[rr].id >= first && xr[rr].id < first + kTile)
-              target_col[rr] = static_cast<int>(xr[rr].id - first) - 2 * tig;
+              target_col[rr] = static_cast<int>(xr[rr].id - first) - frag::score_col(0, tig, 0);
           float tile_max[2] = {-kInf, -kInf};
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {  // column by column: each line is used at once by both rows
-              const int c = 8 * j + 2 * tig + e;
+              const int c = frag::score_col(j, tig, e);
               const float bias = yl[c].a;
               const bool hits = a.sampled && a.remove_hits;
               const i64 id = hits ? yl[c].id : kNoItem;
@@ -483,14 +473,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
                 float x = s[j][2 * rr + e] * a.inv_temp - bias;
                 if (hits && id == xr[rr].id) x = -kInf;  // accidental hit
                 if constexpr (KIND == kFwd) {
-                  if (8 * j + e == target_col[rr]) {
+                  if (frag::score_col(j, 0, e) == target_col[rr]) {
                     target_logit[rr] = x;
                     target_found[rr] = true;
                   }
                   tile_max[rr] = fmaxf(tile_max[rr], x);
                   s[j][2 * rr + e] = x;
                 } else {  // softmax - onehot(target); the row scale is applied to acc at the end
-                  s[j][2 * rr + e] = __expf(x - xr[rr].a) - (8 * j + e == target_col[rr] ? 1.f : 0.f);
+                  s[j][2 * rr + e] = __expf(x - xr[rr].a) - (frag::score_col(j, 0, e) == target_col[rr] ? 1.f : 0.f);
                 }
               }
             }
@@ -513,7 +503,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
           for (int j = 0; j < 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const Line h = yl[8 * j + 2 * tig + e];
+              const Line h = yl[frag::score_col(j, tig, e)];
 #pragma unroll
               for (int rr = 0; rr < 2; ++rr) {
                 float x = s[j][2 * rr + e] * a.inv_temp - xi[rr].a;
@@ -538,7 +528,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
       const float sum = quad_sum(run_sum[rr]);
       const float tlogit = quad_sum(target_found[rr] ? target_logit[rr] : 0.f);
       const bool found = quad_sum(target_found[rr] ? 1.f : 0.f) > 0.f;
-      const int r = r0 + g + 8 * rr;
+      const int r = r0 + frag::score_row(g, rr);
       if (tig != 0 || r >= x_count) continue;
       const i64 t = row_base + x0 + r;
       if (p.splits == 1) {
@@ -551,10 +541,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
         }
         const float lse = m + logf(l);
         o.lse[t] = lse;
-        o.loss[t] = a.pos[t] != a.ignore ? lse - row_logit : 0.f;
+        o.loss[t] = valid_row(a, a.pos[t]) ? lse - row_logit : 0.f;
       } else {
-        o.part[2 * (split * a.T + t)] = run_max[rr];
-        o.part[2 * (split * a.T + t) + 1] = sum;
+        o.part[fwd_part_index(split, a.T, t)] = run_max[rr];
+        o.part[fwd_part_index(split, a.T, t) + 1] = sum;
         if (a.sampled ? split == 0 : found) o.row_logit[t] = a.sampled ? xlogit[r] : tlogit;
       }
     }
@@ -563,7 +553,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
     T* dh = static_cast<T*>(o.d_hidden);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int r = r0 + g + 8 * rr;
+      const int r = r0 + frag::score_row(g, rr);
       if (r >= x_count) continue;
       const i64 t = row_base + x0 + r;
       const Line xr = xlines[r];
@@ -591,15 +581,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
           if (d >= a.D) continue;
           const float v = scale != 0.f ? acc[j][2 * rr + e] * scale : 0.f;
           if (p.splits == 1) dh[t * a.D + d] = from_f<T>(v);
-          else o.part[(split * a.T + t) * a.D + d] = v;
+          else o.part[bwd_part_index(split, a.T, t, a.D, d)] = v;
         }
       }
     }
   } else {
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-      const int r = r0 + g + 8 * rr;
-      if (r >= x_count) continue;
+      const int r = r0 + frag::score_row(g, rr);
+      if (r >= x_count || xlines[r].id == kNoItem) continue;  // an absent negative has no d weight row
       const i64 item = xlines[r].id;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -610,7 +600,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
           const float v = acc[j][2 * rr + e] * scale_max;
           if (a.sampled) atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
           else if (p.splits == 1) o.d_weight[item * a.D + d] = v;
-          else o.part[(split * a.N + item) * a.D + d] = v;
+          else o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
         }
       }
     }
@@ -624,7 +614,7 @@ __global__ void combine_forward(const LossArgs a, const float* part, const float
        t += static_cast<i64>(gridDim.x) * blockDim.x) {
     float m = a.sampled ? row_logit[t] : -kInf, l = a.sampled ? 1.f : 0.f;
     for (int sp = 0; sp < splits; ++sp) {
-      const float pm = part[2 * (sp * a.T + t)], pl = part[2 * (sp * a.T + t) + 1];
+      const float pm = part[fwd_part_index(sp, a.T, t)], pl = part[fwd_part_index(sp, a.T, t) + 1];
       if (pm == -kInf) continue;  // a split with no kept candidate
       const float new_max = fmaxf(m, pm);
       l = l * expf(m - new_max) + pl * expf(pm - new_max);
@@ -632,7 +622,7 @@ __global__ void combine_forward(const LossArgs a, const float* part, const float
     }
     const float value = m + logf(l);
     lse[t] = value;
-    loss[t] = a.pos[t] != a.ignore ? value - row_logit[t] : 0.f;
+    loss[t] = valid_row(a, a.pos[t]) ? value - row_logit[t] : 0.f;
   }
 }
 
@@ -653,7 +643,7 @@ __global__ void grad_scale_max(const LossArgs a, float* out) {
   __shared__ float warp_max[32];
   float v = 0.f;
   for (i64 t = threadIdx.x; t < a.T; t += blockDim.x)
-    if (a.pos[t] != a.ignore) v = fmaxf(v, fabsf(a.grad[t]));
+    if (valid_row(a, a.pos[t])) v = fmaxf(v, fabsf(a.grad[t]));
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
@@ -673,8 +663,6 @@ __device__ __forceinline__ void load_vec(float (&v)[VPL], const T* row, i64 dim,
 #pragma unroll
   for (int i = 0; i < VPL; ++i) v[i] = i * 32 + lane < dim ? to_f(row[i * 32 + lane]) : 0.f;
 }
-// Warp-per-row kernels: gathered rows in flight (registers: B * VPL floats).
-template <int VPL> __host__ __device__ constexpr int batch_rows() { return VPL >= 32 ? 1 : 4; }
 
 template <int VPL>
 __device__ __forceinline__ float dot_part(const float (&x)[VPL], const float (&y)[VPL]) {
@@ -697,7 +685,7 @@ template <typename T, int VPL>
 __device__ __forceinline__ float positive_logit(const LossArgs& a, i64 t, float (&h)[VPL], float (&w_pos)[VPL],
                                                 int lane) {
   load_vec(h, static_cast<const T*>(a.hidden) + t * a.hs, a.D, lane);
-  const i64 pos = imin(imax(a.pos[t], i64{0}), a.N - 1);  // ignored rows may hold any id
+  const i64 pos = imin(imax(a.pos[t], i64{0}), a.N - 1);  // ignored rows may hold any id: read in bounds
   load_vec(w_pos, static_cast<const T*>(a.weight) + pos * a.ws, a.D, lane);
   return warp_sum(dot_part(h, w_pos)) * a.inv_temp - (a.pos_lq != nullptr ? a.pos_lq[t] : 0.f);
 }
@@ -709,9 +697,8 @@ __device__ __forceinline__ void negative_batch(const LossArgs& a, i64 grp, i64 k
                                                int lane, i64 (&id)[B], float (&w)[B][VPL], float (&x)[B]) {
 #pragma unroll
   for (int u = 0; u < B; ++u) {
-    const bool ok = k + u < a.K;
-    id[u] = ok ? a.neg[grp * a.K + k + u] : kNoItem;
-    if (ok) load_vec(w[u], static_cast<const T*>(a.weight) + id[u] * a.ws, a.D, lane);
+    id[u] = k + u < a.K ? negative_id(a, grp * a.K + k + u) : kNoItem;
+    if (id[u] != kNoItem) load_vec(w[u], static_cast<const T*>(a.weight) + id[u] * a.ws, a.D, lane);
     else
 #pragma unroll
       for (int i = 0; i < VPL; ++i) w[u][i] = 0.f;
@@ -735,7 +722,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const Los
   float h[VPL], w_pos[VPL];
   const float pos_logit = positive_logit<T>(a, t, h, w_pos, lane);
   const i64 pos = a.pos[t], grp = t / a.rpg;
-  constexpr int B = batch_rows<VPL>();
+  constexpr int B = batch_rows(VPL);
   float m = pos_logit, l = 1.f;  // the positive is always in the denominator
   for (i64 k = 0; k < a.K; k += B) {
     i64 id[B];
@@ -753,20 +740,22 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const Los
   if (lane == 0) {
     const float value = m + logf(l);
     lse[t] = value;
-    loss[t] = pos != a.ignore ? value - pos_logit : 0.f;
+    loss[t] = valid_row(a, pos) ? value - pos_logit : 0.f;
   }
 }
 
-// One warp per row: d hidden, and d weight by float32 atomics when d_weight != null.
+// One warp per row: d hidden, and d weight by float32 atomics when d_weight != null. The
+// explicit minimum of one CTA per SM keeps ptxas from trading a register spill for
+// occupancy (it did, for D <= 128, without one).
 template <typename T, int VPL>
-__global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_backward(const LossArgs a, T* d_hidden,
-                                                                         float* d_weight) {
+__global__ void __launch_bounds__(kRowWarps * 32, 1) sampled_rows_backward(const LossArgs a, T* d_hidden,
+                                                                            float* d_weight) {
   const i64 t = static_cast<i64>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (t >= a.T) return;
   T* dh_row = d_hidden + t * a.D;
   const i64 pos = a.pos[t];
-  if (pos == a.ignore) {  // no gradient
+  if (!valid_row(a, pos)) {  // ignored (or out of range): no gradient
     for (i64 d = lane; d < a.D; d += 32) dh_row[d] = from_f<T>(0.f);
     return;
   }
@@ -780,14 +769,14 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_backward(const Lo
     if (d_weight != nullptr && i * 32 + lane < a.D) atomicAdd(d_weight + pos * a.D + i * 32 + lane, pos_coef * h[i]);
   }
   const i64 grp = t / a.rpg;
-  constexpr int B = batch_rows<VPL>();
+  constexpr int B = batch_rows(VPL);
   for (i64 k = 0; k < a.K; k += B) {
     i64 id[B];
     float w[B][VPL], x[B];
     negative_batch<T>(a, grp, k, pos, h, lane, id, w, x);
 #pragma unroll
     for (int u = 0; u < B; ++u) {
-      if (x[u] == -kInf) continue;  // absent or an accidental hit: no gradient
+      if (id[u] == kNoItem || x[u] == -kInf) continue;  // absent or an accidental hit: no gradient
       const float coef = __expf(x[u] - lse) * scale;
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
@@ -803,17 +792,18 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_backward(const Lo
 
 // ------------------------------------------------------------------ deterministic d weight
 
-// Sample slot s < T is row s's positive (key N, after every item, for ignored rows);
-// slot T + g * K + k is negative k of group g.
+// Sample slot s < T is row s's positive; slot T + g * K + k is negative k of group g. Slots
+// of ignored rows and absent negatives get key N (after every item, owned by no CTA): keys
+// stay <= N, which the sort's end bit assumes.
 __global__ void sampled_slot_keys(const LossArgs a, uint32_t* keys, uint32_t* slots, i64 num_slots) {
   for (i64 s = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; s < num_slots;
        s += static_cast<i64>(gridDim.x) * blockDim.x) {
     i64 key;
     if (s < a.T) {
-      const i64 id = a.pos[s];
-      key = (id != a.ignore && id >= 0 && id < a.N) ? id : a.N;
+      key = valid_row(a, a.pos[s]) ? a.pos[s] : a.N;
     } else {
-      key = a.neg[s - a.T];
+      const i64 id = negative_id(a, s - a.T);
+      key = id != kNoItem ? id : a.N;
     }
     keys[s] = static_cast<uint32_t>(key);
     slots[s] = static_cast<uint32_t>(s);
@@ -834,7 +824,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* hidden = static_cast<const T*>(a.hidden);
   const i64 item = key;
-  constexpr int B = batch_rows<VPL>();
+  constexpr int B = batch_rows(VPL);
   float w[VPL], acc[VPL] = {};
   load_vec(w, static_cast<const T*>(a.weight) + item * a.ws, a.D, lane);
   for (i64 q = p; q < num_slots && keys[q] == key; ++q) {
@@ -850,7 +840,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(con
       for (int u = 0; u < B; ++u) {
         const i64 t = first + r + u;
         const i64 pos = r + u < count ? a.pos[t] : a.ignore;
-        kept[u] = pos != a.ignore && (is_pos || !a.remove_hits || pos != item);
+        kept[u] = valid_row(a, pos) && (is_pos || !a.remove_hits || pos != item);
         if (kept[u]) load_vec(hv[u], hidden + t * a.hs, a.D, lane);
         else
 #pragma unroll
@@ -901,10 +891,12 @@ cudaError_t with_dtype(ScalarType dtype, F&& f) {
 // f(IntTag<VPL>) with VPL * 32 >= D for the warp-per-row kernels.
 template <typename F>
 cudaError_t with_vpl(i64 dim, F&& f) {
-  if (dim <= 64) return f(IntTag<2>{});
-  if (dim <= 128) return f(IntTag<4>{});
-  if (dim <= 256) return f(IntTag<8>{});
-  return f(IntTag<32>{});
+  switch (vpl_for_dim(dim)) {
+    case 2: return f(IntTag<2>{});
+    case 4: return f(IntTag<4>{});
+    case 8: return f(IntTag<8>{});
+    default: return f(IntTag<32>{});
+  }
 }
 
 size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
@@ -986,59 +978,18 @@ cudaError_t device_info(DeviceInfo* info) {
   return err;
 }
 
-bool uses_engine(const LossArgs& a) { return !a.sampled || a.rpg >= kEngineMinRows; }
-
-// Warps (16 stationary lines each, as many as the shared-memory budget allows), tiles and
-// shared memory of the tile engine for `kind`; one stream split.
-EnginePlan engine_plan(const LossArgs& a, int kind, size_t esize) {
-  EnginePlan p{};
-  p.dpad = static_cast<int>(ceil_div(a.D, kChunk) * kChunk);
-  p.nchunks = p.dpad / kChunk;
-  const int pad = esize == 4 ? 4 : 8;  // smem_pad<T>()
-  const bool rows_x = kind != kBwdItems;
-  const i64 x_extent = rows_x ? (a.sampled ? a.rpg : a.T) : (a.sampled ? a.K : a.N);
-  const i64 y_extent = rows_x ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
-  const size_t warp_bytes = 16 * static_cast<size_t>(p.dpad + pad) * esize;
-  p.warps = static_cast<int>(imin<size_t>(kMaxWarps, imax<size_t>(1, kStationaryBudget / warp_bytes)));
-  p.warps = static_cast<int>(imin<i64>(p.warps, ceil_div(x_extent, 16)));
-  p.tiles_per_group = ceil_div(x_extent, 16 * p.warps);
-  p.groups = a.sampled ? a.T / a.rpg : 1;
-  p.splits = 1;
-  p.split_len = ceil_div(y_extent, kTile) * kTile;
-  p.smem = p.warps * warp_bytes + 2 * kTile * static_cast<size_t>(kChunk + pad) * esize +
-           (16 * p.warps + 2 * kTile) * sizeof(Line) + 16 * p.warps * sizeof(float);
-  return p;
-}
-
-// Splits the streamed lines so that the grid has about `target_ctas` CTAs (no empty split),
-// if that takes at least `min_splits` splits. Backward partials are [splits, X rows, D]:
-// with min_splits = 4, at most about 4/3 * target_ctas * 128 * kChunk floats, whatever N or T.
-void split_stream(EnginePlan* p, const LossArgs& a, int kind, i64 target_ctas, i64 min_splits) {
-  const bool rows_x = kind != kBwdItems;
-  const i64 y_extent = rows_x ? (a.sampled ? a.K : a.N) : (a.sampled ? a.rpg : a.T);
-  const i64 nout = kind == kFwd ? 1 : p->nchunks;
-  const i64 ctas = p->groups * p->tiles_per_group * nout;
-  const i64 ytiles = ceil_div(y_extent, kTile);
-  i64 splits = imax<i64>(1, imin(imin(ceil_div(target_ctas, ctas), ytiles), 65535 / nout));
-  if (splits < min_splits) splits = 1;
-  p->split_len = ceil_div(ytiles, splits) * kTile;
-  p->splits = static_cast<int>(ceil_div(y_extent, p->split_len));
-}
-
 template <int KIND>
 cudaError_t launch_engine(const LossArgs& a, const EnginePlan& p, const EngineOut& o, ScalarType dtype,
                           const DeviceInfo& dev, cudaStream_t stream) {
-  const i64 grid_x = p.groups * p.tiles_per_group;
-  const i64 grid_y = static_cast<i64>(p.splits) * (KIND == kFwd ? 1 : p.nchunks);
-  if (grid_x > 0x7fffffff || grid_y > 65535 || p.smem > static_cast<size_t>(dev.smem_optin))
-    return cudaErrorInvalidValue;
+  if (!engine_launchable(p, KIND, dev.smem_optin)) return cudaErrorInvalidValue;
+  const EngineGrid grid = engine_grid(p, KIND);
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = engine_kernel<T, KIND>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(p.smem));
     if (err != cudaSuccess) return err;
-    kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), p.warps * 32, p.smem, stream>>>(
+    kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), p.warps * 32, p.smem, stream>>>(
         a, p, o);
     return cudaGetLastError();
   });
@@ -1055,14 +1006,15 @@ cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, flo
   DeviceInfo dev{};
   cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
-  EnginePlan plan = engine_plan(a, kFwd, element_size(dtype));
-  if (dev.pools) split_stream(&plan, a, kFwd, 2 * static_cast<i64>(dev.sms), 2);
+  EnginePlan plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
+  if (dev.pools) split_stream(&plan, shape_of(a), kFwd, 2 * static_cast<i64>(dev.sms), 2);
   float* scratch = nullptr;
   if (plan.splits > 1 &&
-      cudaMallocAsync(reinterpret_cast<void**>(&scratch), (2 * plan.splits + 1) * a.T * sizeof(float), stream) !=
+      cudaMallocAsync(reinterpret_cast<void**>(&scratch), forward_scratch_floats(plan.splits, a.T) * sizeof(float),
+                      stream) !=
           cudaSuccess) {
     (void)cudaGetLastError();  // no memory for partials: one split
-    plan = engine_plan(a, kFwd, element_size(dtype));
+    plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
     scratch = nullptr;
   }
   EngineOut o{};
@@ -1137,20 +1089,6 @@ cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtyp
 
 unsigned row_blocks(i64 rows) { return static_cast<unsigned>(ceil_div(rows, kRowWarps)); }
 
-// Full backward: the stream splits of the d hidden and d weight kernels.
-struct FullBackwardPlan {
-  EnginePlan rows, items;
-};
-
-FullBackwardPlan full_backward_plan(const LossArgs& a, size_t esize, const DeviceInfo& dev) {
-  FullBackwardPlan p{engine_plan(a, kBwdRows, esize), engine_plan(a, kBwdItems, esize)};
-  split_stream(&p.rows, a, kBwdRows, 2 * static_cast<i64>(dev.sms), 4);
-  split_stream(&p.items, a, kBwdItems, 2 * static_cast<i64>(dev.sms), 4);
-  return p;
-}
-
-constexpr size_t kScaleMaxWords = 64;  // workspace[0]: grad_scale_max, padded to 256 bytes
-
 }  // namespace
 
 // ------------------------------------------------------------------ launchers ------------
@@ -1159,7 +1097,7 @@ cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, 
   LossArgs a;
   const cudaError_t err = sampled_args(p, &a);
   if (err != cudaSuccess || a.T == 0) return err;
-  if (uses_engine(a)) return engine_forward(a, p.in.dtype, loss, lse, stream);
+  if (uses_engine(shape_of(a))) return engine_forward(a, p.in.dtype, loss, lse, stream);
   return with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
@@ -1184,7 +1122,7 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
   if (err != cudaSuccess || a.T == 0) return err;
   a.grad = g.grad_loss;
   a.lse = g.lse;
-  if (uses_engine(a)) {
+  if (uses_engine(shape_of(a))) {
     DeviceInfo dev{};
     if ((err = device_info(&dev)) != cudaSuccess) return err;
     const size_t esize = element_size(p.in.dtype);
@@ -1192,13 +1130,13 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
     o.d_hidden = g.d_hidden;
     o.d_weight = g.d_weight;
     o.atomic_dw = !deterministic;
-    err = launch_engine<kBwdRows>(a, engine_plan(a, kBwdRows, esize), o, p.in.dtype, dev, stream);
+    err = launch_engine<kBwdRows>(a, engine_plan(shape_of(a), kBwdRows, esize), o, p.in.dtype, dev, stream);
     if (err != cudaSuccess) return err;
     if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
     grad_scale_max<<<1, 1024, 0, stream>>>(a, g.workspace);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     a.scale_max = g.workspace;
-    return launch_engine<kBwdItems>(a, engine_plan(a, kBwdItems, esize), o, p.in.dtype, dev, stream);
+    return launch_engine<kBwdItems>(a, engine_plan(shape_of(a), kBwdItems, esize), o, p.in.dtype, dev, stream);
   }
   err = with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -1223,10 +1161,8 @@ size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p) {
   LossArgs a;
   DeviceInfo dev{};
   if (full_args(p, &a) != cudaSuccess || a.T == 0 || device_info(&dev) != cudaSuccess) return 0;
-  const FullBackwardPlan plan = full_backward_plan(a, element_size(p.in.dtype), dev);
-  const size_t rows = plan.rows.splits > 1 ? plan.rows.splits * a.T * a.D : 0;     // [splits, T, D]
-  const size_t items = plan.items.splits > 1 ? plan.items.splits * a.N * a.D : 0;  // [splits, N, D]
-  return kScaleMaxWords + imax(rows, items);
+  const LossShape s = shape_of(a);
+  return full_backward_workspace_floats(s, full_backward_plan(s, element_size(p.in.dtype), dev.sms));
 }
 
 cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g, cudaStream_t stream) {
@@ -1237,7 +1173,7 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
   if ((err = device_info(&dev)) != cudaSuccess) return err;
   a.grad = g.grad_loss;
   a.lse = g.lse;
-  const FullBackwardPlan plan = full_backward_plan(a, element_size(p.in.dtype), dev);
+  const FullBackwardPlan plan = full_backward_plan(shape_of(a), element_size(p.in.dtype), dev.sms);
   float* part = g.workspace + kScaleMaxWords;  // split partials, reused by both kernels in stream order
   EngineOut o{};
   o.part = part;

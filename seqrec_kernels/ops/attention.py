@@ -122,6 +122,8 @@ def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p
     check_kernel_dtype(chosen.value, "q", q)
     # Kernels need unit stride along the head dim; anything else is copied once here.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # Every backend gets contiguous index tensors: the C++ ops read them through raw pointers.
+    seq_start, seq_len = seq_start.contiguous(), seq_len.contiguous()
     # The seed is drawn on the device from torch's generator: no host sync, and
     # torch.manual_seed makes the mask reproducible. p == 0 takes no RNG.
     seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0.0 else None

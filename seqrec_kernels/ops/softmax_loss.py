@@ -34,6 +34,9 @@ def _triton(function):
 
 
 REDUCTIONS = ("mean", "sum", "none")
+# The Triton and CUDA kernels' largest hidden size (kMaxLossDim in csrc/checks.h); the
+# reference has none.
+MAX_KERNEL_HIDDEN_DIM = 1024
 
 _SAMPLED_FWD_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor pos_ids, Tensor neg_ids, Tensor? pos_log_q, Tensor? neg_log_q,"
@@ -183,6 +186,22 @@ def _check_common(temperature, ignore_index, reduction):
     return temperature
 
 
+def _check_kernel_hidden_dim(backend: Backend, hidden: torch.Tensor) -> None:
+    dim = hidden.shape[-1]
+    if backend is not Backend.REFERENCE and dim > MAX_KERNEL_HIDDEN_DIM:
+        raise ValueError(
+            f"hidden: expected D <= {MAX_KERNEL_HIDDEN_DIM} (the {backend.value!r} backend's kernel limit; "
+            f"backend='reference' has none), got D={dim}"
+        )
+
+
+def _valid_rows(ids, ignore_index, num_items):
+    """Rows that count: positive/target not ignore_index and in [0, N). An id out of range
+    reaches the kernels only when the host check was skipped (torch.compile, CUDA graph
+    capture); they treat its row as ignored, and so does `mean`."""
+    return (ids != ignore_index) & (ids >= 0) & (ids < num_items)
+
+
 def _reduce(row_loss, valid, reduction, row_shape):
     """row_loss [T] (zero at ignored rows) -> the requested reduction; no host sync."""
     if reduction == "none":
@@ -242,14 +261,16 @@ def sampled_softmax_loss(
 
     chosen = resolve(backend, hidden.device, "sampled_softmax_loss")
     check_kernel_dtype(chosen.value, "hidden", hidden)
-    pos_flat = pos_ids.reshape(-1)
+    _check_kernel_hidden_dim(chosen, hidden)
+    # Every backend gets contiguous ids (the C++ ops read them through raw pointers).
+    pos_flat = pos_ids.reshape(-1).contiguous()
     row_loss, _ = _SAMPLED_OPS[chosen](
-        hidden.reshape(-1, hidden.shape[-1]), item_weight, pos_flat, groups,
+        hidden.reshape(-1, hidden.shape[-1]), item_weight, pos_flat, groups.contiguous(),
         None if pos_log_q is None else pos_log_q.reshape(-1),
         None if neg_log_q is None else neg_log_q.reshape(groups.shape),
         rows_per_group, remove_accidental_hits, temperature, ignore_index,
     )  # fmt: skip
-    return _reduce(row_loss, pos_flat != ignore_index, reduction, row_shape)
+    return _reduce(row_loss, _valid_rows(pos_flat, ignore_index, num_items), reduction, row_shape)
 
 
 def full_softmax_loss(
@@ -290,9 +311,10 @@ def full_softmax_loss(
 
     chosen = resolve(backend, hidden.device, "full_softmax_loss")
     check_kernel_dtype(chosen.value, "hidden", hidden)
-    targets_flat = targets.reshape(-1)
+    _check_kernel_hidden_dim(chosen, hidden)
+    targets_flat = targets.reshape(-1).contiguous()
     row_loss, lse = _FULL_OPS[chosen](
         hidden.reshape(-1, hidden.shape[-1]), item_weight, targets_flat, excluded_ids, temperature, ignore_index
     )
-    loss = _reduce(row_loss, targets_flat != ignore_index, reduction, row_shape)
+    loss = _reduce(row_loss, _valid_rows(targets_flat, ignore_index, num_items), reduction, row_shape)
     return (loss, lse.view(row_shape)) if return_lse else loss
