@@ -232,5 +232,5 @@ def test_sampled_triton_grid_fits_cuda_limits():
     hidden = torch.empty(rows, dim, device="meta")
     for groups, rows_per_group in ((1, rows), (rows // 50, 50), (rows, 1)):
         neg_ids = torch.empty(groups, 128, dtype=torch.long, device="meta")
-        grid, _, _ = _sampled_launch(hidden, neg_ids, rows_per_group, None, None, True)
+        grid, _, _ = _sampled_launch(hidden, neg_ids, rows_per_group, None, None, True, backward=False)
         assert grid[0] < 2**31 and all(size <= 65_535 for size in grid[1:]), grid
