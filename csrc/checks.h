@@ -37,8 +37,8 @@ inline void check_dim(const char* name, const at::Tensor& t, int64_t ndim, const
 inline void check_like(const char* name, const at::Tensor& t, const char* like_name, const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, ": expected shape ", like.sizes(), " (the shape of ", like_name,
                     "), got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", dtype_name(like), " (the dtype of ",
-                   like_name, "), got ", dtype_name(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", dtype_name(like),
+                   " (the dtype of ", like_name, "), got ", dtype_name(t));
   TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected device ", like.device(), " (the device of ",
                     like_name, "), got ", t.device());
 }
@@ -179,8 +179,8 @@ inline void check_log_q(const char* name, const std::optional<at::Tensor>& log_q
 // neg_ids [G, K] with G * rows_per_group == T.
 inline void check_sampled_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pos_ids,
                                  const at::Tensor& neg_ids, const std::optional<at::Tensor>& pos_log_q,
-                                 const std::optional<at::Tensor>& neg_log_q, int64_t rows_per_group,
-                                 double temperature, int64_t ignore_index) {
+                                 const std::optional<at::Tensor>& neg_log_q, int64_t rows_per_group, double temperature,
+                                 int64_t ignore_index) {
   check_loss_inputs(hidden, weight, temperature);
   auto rows = hidden.size(0), num_items = weight.size(0);
   check_ids("pos_ids", pos_ids, {rows}, hidden, num_items, ignore_index);

@@ -156,10 +156,9 @@ void attention_backward_loops(const Tensor& dout, const Tensor& q, const Tensor&
   });
 }
 
-std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                             const Tensor& seq_start, const Tensor& seq_len, int64_t max_seqlen,
-                                             bool causal, double scale, double dropout_p,
-                                             const std::optional<Tensor>& dropout_seed) {
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_start,
+                                             const Tensor& seq_len, int64_t max_seqlen, bool causal, double scale,
+                                             double dropout_p, const std::optional<Tensor>& dropout_seed) {
   check_attention_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, dropout_seed);
   auto out = at::zeros_like(q);  // padding rows stay zero
   auto lse = at::full(q.sizes().slice(0, 3), kNegInf, q.options().dtype(at::kFloat));
@@ -173,8 +172,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                     const Tensor& seq_start, const Tensor& seq_len,
-                                                     int64_t max_seqlen, bool causal, double scale, double dropout_p,
+                                                     const Tensor& seq_start, const Tensor& seq_len, int64_t max_seqlen,
+                                                     bool causal, double scale, double dropout_p,
                                                      const std::optional<Tensor>& dropout_seed) {
   check_attention_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, dropout_seed);
   check_attention_backward_inputs(dout, q, out, lse);
@@ -240,8 +239,8 @@ struct SampledInputs {
         neg_log_q(neg_q ? neg_q->to(at::kFloat).contiguous() : Tensor()) {}
 
   template <typename scalar_t>
-  SampledLogits<scalar_t> logits(const Tensor& hidden, const Tensor& weight, int64_t rows_per_group,
-                                 bool remove_hits, double temperature, int64_t ignore_index) const {
+  SampledLogits<scalar_t> logits(const Tensor& hidden, const Tensor& weight, int64_t rows_per_group, bool remove_hits,
+                                 double temperature, int64_t ignore_index) const {
     return {static_cast<const scalar_t*>(hidden.data_ptr()),
             static_cast<const scalar_t*>(weight.data_ptr()),
             hidden.stride(0),

@@ -1,9 +1,9 @@
 // CUDA implementations of the `cuda` backend's ops: checks, allocation and launch of the
 // kernels in csrc/cuda/*.cu (declared in cuda/kernels.h) on the current stream of the
 // inputs' device. Compiled only when the extension is built with CUDA.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -39,8 +39,9 @@ cuda::AttentionParams attention_params(const Tensor& q, const Tensor& k, const T
                                        const Tensor& lse, const Tensor& seq_start, const Tensor& seq_len,
                                        int64_t max_seqlen, bool causal, double scale, double dropout_p,
                                        const std::optional<Tensor>& dropout_seed) {
-  TORCH_CHECK_VALUE(max_seqlen <= std::numeric_limits<int32_t>::max() && q.size(2) <= std::numeric_limits<int32_t>::max(),
-                    "max_seqlen: expected at most 2**31 - 1, got ", max_seqlen);
+  TORCH_CHECK_VALUE(
+      max_seqlen <= std::numeric_limits<int32_t>::max() && q.size(2) <= std::numeric_limits<int32_t>::max(),
+      "max_seqlen: expected at most 2**31 - 1, got ", max_seqlen);
   cuda::AttentionParams p{};
   p.q = bhld(q);
   p.k = bhld(k);
@@ -102,10 +103,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout, const Tenso
 }
 
 cuda::LossInputs loss_inputs(const Tensor& hidden, const Tensor& weight, double temperature, int64_t ignore_index) {
-  return {hidden.data_ptr(),  weight.data_ptr(),  hidden.stride(0),
-          weight.stride(0),   hidden.size(0),     weight.size(0),
-          hidden.size(1),     static_cast<float>(temperature),
-          ignore_index,       kernel_dtype(hidden)};
+  return {hidden.data_ptr(), weight.data_ptr(),   hidden.stride(0), weight.stride(0),
+          hidden.size(0),    weight.size(0),      hidden.size(1),   static_cast<float>(temperature),
+          ignore_index,      kernel_dtype(hidden)};
 }
 
 // Keeps the converted ids and log_q alive while the kernels read them.
@@ -152,7 +152,9 @@ struct GradientBuffers {
     grads = {grad_loss.data_ptr<float>(), lse.data_ptr<float>(), d_hidden.data_ptr(), d_weight.data_ptr<float>(),
              workspace.data_ptr<float>()};
   }
-  std::tuple<Tensor, Tensor> result(const Tensor& weight) const { return {d_hidden, d_weight.to(weight.scalar_type())}; }
+  std::tuple<Tensor, Tensor> result(const Tensor& weight) const {
+    return {d_hidden, d_weight.to(weight.scalar_type())};
+  }
 };
 
 std::tuple<Tensor, Tensor> sampled_softmax_fwd(const Tensor& hidden, const Tensor& weight, const Tensor& pos_ids,
@@ -186,8 +188,8 @@ std::tuple<Tensor, Tensor> sampled_softmax_bwd(const Tensor& grad_loss, const Te
   GradientBuffers buffers(grad_loss, lse, hidden, weight,
                           cuda::sampled_softmax_backward_workspace_floats(args.params, deterministic));
   if (hidden.size(0) == 0) return buffers.result(weight);
-  C10_CUDA_CHECK(cuda::sampled_softmax_backward(args.params, buffers.grads, deterministic,
-                                                c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(
+      cuda::sampled_softmax_backward(args.params, buffers.grads, deterministic, c10::cuda::getCurrentCUDAStream()));
   return buffers.result(weight);
 }
 

@@ -6,6 +6,9 @@ seqrec recommend CHECKPOINT ITEM.. top-k next items after a history
 seqrec plot RUN_DIR                learning curves of a run (needs matplotlib)
 seqrec info | demo                 available backends | fused_attention vs float64
 seqrec bench NAME [--quick] ...    benchmarks: attention, softmax_loss, sasrec, all, plot (a checkout's)
+
+A user error (a missing or malformed file, a bad option value, data too small) prints one
+line `seqrec: error: ...` to stderr and exits with status 2; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
+import typing
 from pathlib import Path
 
 import torch
@@ -60,45 +65,89 @@ def _demo(batch: int, length: int, head_dim: int) -> None:
             print(f"{backend.value:<10} {str(dtype)[6:]:<9}     {cells}")
 
 
+# Help for the model's options; the options themselves (names, types, defaults, choices)
+# come from SASRecConfig's fields.
+_MODEL_HELP = {
+    "max_len": "history length (longer histories keep their latest items)",
+    "blocks": "transformer blocks",
+    "heads": "attention heads (hidden must be a multiple)",
+    "norm_first": "pre-LN blocks (default: the paper's post-LN)",
+    "num_negatives": "negatives: shared per batch (sampled_softmax) or per position (gbce)",
+    "sampler": "sampled_softmax's negatives",
+    "gbce_t": "gbce's calibration t (gSASRec)",
+}
+
+
+def _model_options() -> dict[str, tuple[type, tuple | None, object]]:
+    """name -> (type, choices or None, default) of every SASRecConfig field but num_items."""
+    from .models.sasrec import SASRecConfig
+
+    hints = typing.get_type_hints(SASRecConfig)
+    options = {}
+    for field in dataclasses.fields(SASRecConfig):
+        if field.name == "num_items":
+            continue
+        kind, choices = hints[field.name], None
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kind = type(choices[0])
+        if kind not in (int, float, bool, str) or field.default is dataclasses.MISSING:
+            raise TypeError(f"SASRecConfig.{field.name}: no command-line option for a {kind} without a default")
+        options[field.name] = (kind, choices, field.default)
+    return options
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .backends import Backend
+    from .data.readers import FORMATS
+    from .metrics import PROTOCOLS
+    from .train import AMP_DTYPES, TrainConfig
 
     defaults = TrainConfig()
     add = parser.add_argument
     add("--data", default=None, help="interactions file (default: the built-in synthetic dataset)")
-    add("--format", default=None, choices=["sasrec", "sequences", "inter", "csv"], help="default: guessed")
+    add("--format", default=None, choices=FORMATS, help="default: guessed")
     add("--min-count", type=int, default=defaults.min_count, help="k-core filtering (0: none)")
-    add("--max-len", type=int, default=defaults.max_len)
-    add("--hidden", type=int, default=defaults.hidden)
-    add("--blocks", type=int, default=defaults.blocks)
-    add("--heads", type=int, default=defaults.heads)
-    add("--dropout", type=float, default=defaults.dropout)
-    add("--norm-first", action="store_true", help="pre-LN blocks")
-    add("--loss", default=defaults.loss, choices=["bce", "sampled_softmax", "full_softmax", "gbce"])
-    add("--num-negatives", type=int, default=defaults.num_negatives, help="sampled_softmax / gbce negatives")
-    add("--sampler", default=defaults.sampler, choices=["uniform", "popularity"])
+    model = parser.add_argument_group("model (SASRecConfig)")
+    for name, (kind, choices, default) in _model_options().items():
+        flag, help = "--" + name.replace("_", "-"), _MODEL_HELP.get(name)
+        if kind is bool:
+            model.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            model.add_argument(flag, dest=name, type=kind, choices=choices, default=default, help=help)
     add("--epochs", type=int, default=defaults.epochs)
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=defaults.lr)
     add("--eval-every", type=int, default=defaults.eval_every, help="epochs between validations")
     add("--patience", type=int, default=defaults.patience, help="validations without improvement before stopping")
-    add("--eval-protocol", default=defaults.eval_protocol, choices=["sampled", "full"])
+    add("--eval-protocol", default=defaults.eval_protocol, choices=PROTOCOLS)
     add("--device", default=defaults.device)
-    add("--backend", default=defaults.backend, choices=["auto", "reference", "triton", "cuda"])
-    add("--amp", default=None, choices=["bf16", "fp16"])
+    add("--backend", default=defaults.backend, choices=[b.value for b in Backend])
+    add("--amp", default=None, choices=[name for name in AMP_DTYPES if name])
     add("--compile", action="store_true", help="torch.compile the training step")
     add("--seed", type=int, default=defaults.seed)
     add("--deterministic", action="store_true", help="deterministic algorithms: bitwise reproducible runs")
     add("--out", default=defaults.out, help="run directory: checkpoints, metrics.jsonl, test_metrics.json")
     add("--resume", action="store_true", help="continue from OUT/last.pt")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add("--no-progress", dest="progress", action="store_false",
+        help="no progress bars (shown only when stderr is a terminal; otherwise one line per epoch)")  # fmt: skip
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of parsed `seqrec train` arguments."""
+    from .models.sasrec import SASRecConfig
+    from .train import TrainConfig
+
+    options = vars(args)
+    model = SASRecConfig(num_items=0, **{name: options[name] for name in _model_options()})
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return TrainConfig(model=model, **{name: value for name, value in options.items() if name in names})
 
 
 def _train(args) -> None:
-    from .train import TrainConfig, train
+    from .train import train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    train(train_config(args))
 
 
 def _eval(args) -> None:
@@ -107,10 +156,14 @@ def _eval(args) -> None:
     from .train import TrainConfig, format_report, load_checkpoint, load_dataset
 
     model, state = load_checkpoint(args.checkpoint, args.device)
-    config = TrainConfig(**state["train_config"])
+    config = TrainConfig.from_dict(state["train_config"])
     if args.data:
         config.data = args.data
     data, _ = load_dataset(config)
+    if data.num_items > model.config.num_items:
+        raise ValueError(
+            f"data: {config.data} has {data.num_items} items, the checkpoint's model knows {model.config.num_items}"
+        )
     split = LeaveOneOutSplit.of(data)
     report = {p: evaluate(model, split, "test", p, seed=config.seed) for p in PROTOCOLS}
     print(format_report(report, f"test metrics of {args.checkpoint}"))
@@ -119,23 +172,30 @@ def _eval(args) -> None:
 def _recommend(args) -> None:
     from .train import load_checkpoint
 
+    if args.k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {args.k}")
     model, _ = load_checkpoint(args.checkpoint, args.device)
     max_len = model.config.max_len
     history = torch.tensor([0] * max(0, max_len - len(args.items)) + args.items[-max_len:], device=args.device)
     if int(history.max()) > model.config.num_items or int(history.min()) < 0:
-        raise SystemExit(f"items: expected ids in 1..{model.config.num_items}")
+        raise ValueError(f"items: expected ids in 1..{model.config.num_items}, got {args.items}")
     ids, scores = model.recommend(history[None], k=args.k, exclude_seen=not args.include_seen)
     for rank, (item, score) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1):
         print(f"{rank:>3}. item {item:<8} score {score:.4f}")
 
 
 def _plot(args) -> None:
-    import matplotlib
+    run = Path(args.run)
+    if not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"run: no metrics.jsonl in {run} (a run directory is `seqrec train --out`'s)")
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise CommandLineError("plot: needs matplotlib (pip install matplotlib)") from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = Path(args.run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot([r["epoch"] for r in records], [r["loss"] for r in records])
@@ -154,7 +214,7 @@ def _bench(options: list[str]) -> None:
     """Runs benchmarks/ of the source checkout this package is installed from (editable)."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "__init__.py").is_file():
-        raise SystemExit(
+        raise CommandLineError(
             f"bench: the benchmarks are a folder of the source checkout, not of the installed package, and "
             f"{root / 'benchmarks'} does not exist; install the checkout with `pip install -e .` or run "
             f"`python -m benchmarks` from it"
@@ -166,10 +226,43 @@ def _bench(options: list[str]) -> None:
     run_benchmarks(options)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="seqrec", description=__doc__.split("\n\n")[0])
+class CommandLineError(Exception):
+    """A user error found by the command line itself (beyond ValueError/OSError)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors, as one line like every other user error
+        raise CommandLineError(f"{message} (see {self.prog} --help)")
+
+
+# What a user can cause: bad option values, files that are missing, malformed or of the
+# wrong kind, data too small (DataFormatError, CheckpointError, InsufficientDataError are
+# ValueErrors). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CommandLineError, ValueError, OSError)
+
+
+def main(argv=None) -> int:
+    """Runs the command line; on a user error prints `seqrec: error: ...` (the traceback
+    too with --debug) and exits with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = argv[:1] != ["bench"] and "--debug" in argv
+    try:
+        _main(argv)
+    except USER_ERRORS as error:
+        if debug:
+            traceback.print_exc()
+        print(f"seqrec: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seqrec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_train_arguments(commands.add_parser("train", help="train SASRec"))
+    _add_train_arguments(
+        commands.add_parser("train", help="train SASRec", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     evaluation = commands.add_parser("eval", help="test metrics of a checkpoint")
     evaluation.add_argument("checkpoint")
     evaluation.add_argument("--data", default=None, help="default: the data the checkpoint was trained on")
@@ -188,11 +281,18 @@ def main(argv=None) -> None:
     demo.add_argument("--length", type=int, default=50)
     demo.add_argument("--head-dim", type=int, default=50)
     commands.add_parser("bench", help="benchmarks: attention, softmax_loss, sasrec, all, plot (NAME --help)")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    for name, command in commands.choices.items():
+        if name != "bench":  # also after the command; SUPPRESS keeps a --debug given before it
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="on an error, show the full traceback")  # fmt: skip
+    return parser
+
+
+def _main(argv: list[str]) -> None:
     if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to the benchmark
         _bench(argv[1:])
         return
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "demo" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     commands = dict(train=_train, eval=_eval, recommend=_recommend, plot=_plot, info=lambda a: _info(),

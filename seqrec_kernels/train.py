@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,27 +26,28 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data.dataset import LeaveOneOutSplit, SequenceDataset
+from .data.dataset import InsufficientDataError, LeaveOneOutSplit, SequenceDataset
 from .data.readers import read_interactions
 from .data.synthetic import synthetic_interactions
 from .metrics import PROTOCOLS, evaluate
 from .models.sasrec import SASRec, SASRecConfig
 
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _untrained_model_config() -> SASRecConfig:
+    return SASRecConfig(num_items=0)
+
 
 @dataclasses.dataclass
 class TrainConfig:
+    """A training run. The model's options are `model`, a SASRecConfig whose num_items
+    is set from the data when the model is built (0 until then)."""
+
     data: str | None = None  # None: the built-in synthetic dataset
     format: str | None = None  # guessed from the file when None
     min_count: int = 0  # k-core filtering
-    max_len: int = 50
-    hidden: int = 50
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.5
-    norm_first: bool = False
-    loss: str = "bce"
-    num_negatives: int = 256
-    sampler: str = "uniform"
+    model: SASRecConfig = dataclasses.field(default_factory=_untrained_model_config)
     epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
@@ -60,7 +62,45 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bitwise reproducible
     out: str = "runs/default"
     resume: bool = False
-    progress: bool = True
+    progress: bool = True  # progress bars, when stderr is a terminal; else one log line per epoch
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_every", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.min_count < 0:
+            raise ValueError(f"min_count: expected an int >= 0, got {self.min_count!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if self.eval_protocol not in PROTOCOLS:
+            raise ValueError(f"eval_protocol: expected one of {', '.join(PROTOCOLS)}, got {self.eval_protocol!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp: expected 'bf16', 'fp16' or None, got {self.amp!r}")
+        model = self.model
+        for name in ("max_len", "hidden", "heads", "num_negatives"):
+            value = getattr(model, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if isinstance(model.blocks, bool) or not isinstance(model.blocks, int) or model.blocks < 0:
+            raise ValueError(f"blocks: expected an int >= 0, got {model.blocks!r}")
+        if not 0 <= model.dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {model.dropout!r}")
+
+    @staticmethod
+    def from_dict(options: dict) -> TrainConfig:
+        """A TrainConfig from dataclasses.asdict(config), also the flat form (model options
+        beside the training ones) that checkpoints written before `model` existed hold."""
+        options = dict(options)
+        model = options.pop("model", None)
+        model_names = {f.name for f in dataclasses.fields(SASRecConfig)} - {"num_items"}
+        flat = {name: options.pop(name) for name in model_names & options.keys()}
+        model = {"num_items": 0, **flat, **(model or {})}
+        train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = options.keys() - train_names
+        if unknown:
+            raise ValueError(f"train config: unknown options {sorted(unknown)}")
+        return TrainConfig(model=SASRecConfig(**model), **options)
 
 
 def load_dataset(config: TrainConfig) -> tuple[SequenceDataset, str]:
@@ -72,11 +112,7 @@ def load_dataset(config: TrainConfig) -> tuple[SequenceDataset, str]:
 
 
 def build_model(config: TrainConfig, num_items: int, item_counts: torch.Tensor | None) -> SASRec:
-    model_config = SASRecConfig(
-        num_items=num_items, max_len=config.max_len, hidden=config.hidden, blocks=config.blocks,
-        heads=config.heads, dropout=config.dropout, norm_first=config.norm_first, loss=config.loss,
-        num_negatives=config.num_negatives, sampler=config.sampler,
-    )  # fmt: skip
+    model_config = dataclasses.replace(config.model, num_items=num_items)
     return SASRec(model_config, item_counts).set_backend(config.backend)
 
 
@@ -86,21 +122,32 @@ def save_atomically(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
+class CheckpointError(ValueError):
+    """A file that is not a seqrec checkpoint (or not one this version can read)."""
+
+
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
     """A model (in eval mode) and the checkpoint's state from `best.pt`/`last.pt`."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    config = TrainConfig(**state["train_config"])
-    counts = state.get("item_counts")
-    model = build_model(config, state["model_config"]["num_items"], counts)
-    model.load_state_dict(state["model"])
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # torch.load raises many types (pickle, zip, EOF) for a foreign file
+        raise CheckpointError(f"checkpoint: {path} is not a torch checkpoint ({error})") from error
+    if not isinstance(state, dict) or not {"train_config", "model_config", "model"} <= state.keys():
+        raise CheckpointError(f"checkpoint: {path} is not a seqrec checkpoint (no train_config, model_config, model)")
+    try:
+        config = TrainConfig.from_dict(state["train_config"])
+        model = build_model(config, state["model_config"]["num_items"], state.get("item_counts"))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as error:  # RuntimeError: weights that do not fit the config
+        raise CheckpointError(f"checkpoint: {path}: not readable by this version ({error})") from error
     return model.to(device).eval(), state
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if config.amp not in dtypes:
-        raise ValueError(f"amp: expected 'bf16', 'fp16' or None, got {config.amp!r}")
-    dtype = dtypes[config.amp]
+    dtype = AMP_DTYPES[config.amp]  # a known key: TrainConfig checks it
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -117,6 +164,8 @@ def train(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig) -> dict:
     device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {config.device!r} asked for, but torch sees no CUDA device")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if distributed:
@@ -171,14 +220,21 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
         ), out / name)  # fmt: skip
 
     users = split.training_users()
+    if users.numel() < world:
+        raise InsufficientDataError(
+            f"data: {users.numel()} users have a training pair (an item and its next one before the validation and "
+            f"test items: 4 or more interactions, or exactly 2); each of the {world} processes needs one"
+        )
     keys = data.interaction_keys()
     negatives_per_position = model.negatives_per_position()
     log(
         f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "
-        f"SASRec {config.blocks}x{config.hidden}, loss {config.loss}, backend {model.backend.value}, device {device}"
-        + (f", {world} processes" if world > 1 else "")
+        f"SASRec {model.config.blocks}x{model.config.hidden}, loss {model.config.loss}, backend {model.backend.value}, "
+        f"device {device}" + (f", {world} processes" if world > 1 else "")
     )
     metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    # Bars only on a terminal: in a file or CI log they are thousands of \r fragments.
+    progress_bars = config.progress and rank == 0 and sys.stderr.isatty()
     interrupted = False
     try:
         while state["epoch"] < config.epochs and state["bad_validations"] < config.patience:
@@ -190,13 +246,12 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
             share = users.numel() // world
             batches = users[order[rank * share : (rank + 1) * share]].split(config.batch_size)
-            progress = config.progress and rank == 0
-            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
-                inputs, targets = split.training_batch(batch_users, config.max_len)
+            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress_bars):
+                inputs, targets = split.training_batch(batch_users, config.model.max_len)
                 negatives = None
                 if negatives_per_position:
-                    negatives = data.sample_unseen(batch_users, (config.max_len, negatives_per_position), keys=keys)
-                    negatives = negatives.to(device)
+                    shape = (config.model.max_len, negatives_per_position)
+                    negatives = data.sample_unseen(batch_users, shape, keys=keys).to(device)
                 with _autocast(config, device):
                     loss = loss_fn(inputs.to(device), targets.to(device), negatives)
                 optimizer.zero_grad(set_to_none=True)
@@ -207,6 +262,7 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             seconds = time.perf_counter() - started
             state["epoch"] = epoch
             record = dict(epoch=epoch, loss=total / len(batches), seconds=round(seconds, 2))
+            line = f"epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f} s"
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 validation = evaluate(model, split, "valid", config.eval_protocol, seed=config.seed)
                 record["valid"] = validation
@@ -215,8 +271,9 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
                     checkpoint("best.pt")
                 else:
                     state["bad_validations"] += 1
-                log(f"epoch {epoch}: loss {record['loss']:.4f}, {seconds:.1f} s, valid NDCG@10 "
-                      f"{validation['NDCG@10']:.4f} HR@10 {validation['HR@10']:.4f}")  # fmt: skip
+                log(f"{line}, valid NDCG@10 {validation['NDCG@10']:.4f} HR@10 {validation['HR@10']:.4f}")
+            elif not progress_bars:  # no bar to show progress: one line per epoch
+                log(line)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
+from seqrec_kernels.data.dataset import InsufficientDataError, LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.readers import DataFormatError, Interactions, read_interactions
 from seqrec_kernels.data.synthetic import synthetic_interactions
 
@@ -81,6 +81,12 @@ def test_leave_one_out_split_and_windows():
     histories, targets = split.evaluation_batch(torch.tensor([0, 2]), max_len=3, stage="test")
     assert histories.tolist() == [[2, 3, 4], [0, 8, 9]] and targets.tolist() == [5, 1]
     assert split.train_item_counts().tolist() == [0, 1, 1, 1, 0, 0, 1, 1, 1, 0]
+
+
+def test_split_rejects_data_without_evaluable_users():
+    data = SequenceDataset.from_interactions(Interactions([[1, 2], [3]], num_items=3, source="t"))
+    with pytest.raises(InsufficientDataError, match="got 2 users, longest history 2"):
+        LeaveOneOutSplit.of(data)
 
 
 def test_sample_unseen_never_returns_the_users_items():

@@ -20,7 +20,7 @@ def config(tmp_path, **overrides):
     options = dict(epochs=8, eval_every=4, hidden=32, batch_size=128, dropout=0.2, out=str(tmp_path / "run"),
                    progress=False, device="cpu")  # fmt: skip
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_dict(options)  # model options (hidden, loss, ...) beside the training ones
 
 
 @pytest.mark.parametrize("loss", ["bce", "sampled_softmax"])

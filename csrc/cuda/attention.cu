@@ -20,9 +20,9 @@
 //   tiles that see its key tile (for DP = 256, dv and dk in two launches so that one
 //   [16, 256] accumulator per warp suffices). Every output row has one writer: no atomics,
 //   deterministic results.
-#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include "dropout_hash.h"
 #include "kernels.h"
@@ -39,24 +39,43 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 
-template <typename T> struct IsF32 { static constexpr bool value = false; };
-template <> struct IsF32<float> { static constexpr bool value = true; };
+template <typename T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Two floats as one 16-bit pair register, the lower column in the low half.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
@@ -72,24 +91,29 @@ template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? BYTES : 0;
   if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
-                 "r"(src_bytes) : "memory");
+                 "r"(src_bytes)
+                 : "memory");
   }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 
 // c[16x8] += a[16x16] b[16x8], float32 accumulators.
@@ -97,18 +121,20 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                          uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Reductions over the 4 lanes (tig) that share a tile row.
@@ -178,12 +204,17 @@ __device__ __forceinline__ void copy_tile(T* dst, int rows, const T* src, i64 st
 // A [rows, DP] tile (row stride tile_ld) with vec-byte copies: cp.async for 16 / 8 / 4
 // bytes (completion: cp_async_wait), plain loads for 2 (16-bit elements at odd offsets).
 template <typename T, int DP>
-__device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D,
-                                          int vec) {
+__device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D, int vec) {
   switch (vec) {
-    case 16: copy_tile<T, DP, 16>(dst, rows, src, stride, valid_rows, D); break;
-    case 8: copy_tile<T, DP, 8>(dst, rows, src, stride, valid_rows, D); break;
-    case 4: copy_tile<T, DP, 4>(dst, rows, src, stride, valid_rows, D); break;
+    case 16:
+      copy_tile<T, DP, 16>(dst, rows, src, stride, valid_rows, D);
+      break;
+    case 8:
+      copy_tile<T, DP, 8>(dst, rows, src, stride, valid_rows, D);
+      break;
+    case 4:
+      copy_tile<T, DP, 4>(dst, rows, src, stride, valid_rows, D);
+      break;
     default:
       if constexpr (sizeof(T) == 2) copy_tile<T, DP, 2>(dst, rows, src, stride, valid_rows, D);
   }
@@ -645,8 +676,14 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 
 // ------------------------------------------------------------------ host side ------------
 
-template <typename T> struct TypeTag { using type = T; };
-template <int V> struct IntTag { static constexpr int value = V; };
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int V>
+struct IntTag {
+  static constexpr int value = V;
+};
 
 // f(TypeTag<T>, IntTag<DP>) for the dtype and the padded head dim; cudaErrorInvalidValue
 // for an unknown dtype or a head dim outside 1..256.
@@ -655,16 +692,23 @@ cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
   auto with_dp = [&](auto tag) -> cudaError_t {
     if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
     switch (padded_head_dim(head_dim)) {
-      case 32: return f(tag, IntTag<32>{});
-      case 64: return f(tag, IntTag<64>{});
-      case 128: return f(tag, IntTag<128>{});
-      default: return f(tag, IntTag<256>{});
+      case 32:
+        return f(tag, IntTag<32>{});
+      case 64:
+        return f(tag, IntTag<64>{});
+      case 128:
+        return f(tag, IntTag<128>{});
+      default:
+        return f(tag, IntTag<256>{});
     }
   };
   switch (dtype) {
-    case ScalarType::kFloat32: return with_dp(TypeTag<float>{});
-    case ScalarType::kFloat16: return with_dp(TypeTag<__half>{});
-    case ScalarType::kBFloat16: return with_dp(TypeTag<__nv_bfloat16>{});
+    case ScalarType::kFloat32:
+      return with_dp(TypeTag<float>{});
+    case ScalarType::kFloat16:
+      return with_dp(TypeTag<__half>{});
+    case ScalarType::kBFloat16:
+      return with_dp(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
 }
@@ -695,8 +739,7 @@ cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
 }
 
 template <typename... KArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                   Args... args) {
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -748,8 +791,7 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
       if (err != cudaSuccess) return err;
       return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
     } else {
-      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, Tiles::kSmemDkDv, stream,
-                    p, vec);
+      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
     }
   });
 }

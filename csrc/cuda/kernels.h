@@ -90,12 +90,11 @@ struct SampledSoftmaxParams {
   bool remove_hits;            // a negative equal to the row's positive is left out
 };
 
-cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse,
-                                    cudaStream_t stream);
+cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream);
 // deterministic: d_weight is bitwise reproducible run to run (no float atomics order).
 size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic);
-cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g,
-                                     bool deterministic, cudaStream_t stream);
+cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g, bool deterministic,
+                                     cudaStream_t stream);
 
 // Full: loss(t) = logsumexp over items not in excluded_ids - logit(target).
 struct FullSoftmaxParams {
@@ -105,10 +104,8 @@ struct FullSoftmaxParams {
   int64_t num_excluded;
 };
 
-cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse,
-                                 cudaStream_t stream);
+cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream);
 size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p);
-cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g,
-                                  cudaStream_t stream);
+cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g, cudaStream_t stream);
 
 }  // namespace seqrec::cuda

@@ -24,9 +24,9 @@
 // Rows with few rows per group (per-row negatives) use one warp per row instead.
 // Deterministic sampled d weight: the (item -> sample slot) list is radix-sorted by item
 // (CUB, stable) and one CTA per item sums its slots' contributions in sorted order.
-#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cub/device/device_radix_sort.cuh>
 
@@ -43,24 +43,43 @@ constexpr float kInf = __builtin_huge_valf();
 constexpr i64 kNoItem = -0x7fffffffffffffffLL - 1;  // id of an absent item line
 constexpr i64 kNoRow = kNoItem + 1;                 // id of an absent hidden line
 
-template <typename T> struct IsF32 { static constexpr bool value = false; };
-template <> struct IsF32<float> { static constexpr bool value = true; };
+template <typename T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Two floats as one 16-bit pair register, the lower column in the low half.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
@@ -76,24 +95,29 @@ template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
   const int src_bytes = valid ? BYTES : 0;
   if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
+                 : "memory");
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
-                 "r"(src_bytes) : "memory");
+                 "r"(src_bytes)
+                 : "memory");
   }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 
 // c[16x8] += a[16x16] b[16x8], float32 accumulators.
@@ -101,18 +125,20 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                          uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -182,7 +208,10 @@ __device__ bool is_excluded(const LossArgs& a, i64 n) {
   i64 lo = 0, hi = a.E;  // lower_bound of n in the sorted excluded ids
   while (lo < hi) {
     const i64 mid = (lo + hi) >> 1;
-    if (a.excl[mid] < n) lo = mid + 1; else hi = mid;
+    if (a.excl[mid] < n)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo < a.E && a.excl[lo] == n;
 }
@@ -208,8 +237,8 @@ __device__ Line hidden_line(const LossArgs& a, i64 t, bool valid, float inv_scal
 // ------------------------------------------------------------------ tile loads -----------
 
 template <typename T, int BYTES, typename Src>
-__device__ __forceinline__ void copy_rows_async(T* dst, int ld, int rows, int cols, const T* base, i64 stride,
-                                                i64 dim, i64 col0, Src src) {
+__device__ __forceinline__ void copy_rows_async(T* dst, int ld, int rows, int cols, const T* base, i64 stride, i64 dim,
+                                                i64 col0, Src src) {
   constexpr int kElems = BYTES / sizeof(T);
   const int per_row = cols / kElems;
   for (int u = threadIdx.x; u < rows * per_row; u += blockDim.x) {
@@ -226,9 +255,15 @@ template <typename T, typename Src>
 __device__ __forceinline__ void load_rows(T* dst, int ld, int rows, int cols, const T* base, i64 stride, i64 dim,
                                           i64 col0, int vec, Src src) {
   switch (vec) {
-    case 16: copy_rows_async<T, 16>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
-    case 8: copy_rows_async<T, 8>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
-    case 4: copy_rows_async<T, 4>(dst, ld, rows, cols, base, stride, dim, col0, src); break;
+    case 16:
+      copy_rows_async<T, 16>(dst, ld, rows, cols, base, stride, dim, col0, src);
+      break;
+    case 8:
+      copy_rows_async<T, 8>(dst, ld, rows, cols, base, stride, dim, col0, src);
+      break;
+    case 4:
+      copy_rows_async<T, 4>(dst, ld, rows, cols, base, stride, dim, col0, src);
+      break;
     default:
       for (int u = threadIdx.x; u < rows * cols; u += blockDim.x) {
         const int r = u / cols, c = u - r * cols;
@@ -343,7 +378,7 @@ struct EngineOut {
 // kBwdItems: X = items (full) or negative slots (sampled), Y = hidden rows of the group.
 // Two CTAs per SM (128 registers), except the float32 backward (FFMA tiles, no spills).
 template <typename T, int KIND>
-__global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFwd ? 1 : 2)
+__global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd ? 1 : 2)
     engine_kernel(const LossArgs a, const EnginePlan p, const EngineOut o) {
   constexpr bool kRowsX = KIND != kBwdItems;
   constexpr bool kBwd = KIND != kFwd;
@@ -374,11 +409,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
   }
   auto x_src = [&](int r) -> i64 {
     if (r >= x_count) return -1;
-    if constexpr (kRowsX) return row_base + x0 + r;
-    else return a.sampled ? negative_id(a, grp * a.K + x0 + r) : x0 + r;  // kNoItem < 0: zeros
+    if constexpr (kRowsX)
+      return row_base + x0 + r;
+    else
+      return a.sampled ? negative_id(a, grp * a.K + x0 + r) : x0 + r;  // kNoItem < 0: zeros
   };
-  if constexpr (kRowsX) load_rows(xs, xld, rows_x, p.dpad, hidden, a.hs, a.D, 0, a.vec_h, x_src);
-  else load_rows(xs, xld, rows_x, p.dpad, weight, a.ws, a.D, 0, a.vec_w, x_src);
+  if constexpr (kRowsX)
+    load_rows(xs, xld, rows_x, p.dpad, hidden, a.hs, a.D, 0, a.vec_h, x_src);
+  else
+    load_rows(xs, xld, rows_x, p.dpad, weight, a.ws, a.D, 0, a.vec_w, x_src);
   cp_async_commit();
 
   // Stage st = (tile i, chunk q) into buffer st & 1; the tile's lines into ylines[i & 1].
@@ -397,13 +436,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
     auto y_src = [&](int r) -> i64 {
       const i64 y = first + r;
       if (y >= yend) return -1;
-      if constexpr (kRowsX) return a.sampled ? negative_id(a, grp * a.K + y) : y;
-      else return row_base + y;
+      if constexpr (kRowsX)
+        return a.sampled ? negative_id(a, grp * a.K + y) : y;
+      else
+        return row_base + y;
     };
     const i64 col0 = static_cast<i64>(stage_chunk(oc, q, p.nchunks)) * kChunk;
     T* dst = ys + (st & 1) * kTile * yld;
-    if constexpr (kRowsX) load_rows(dst, yld, kTile, kChunk, weight, a.ws, a.D, col0, a.vec_w, y_src);
-    else load_rows(dst, yld, kTile, kChunk, hidden, a.hs, a.D, col0, a.vec_h, y_src);
+    if constexpr (kRowsX)
+      load_rows(dst, yld, kTile, kChunk, weight, a.ws, a.D, col0, a.vec_w, y_src);
+    else
+      load_rows(dst, yld, kTile, kChunk, hidden, a.hs, a.D, col0, a.vec_h, y_src);
     cp_async_commit();
   };
   load_stage(0);
@@ -580,8 +623,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
           const int d = oc * kChunk + acc_col<T>(j, e, tig);
           if (d >= a.D) continue;
           const float v = scale != 0.f ? acc[j][2 * rr + e] * scale : 0.f;
-          if (p.splits == 1) dh[t * a.D + d] = from_f<T>(v);
-          else o.part[bwd_part_index(split, a.T, t, a.D, d)] = v;
+          if (p.splits == 1)
+            dh[t * a.D + d] = from_f<T>(v);
+          else
+            o.part[bwd_part_index(split, a.T, t, a.D, d)] = v;
         }
       }
     }
@@ -598,9 +643,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
           const int d = oc * kChunk + acc_col<T>(j, e, tig);
           if (d >= a.D) continue;
           const float v = acc[j][2 * rr + e] * scale_max;
-          if (a.sampled) atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
-          else if (p.splits == 1) o.d_weight[item * a.D + d] = v;
-          else o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
+          if (a.sampled)
+            atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
+          else if (p.splits == 1)
+            o.d_weight[item * a.D + d] = v;
+          else
+            o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
         }
       }
     }
@@ -608,8 +656,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value && KIND != kFw
 }
 
 // Forward with split streams: lse and loss from the (max, sumexp) partials [splits, T, 2].
-__global__ void combine_forward(const LossArgs a, const float* part, const float* row_logit, int splits,
-                                float* loss, float* lse) {
+__global__ void combine_forward(const LossArgs a, const float* part, const float* row_logit, int splits, float* loss,
+                                float* lse) {
   for (i64 t = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; t < a.T;
        t += static_cast<i64>(gridDim.x) * blockDim.x) {
     float m = a.sampled ? row_logit[t] : -kInf, l = a.sampled ? 1.f : 0.f;
@@ -698,7 +746,8 @@ __device__ __forceinline__ void negative_batch(const LossArgs& a, i64 grp, i64 k
 #pragma unroll
   for (int u = 0; u < B; ++u) {
     id[u] = k + u < a.K ? negative_id(a, grp * a.K + k + u) : kNoItem;
-    if (id[u] != kNoItem) load_vec(w[u], static_cast<const T*>(a.weight) + id[u] * a.ws, a.D, lane);
+    if (id[u] != kNoItem)
+      load_vec(w[u], static_cast<const T*>(a.weight) + id[u] * a.ws, a.D, lane);
     else
 #pragma unroll
       for (int i = 0; i < VPL; ++i) w[u][i] = 0.f;
@@ -748,8 +797,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const Los
 // explicit minimum of one CTA per SM keeps ptxas from trading a register spill for
 // occupancy (it did, for D <= 128, without one).
 template <typename T, int VPL>
-__global__ void __launch_bounds__(kRowWarps * 32, 1) sampled_rows_backward(const LossArgs a, T* d_hidden,
-                                                                            float* d_weight) {
+__global__ void __launch_bounds__(kRowWarps * 32, 1)
+    sampled_rows_backward(const LossArgs a, T* d_hidden, float* d_weight) {
   const i64 t = static_cast<i64>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (t >= a.T) return;
@@ -814,9 +863,9 @@ __global__ void sampled_slot_keys(const LossArgs a, uint32_t* keys, uint32_t* sl
 // in sorted (= slot) order, each slot's rows' contributions; warp w takes rows w * B + u
 // (mod warps * B), and the warps' sums are added in warp order.
 template <typename T, int VPL>
-__global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(const LossArgs a, const uint32_t* keys,
-                                                                              const uint32_t* slots, i64 num_slots,
-                                                                              float* d_weight) {
+__global__ void __launch_bounds__(kRowWarps * 32)
+    sampled_weight_grad_sorted(const LossArgs a, const uint32_t* keys, const uint32_t* slots, i64 num_slots,
+                               float* d_weight) {
   __shared__ float partial[kRowWarps][VPL * 32];
   const i64 p = blockIdx.x;
   const uint32_t key = keys[p];
@@ -831,8 +880,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(con
     const i64 slot = slots[q];
     const bool is_pos = slot < a.T;
     const i64 first = is_pos ? slot : (slot - a.T) / a.K * a.rpg, count = is_pos ? 1 : a.rpg;
-    const float lq = is_pos ? (a.pos_lq != nullptr ? a.pos_lq[slot] : 0.f)
-                            : (a.neg_lq != nullptr ? a.neg_lq[slot - a.T] : 0.f);
+    const float lq =
+        is_pos ? (a.pos_lq != nullptr ? a.pos_lq[slot] : 0.f) : (a.neg_lq != nullptr ? a.neg_lq[slot - a.T] : 0.f);
     for (i64 r = static_cast<i64>(warp) * B; r < count; r += static_cast<i64>(kRowWarps) * B) {
       float hv[B][VPL], x[B];
       bool kept[B];
@@ -841,7 +890,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(con
         const i64 t = first + r + u;
         const i64 pos = r + u < count ? a.pos[t] : a.ignore;
         kept[u] = valid_row(a, pos) && (is_pos || !a.remove_hits || pos != item);
-        if (kept[u]) load_vec(hv[u], hidden + t * a.hs, a.D, lane);
+        if (kept[u])
+          load_vec(hv[u], hidden + t * a.hs, a.D, lane);
         else
 #pragma unroll
           for (int i = 0; i < VPL; ++i) hv[u][i] = 0.f;
@@ -874,16 +924,25 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_weight_grad_sorted(con
 
 // ------------------------------------------------------------------ host side ------------
 
-template <typename T> struct TypeTag { using type = T; };
-template <int V> struct IntTag { static constexpr int value = V; };
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int V>
+struct IntTag {
+  static constexpr int value = V;
+};
 
 // f(TypeTag<T>) for the op's element type; cudaErrorInvalidValue for an unknown one.
 template <typename F>
 cudaError_t with_dtype(ScalarType dtype, F&& f) {
   switch (dtype) {
-    case ScalarType::kFloat32: return f(TypeTag<float>{});
-    case ScalarType::kFloat16: return f(TypeTag<__half>{});
-    case ScalarType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+    case ScalarType::kFloat32:
+      return f(TypeTag<float>{});
+    case ScalarType::kFloat16:
+      return f(TypeTag<__half>{});
+    case ScalarType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
 }
@@ -892,10 +951,14 @@ cudaError_t with_dtype(ScalarType dtype, F&& f) {
 template <typename F>
 cudaError_t with_vpl(i64 dim, F&& f) {
   switch (vpl_for_dim(dim)) {
-    case 2: return f(IntTag<2>{});
-    case 4: return f(IntTag<4>{});
-    case 8: return f(IntTag<8>{});
-    default: return f(IntTag<32>{});
+    case 2:
+      return f(IntTag<2>{});
+    case 4:
+      return f(IntTag<4>{});
+    case 8:
+      return f(IntTag<8>{});
+    default:
+      return f(IntTag<32>{});
   }
 }
 
@@ -913,10 +976,10 @@ int copy_width(const void* ptr, i64 row_stride, i64 dim, size_t esize) {
 }
 
 cudaError_t common_args(const LossInputs& in, LossArgs* a) {
-  const bool known = in.dtype == ScalarType::kFloat32 || in.dtype == ScalarType::kFloat16 ||
-                     in.dtype == ScalarType::kBFloat16;
-  if (!known || in.dim < 1 || in.dim > kMaxDim || in.num_rows < 0 || in.num_items < 1 ||
-      in.num_items >= 0xffffffffLL || !(in.temperature > 0.f) || in.hidden == nullptr || in.weight == nullptr)
+  const bool known =
+      in.dtype == ScalarType::kFloat32 || in.dtype == ScalarType::kFloat16 || in.dtype == ScalarType::kBFloat16;
+  if (!known || in.dim < 1 || in.dim > kMaxDim || in.num_rows < 0 || in.num_items < 1 || in.num_items >= 0xffffffffLL ||
+      !(in.temperature > 0.f) || in.hidden == nullptr || in.weight == nullptr)
     return cudaErrorInvalidValue;
   *a = LossArgs{};
   a->hidden = in.hidden;
@@ -986,11 +1049,11 @@ cudaError_t launch_engine(const LossArgs& a, const EnginePlan& p, const EngineOu
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto kernel = engine_kernel<T, KIND>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(p.smem));
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
     if (err != cudaSuccess) return err;
-    kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), p.warps * 32, p.smem, stream>>>(
-        a, p, o);
+    kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), p.warps * 32, p.smem, stream>>>(a, p,
+                                                                                                                 o);
     return cudaGetLastError();
   });
 }
@@ -1011,8 +1074,7 @@ cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, flo
   float* scratch = nullptr;
   if (plan.splits > 1 &&
       cudaMallocAsync(reinterpret_cast<void**>(&scratch), forward_scratch_floats(plan.splits, a.T) * sizeof(float),
-                      stream) !=
-          cudaSuccess) {
+                      stream) != cudaSuccess) {
     (void)cudaGetLastError();  // no memory for partials: one split
     plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
     scratch = nullptr;
@@ -1079,9 +1141,9 @@ cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtyp
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
-      sampled_weight_grad_sorted<T, decltype(vpl)::value><<<static_cast<unsigned>(s.num_slots), kRowWarps * 32, 0,
-                                                            stream>>>(a, keys.Current(), slots.Current(),
-                                                                      s.num_slots, g.d_weight);
+      sampled_weight_grad_sorted<T, decltype(vpl)::value>
+          <<<static_cast<unsigned>(s.num_slots), kRowWarps * 32, 0, stream>>>(a, keys.Current(), slots.Current(),
+                                                                              s.num_slots, g.d_weight);
       return cudaGetLastError();
     });
   });
@@ -1186,7 +1248,7 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
     err = with_dtype(p.in.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
       reduce_splits<T><<<elementwise_blocks(a.T * a.D), 256, 0, stream>>>(part, plan.rows.splits, a.T * a.D,
-                                                                         static_cast<T*>(g.d_hidden));
+                                                                          static_cast<T*>(g.d_hidden));
       return cudaGetLastError();
     });
     if (err != cudaSuccess) return err;
@@ -1198,8 +1260,8 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
   a.scale_max = g.workspace;
   if ((err = launch_engine<kBwdItems>(a, plan.items, o, p.in.dtype, dev, stream)) != cudaSuccess) return err;
   if (plan.items.splits > 1) {
-    reduce_splits<float><<<elementwise_blocks(a.N * a.D), 256, 0, stream>>>(part, plan.items.splits, a.N * a.D,
-                                                                            g.d_weight);
+    reduce_splits<float>
+        <<<elementwise_blocks(a.N * a.D), 256, 0, stream>>>(part, plan.items.splits, a.N * a.D, g.d_weight);
     err = cudaGetLastError();
   }
   return err;

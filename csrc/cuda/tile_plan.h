@@ -21,9 +21,13 @@ constexpr int64_t kMaxGridX = 0x7fffffff;  // CUDA grid limits
 constexpr int64_t kMaxGridYZ = 65535;
 
 template <typename A>
-SEQREC_HD constexpr A imin(A x, A y) { return x < y ? x : y; }
+SEQREC_HD constexpr A imin(A x, A y) {
+  return x < y ? x : y;
+}
 template <typename A>
-SEQREC_HD constexpr A imax(A x, A y) { return x < y ? y : x; }
+SEQREC_HD constexpr A imax(A x, A y) {
+  return x < y ? y : x;
+}
 SEQREC_HD constexpr int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 // ------------------------------------------------------------ fragment layouts ---------

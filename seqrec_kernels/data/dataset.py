@@ -68,6 +68,10 @@ class SequenceDataset:
         return ids
 
 
+class InsufficientDataError(ValueError):
+    """Data too small for the split or for training; the message says what is missing."""
+
+
 @dataclasses.dataclass
 class LeaveOneOutSplit:
     """The paper's split: each user's last item is the test target, the one before it the
@@ -79,8 +83,15 @@ class LeaveOneOutSplit:
 
     @staticmethod
     def of(data: SequenceDataset) -> LeaveOneOutSplit:
+        """Raises InsufficientDataError when no user can be evaluated (all have < 3 items)."""
         lengths = data.lengths()
         evaluated = lengths >= 3
+        if not evaluated.any():
+            longest = int(lengths.max()) if lengths.numel() else 0
+            raise InsufficientDataError(
+                f"data: no user has the 3 interactions leave-one-out needs (train, validation, test); "
+                f"got {data.num_users} users, longest history {longest}"
+            )
         train_lengths = torch.where(evaluated, lengths - 2, lengths)
         return LeaveOneOutSplit(data, train_lengths, evaluated.nonzero().squeeze(1))
 

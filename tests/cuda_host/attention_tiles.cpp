@@ -38,7 +38,11 @@ struct Counts {
   int batch, heads, rows;
   std::vector<uint8_t> pairs, row_writes, delta_writes;
   Counts(int b, int h, int l)
-      : batch(b), heads(h), rows(l), pairs(static_cast<size_t>(b) * h * l * l), row_writes(static_cast<size_t>(b) * h * l),
+      : batch(b),
+        heads(h),
+        rows(l),
+        pairs(static_cast<size_t>(b) * h * l * l),
+        row_writes(static_cast<size_t>(b) * h * l),
         delta_writes(static_cast<size_t>(b) * h * l) {}
   uint8_t& pair(i64 b, int h, i64 query, i64 key) { return pairs[((b * heads + h) * rows + query) * rows + key]; }
   uint8_t& row(i64 b, int h, i64 r) { return row_writes[(b * heads + h) * rows + r]; }
@@ -59,7 +63,8 @@ void check_pairs(const Case& c, Counts& n, const char* kernel) {
   const Layout& L = *c.layout;
   std::vector<int> seq_of(static_cast<size_t>(L.batch) * L.num_rows, -1);  // [B, L]: sequence of a row
   for (int s = 0; s < static_cast<int>(L.len.size()); ++s)
-    for (int r = 0; r < L.len[s]; ++r) seq_of[batch_row(s, L.batch, static_cast<int>(L.len.size())) * L.num_rows + L.start[s] + r] = s;
+    for (int r = 0; r < L.len[s]; ++r)
+      seq_of[batch_row(s, L.batch, static_cast<int>(L.len.size())) * L.num_rows + L.start[s] + r] = s;
   char what[160];
   describe(what, sizeof what, c, kernel);
   long wrong = 0;
@@ -84,7 +89,8 @@ void check_rows(const Case& c, const std::vector<uint8_t>& writes, const char* k
   for (int s = 0; s < static_cast<int>(L.len.size()); ++s)
     for (int h = 0; h < c.heads; ++h)
       for (int r = 0; r < L.len[s]; ++r)
-        expected[(batch_row(s, L.batch, static_cast<int>(L.len.size())) * c.heads + h) * L.num_rows + L.start[s] + r] = 1;
+        expected[(batch_row(s, L.batch, static_cast<int>(L.len.size())) * c.heads + h) * L.num_rows + L.start[s] + r] =
+            1;
   char what[160];
   describe(what, sizeof what, c, kernel);
   long wrong = 0;
@@ -228,10 +234,14 @@ void check_config(const Case& c) {
 template <int ES>
 void check_dtype_path(const Case& c) {
   switch (c.dp) {
-    case 32: return check_config<ES, 32>(c);
-    case 64: return check_config<ES, 64>(c);
-    case 128: return check_config<ES, 128>(c);
-    default: return check_config<ES, 256>(c);
+    case 32:
+      return check_config<ES, 32>(c);
+    case 64:
+      return check_config<ES, 64>(c);
+    case 128:
+      return check_config<ES, 128>(c);
+    default:
+      return check_config<ES, 256>(c);
   }
 }
 
@@ -240,7 +250,9 @@ void check_dtype_path(const Case& c) {
 std::vector<Layout> layouts(int n) {
   Layout padded{"padded", 2, n + 5, n, {5, 0}, {n, 2 * n / 3}};
   const int half = (n + 1) / 2;
-  Layout packed{"packed", 1, 3 + n + 2 + half + 1 + 1 + 2, n, {3, 3 + n + 2, 3 + n + 2 + half + 1, 3 + n + 2 + half}, {n, half, 1, 0}};
+  Layout packed{
+      "packed",       1, 3 + n + 2 + half + 1 + 1 + 2, n, {3, 3 + n + 2, 3 + n + 2 + half + 1, 3 + n + 2 + half},
+      {n, half, 1, 0}};
   return {padded, packed};
 }
 
@@ -332,8 +344,8 @@ void check_clamping() {
   for (int start : {-5, 0, 3, 9, 10, 12})
     for (int len : {-1, 0, 4, 7, 20}) {
       const SeqRange r = clamp_seq(start, len, 10, 6);
-      CHECK(r.start >= 0 && r.len >= 0 && r.start + r.len <= 10 && r.len <= 6, "clamp(%d, %d) -> (%d, %d)", start,
-            len, r.start, r.len);
+      CHECK(r.start >= 0 && r.len >= 0 && r.start + r.len <= 10 && r.len <= 6, "clamp(%d, %d) -> (%d, %d)", start, len,
+            r.start, r.len);
     }
 }
 

@@ -113,7 +113,8 @@ Acc scores(const Tile& x, int x0, const Tile& y, int y0, int K, int NK, bool f32
   }
   for (int kk = 0; kk < K / 16; ++kk) {
     int addr[32];
-    for (int lane = 0; lane < 32; ++lane) addr[lane] = x0 + frag::ldsm_a_row(lane) * x.ld + kk * 16 + frag::ldsm_a_col(lane);
+    for (int lane = 0; lane < 32; ++lane)
+      addr[lane] = x0 + frag::ldsm_a_row(lane) * x.ld + kk * 16 + frag::ldsm_a_col(lane);
     Pair af[32][4];
     ldmatrix_x4(x, addr, false, 2, af, what);
     for (int jp = 0; jp < NK / 2; ++jp) {
@@ -202,8 +203,8 @@ Acc accumulate(const Acc& p, const Tile& y, int y0, int W, int NK, bool f32, Acc
 // stationary rows, K columns; y: 8 NK streamed rows, K columns; v: the same streamed rows
 // with W output columns (the attention's V, or the loss engine's output chunk of Y).
 template <typename AccCol>
-void check_products(const Tile& x, int x0, const Tile& y, int y0, const Tile& v, int v0, int K, int NK, int W,
-                    bool f32, AccCol acc_col, const char* what) {
+void check_products(const Tile& x, int x0, const Tile& y, int y0, const Tile& v, int v0, int K, int NK, int W, bool f32,
+                    AccCol acc_col, const char* what) {
   const Acc s = scores(x, x0, y, y0, K, NK, f32, what);
   std::vector<std::vector<float>> S(16, std::vector<float>(8 * NK, 0.f));  // the scores, from the kernel's layout
   long wrong = 0;

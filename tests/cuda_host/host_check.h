@@ -29,8 +29,8 @@ inline int report(const char* name) {
 }  // namespace host_check
 
 // CHECK(condition, printf-style context): the context says which case failed.
-#define CHECK(cond, ...)                                                                \
-  do {                                                                                  \
-    ++host_check::checks;                                                               \
-    if (!(cond)) host_check::fail(__FILE__, __LINE__, #cond, __VA_ARGS__);              \
+#define CHECK(cond, ...)                                                   \
+  do {                                                                     \
+    ++host_check::checks;                                                  \
+    if (!(cond)) host_check::fail(__FILE__, __LINE__, #cond, __VA_ARGS__); \
   } while (0)

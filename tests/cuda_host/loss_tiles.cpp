@@ -73,8 +73,8 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
       const EngineCta cta = engine_cta(p, s, kind, bx, by, rows_x);
       CHECK(cta.x_count >= 1 && cta.ybeg < cta.yend, "%s: CTA (%lld, %lld) has no work", c.what, (long long)bx,
             (long long)by);
-      CHECK(cta.oc >= 0 && cta.oc < p.nchunks && cta.split >= 0 && cta.split < p.splits, "%s: CTA (%lld, %lld)",
-            c.what, (long long)bx, (long long)by);
+      CHECK(cta.oc >= 0 && cta.oc < p.nchunks && cta.split >= 0 && cta.split < p.splits, "%s: CTA (%lld, %lld)", c.what,
+            (long long)bx, (long long)by);
       const i64 row_base = group_first_row(s, cta.grp);
       uint32_t chunks = 0;
       int expected_step = 0;
@@ -127,8 +127,8 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
           for (int rr = 0; rr < 2; ++rr) {
             const int r = r0 + frag::score_row(g, rr);
             if (r >= cta.x_count) continue;
-            const i64 line = kind == kBwdItems ? (s.sampled ? cta.grp * s.K + cta.x0 + r : cta.x0 + r)
-                                               : row_base + cta.x0 + r;
+            const i64 line =
+                kind == kBwdItems ? (s.sampled ? cta.grp * s.K + cta.x0 + r : cta.x0 + r) : row_base + cta.x0 + r;
             if (kind == kFwd) {
               if (tig != 0) continue;  // lane tig == 0 writes the row
               if (p.splits > 1) {
@@ -263,10 +263,14 @@ void check_smem_limits() {
 // partials within the workspace.
 void check_large() {
   const LossShape shapes[] = {
-      {10000000, 10000000, 64, 1, 1, false},         {10000000, 10000000, 1024, 1, 1, false},
-      {1, 10000000, 1024, 1, 1, false},              {10000000, 1, 1024, 1, 1, false},
-      {10000000, 10000000, 1, 1, 1, false},          {64, 0xfffffffeLL, 1024, 1, 1, false},
-      {10000000, 10000000, 256, 1000, 16, true},     {10000000, 10000000, 1024, 100, 1000, true},
+      {10000000, 10000000, 64, 1, 1, false},
+      {10000000, 10000000, 1024, 1, 1, false},
+      {1, 10000000, 1024, 1, 1, false},
+      {10000000, 1, 1024, 1, 1, false},
+      {10000000, 10000000, 1, 1, 1, false},
+      {64, 0xfffffffeLL, 1024, 1, 1, false},
+      {10000000, 10000000, 256, 1000, 16, true},
+      {10000000, 10000000, 1024, 100, 1000, true},
       {10000000, 10000000, 1024, 100000, 10000000, true},
   };
   for (const LossShape& s : shapes)
@@ -296,7 +300,8 @@ void check_large() {
           const EngineCta last = engine_cta(p, s, kind, g.x - 1, g.y - 1, 16 * p.warps);
           CHECK(last.x_count >= 1 && last.x_count <= 16 * p.warps && last.ybeg < last.yend, "%s: last CTA", c.what);
           if (kind == kFwd && p.splits > 1)
-            CHECK(static_cast<size_t>(fwd_part_index(p.splits - 1, s.T, s.T - 1) + 1) < forward_scratch_floats(p.splits, s.T),
+            CHECK(static_cast<size_t>(fwd_part_index(p.splits - 1, s.T, s.T - 1) + 1) <
+                      forward_scratch_floats(p.splits, s.T),
                   "%s: forward scratch", c.what);
           if (kind != kFwd && !s.sampled && p.splits > 1) {
             const i64 x_rows = kind == kBwdRows ? s.T : s.N;
@@ -323,12 +328,15 @@ int main() {
   // More stream tiles than grid.y takes splits of: the split count stops at 65535 / 16 chunks.
   check_shape({2, 270000, 1024, 1, 1, false}, {100000});
   const LossShape sampled[] = {
-      {16, 1000, 1, 1, 16, true},     {51, 1000, 50, 64, 17, true},   {66, 1000, 128, 100, 33, true},
+      {16, 1000, 1, 1, 16, true},        {51, 1000, 50, 64, 17, true},      {66, 1000, 128, 100, 33, true},
       {800, 1000, 1024, 300, 200, true}, {1000, 1000, 64, 700, 1000, true}, {256, 1000, 300, 65, 128, true},
   };
   for (const LossShape& s : sampled) check_shape(s);
   const LossShape per_row[] = {
-      {5, 100, 10, 7, 1, true}, {45, 100, 300, 100, 15, true}, {20, 100, 1024, 64, 2, true}, {9, 100, 129, 1, 3, true},
+      {5, 100, 10, 7, 1, true},
+      {45, 100, 300, 100, 15, true},
+      {20, 100, 1024, 64, 2, true},
+      {9, 100, 129, 1, 3, true},
   };
   for (const LossShape& s : per_row) {
     CHECK(!uses_engine(s), "rpg=%lld runs the warp-per-row kernels", (long long)s.rpg);
