@@ -310,13 +310,13 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
     per_row = rows_per_group == 1
     if per_row:
         block_t, block_k, block_d = _per_row_blocks(hidden.shape[1])
-        launch = dict(maxnreg=MAX_REGISTERS)
+        launch = dict(num_warps=8, maxnreg=MAX_REGISTERS)  # 4 warps spilled at D=50 under Triton 3.6
         blocks_per_group = 1
         grid = (triton.cdiv(hidden.shape[0], block_t),)
     else:
         block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
-        if backward:  # the item-gradient tile [BK, BD] and its atomics' addresses: half as many negatives
-            block_k = max(16, block_k // 2)
+        if backward:  # the item-gradient tile [BK, BD] and its atomics' addresses: 16 negatives (32 spilled)
+            block_k = 16
         blocks_per_group = triton.cdiv(rows_per_group, block_t)
         grid = (neg_ids.shape[0] * blocks_per_group,)
     meta = dict(
@@ -395,7 +395,8 @@ def sampled_backward(
             hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0),
             *sizes, 1.0 / temperature, ignore_index,
             HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
-            BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"], maxnreg=MAX_REGISTERS,
+            BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"],
+            num_warps=8, maxnreg=MAX_REGISTERS,  # 4 warps spilled at D=50 under Triton 3.6
         )  # fmt: skip
     return d_hidden, d_weight.to(weight.dtype)
 
