@@ -31,7 +31,7 @@ test: setup
 # launches for sm_80 and sm_90 without a GPU, check it (tests/offline_compile.py) and write the
 # resource table to benchmarks/results/offline-compile[-triton-<version>][-ci].md. TRITON=<version>
 # runs the same check under that Triton release in its own venv (3.6.0 is the GPU machine's);
-# GRID=ci compiles the grid `make test` compiles instead of the full product (~4 vs ~25 minutes).
+# GRID=ci compiles the grid `make test` compiles instead of the full product (~4 vs ~15 minutes).
 TRITON ?=
 GRID ?= full
 COMPILE_VENV = $(if $(TRITON),.venv-triton-$(TRITON),$(VENV))
