@@ -1,5 +1,6 @@
 """seqrec_kernels: fast, exact kernels for sequential recommendation."""
 
+from . import nn
 from .backends import Backend, available
 from .ops.attention import fused_attention, fused_attention_varlen
 from .ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
@@ -10,6 +11,7 @@ __all__ = [
     "full_softmax_loss",
     "fused_attention",
     "fused_attention_varlen",
+    "nn",
     "sampled_softmax_loss",
 ]
 __version__ = "0.1.0"
