@@ -1,6 +1,7 @@
 """seqrec_kernels: fast, exact kernels for sequential recommendation."""
 
 from . import nn
+from ._checks import value_checks
 from .backends import Backend, available
 from .ops.attention import fused_attention, fused_attention_varlen
 from .ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
@@ -13,5 +14,6 @@ __all__ = [
     "fused_attention_varlen",
     "nn",
     "sampled_softmax_loss",
+    "value_checks",
 ]
 __version__ = "0.1.0"

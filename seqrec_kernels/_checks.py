@@ -1,6 +1,7 @@
 """Input validation shared by the public ops: errors name the argument, the expected and
 the actual shape/dtype/device."""
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -59,6 +60,30 @@ def check_real(name: str, value, *, low: float, high: float, high_inclusive: boo
         bracket = "]" if high_inclusive else ")"
         raise ValueError(f"{name}: expected a value in [{low}, {high}{bracket}, got {value}")
     return float(value)
+
+
+_value_checks = True  # value_checks() switches it
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Within `with value_checks(False):` the ops skip the checks that read index values
+    on the host (seq_lens, cu_seqlens, item ids in range). On a GPU each such check is a
+    device sync per call; a training loop whose batches are valid by construction (the
+    trainer's) turns them off. Out-of-range ids are still masked by the kernels, but
+    invalid sequence offsets are then undefined behaviour."""
+    global _value_checks
+    check_bool("enabled", enabled)
+    previous, _value_checks = _value_checks, enabled
+    try:
+        yield
+    finally:
+        _value_checks = previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether an op checks index values now: enabled and readable (values_checkable())."""
+    return _value_checks and values_checkable()
 
 
 def values_checkable() -> bool:

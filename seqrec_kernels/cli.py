@@ -101,7 +101,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from .backends import Backend
     from .data.readers import FORMATS
     from .metrics import PROTOCOLS
-    from .train import AMP_DTYPES, TrainConfig
+    from .train import AMP_DTYPES, BATCHINGS, TrainConfig
 
     defaults = TrainConfig()
     add = parser.add_argument
@@ -122,6 +122,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--patience", type=int, default=defaults.patience, help="validations without improvement before stopping")
     add("--eval-protocol", default=defaults.eval_protocol, choices=PROTOCOLS)
     add("--device", default=defaults.device)
+    add(
+        "--batching",
+        default=defaults.batching,
+        choices=BATCHINGS,
+        help="packed: each batch holds real tokens only (fast); padded: [batch, max-len] rows as the paper's code",
+    )
+    add("--token-bucket", type=int, default=None,
+        help="packed: round a batch's token count up to a multiple (fixed shapes for --compile; default 128 on CUDA, "
+        "else 1)")  # fmt: skip
     add("--backend", default=defaults.backend, choices=[b.value for b in Backend])
     add("--amp", default=None, choices=[name for name in AMP_DTYPES if name])
     add("--compile", action="store_true", help="torch.compile the training step")

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .data.packed import PackedBatch
+
 KS = (1, 5, 10, 20)
 PROTOCOLS = ("sampled", "full")
 NUM_SAMPLED_NEGATIVES = 100
@@ -32,7 +34,8 @@ def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, seed: int = 0) -> dict[str, float]:
-    """Metrics of `model` on the "valid" or "test" targets of a LeaveOneOutSplit."""
+    """Metrics of `model` on the "valid" or "test" targets of a LeaveOneOutSplit. The
+    histories go to model.score() packed (a PackedBatch): work on real tokens only."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     was_training = model.training
@@ -44,14 +47,15 @@ def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, see
     ranks = []
     for users in split.eval_users.split(batch_size):
         histories, targets = split.evaluation_batch(users, model.config.max_len, stage)
-        histories, targets = histories.to(device), targets.to(device)
+        packed = PackedBatch.from_padded(histories, max_len=model.config.max_len).to(device)  # real tokens only
+        targets = targets.to(device)
         if protocol == "sampled":
             negatives = data.sample_unseen(users, (NUM_SAMPLED_NEGATIVES,), generator=generator, keys=keys)
             candidates = torch.cat([targets[:, None], negatives.to(device)], dim=1)  # target first
-            scores = model.score(histories, candidates).float()
+            scores = model.score(packed, candidates).float()
             ranks.append((scores[:, 1:] > scores[:, :1]).sum(1))
         else:
-            scores = model.score(histories).float()  # [B, N + 1]
+            scores = model.score(packed).float()  # [B, N + 1]
             target_scores = scores.gather(1, targets[:, None])
             ends = split.train_lengths[users] + (1 if stage == "test" else 0)
             seen = data.windows(users, ends, int(ends.max())).to(device)  # every earlier item

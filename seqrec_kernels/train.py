@@ -26,13 +26,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ._checks import value_checks
 from .data.dataset import InsufficientDataError, LeaveOneOutSplit, SequenceDataset
+from .data.packed import PackedBatch
 from .data.readers import read_interactions
 from .data.synthetic import synthetic_interactions
 from .metrics import PROTOCOLS, evaluate
 from .models.sasrec import SASRec, SASRecConfig
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BATCHINGS = ("packed", "padded")
 
 
 def _untrained_model_config() -> SASRecConfig:
@@ -55,6 +58,8 @@ class TrainConfig:
     patience: int = 3  # validations without a better NDCG@10 before stopping
     eval_protocol: str = "sampled"  # the protocol that picks the best checkpoint
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    batching: str = "packed"  # "packed": real tokens only; "padded": [B, max_len] rows, as the paper's code
+    token_bucket: int | None = None  # packed: round T up to a multiple (fixed shapes); None: 128 on CUDA, else 1
     backend: str = "auto"
     amp: str | None = None  # "bf16" | "fp16" | None
     compile: bool = False
@@ -75,6 +80,11 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if self.eval_protocol not in PROTOCOLS:
             raise ValueError(f"eval_protocol: expected one of {', '.join(PROTOCOLS)}, got {self.eval_protocol!r}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching: expected one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+        bucket = self.token_bucket
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
+            raise ValueError(f"token_bucket: expected None or an int >= 1, got {bucket!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp: expected 'bf16', 'fp16' or None, got {self.amp!r}")
         model = self.model
@@ -146,6 +156,30 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
     return model.to(device).eval(), state
 
 
+def _to_device(value, device: torch.device):
+    """Host tensors (in tuples, PackedBatches) on `device`; to a GPU from pinned memory,
+    without waiting for the copy."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if device.type != "cuda":
+        return value.to(device)
+    return value.pin_memory().to(device, non_blocking=True)
+
+
+def training_step(loss_fn, optimizer, scaler, autocast, batch, negatives) -> torch.Tensor:
+    """One optimizer step on a batch already on the device; returns the loss, detached and
+    not read (reading it would wait for the device)."""
+    with autocast:
+        loss = loss_fn(batch, negatives)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def _autocast(config: TrainConfig, device: torch.device):
     dtype = AMP_DTYPES[config.amp]  # a known key: TrainConfig checks it
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -190,12 +224,14 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
     split = LeaveOneOutSplit.of(data)
     train_counts = split.train_item_counts()
     model = build_model(config, data.num_items, train_counts).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
+    # foreach: one fused update per step, the default on CUDA; on a CPU it halves the step time too.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     encoder = DistributedDataParallel(model) if world > 1 else model  # the forward DDP synchronizes
 
-    def step_loss(inputs, targets, negatives):
-        return model.loss_from_hidden(encoder(inputs), targets, negatives)
+    def step_loss(batch, negatives):  # a PackedBatch or padded (inputs, targets) [B, L] each
+        histories, targets = (batch, batch.targets) if isinstance(batch, PackedBatch) else batch
+        return model.loss_from_hidden(encoder(histories), targets, negatives)
 
     loss_fn = torch.compile(step_loss) if config.compile else step_loss
     state = dict(epoch=0, best=-math.inf, best_epoch=0, bad_validations=0)
@@ -227,6 +263,21 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
         )
     keys = data.interaction_keys()
     negatives_per_position = model.negatives_per_position()
+    bucket = config.token_bucket or (128 if device.type == "cuda" else 1)
+    autocast = _autocast(config, device)
+
+    def host_batch(batch_users):
+        """A training batch built on the host and sent to the device without waiting:
+        (a PackedBatch or padded (inputs, targets) [B, L], negatives [..., k] or None)."""
+        inputs, targets = split.training_batch(batch_users, config.model.max_len)  # [B, L] each
+        if config.batching == "packed":
+            batch = PackedBatch.from_padded(inputs, targets, config.model.max_len, bucket)
+            owners, shape = batch_users[batch.rows], (negatives_per_position,)  # [T]: each token's user
+        else:
+            batch, owners, shape = (inputs, targets), batch_users, (config.model.max_len, negatives_per_position)
+        negatives = data.sample_unseen(owners, shape, keys=keys) if negatives_per_position else None
+        return _to_device((batch, negatives), device)
+
     log(
         f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "
         f"SASRec {model.config.blocks}x{model.config.hidden}, loss {model.config.loss}, backend {model.backend.value}, "
@@ -240,25 +291,19 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
         while state["epoch"] < config.epochs and state["bad_validations"] < config.patience:
             epoch = state["epoch"] + 1
             model.train()
-            started, total = time.perf_counter(), 0.0
+            started = time.perf_counter()
             # The epoch's order depends on the seed and epoch only: the same in every process
             # and after a resume. Each process takes an equal share (DDP needs equal steps).
             order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
             share = users.numel() // world
             batches = users[order[rank * share : (rank + 1) * share]].split(config.batch_size)
-            for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress_bars):
-                inputs, targets = split.training_batch(batch_users, config.model.max_len)
-                negatives = None
-                if negatives_per_position:
-                    shape = (config.model.max_len, negatives_per_position)
-                    negatives = data.sample_unseen(batch_users, shape, keys=keys).to(device)
-                with _autocast(config, device):
-                    loss = loss_fn(inputs.to(device), targets.to(device), negatives)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                total += loss.item()
+            # The loss stays on the device until the epoch ends: no host sync per step.
+            total = torch.zeros((), device=device)
+            with value_checks(False):  # the batches are valid by construction; checks would sync
+                for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress_bars):
+                    batch, negatives = host_batch(batch_users)
+                    total += training_step(loss_fn, optimizer, scaler, autocast, batch, negatives)
+            total = total.item()
             seconds = time.perf_counter() - started
             state["epoch"] = epoch
             record = dict(epoch=epoch, loss=total / len(batches), seconds=round(seconds, 2))

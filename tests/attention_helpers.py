@@ -124,12 +124,15 @@ def pack(t, seq_lens, padding_side):
 
 
 def check_against_truth(
-    q, k, v, seq_lens, padding_side, causal, backend, dropout_p=0.0, varlen=False, grad_floor_scale=1.0
+    q, k, v, seq_lens, padding_side, causal, backend, dropout_p=0.0, varlen=False, tail=0, grad_floor_scale=1.0
 ):
     """Forward, LSE and the three gradients of `backend` vs naive float64 with the same
     dropout mask, by the FlashAttention rule. varlen: runs fused_attention_varlen on the
-    packed real tokens and compares them with the padded truth. grad_floor_scale widens
-    the gradients' floor where the inputs make it necessary (huge logits)."""
+    packed real tokens followed by `tail` rows of noise past cu_seqlens[-1], compares the
+    real rows with the padded truth and checks that the tail is padding (zero out and
+    gradients, -inf LSE). grad_floor_scale widens the gradients' floor where the inputs
+    make it necessary (huge logits)."""
+    assert varlen or not tail, "only the packed form has a tail"
     batch, heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
     rng_state = _rng_state(q.device)
@@ -151,14 +154,24 @@ def check_against_truth(
     def naive(q, k, v):
         return naive_attention(q, k, v, seq_lens, padding_side, causal, scale, keep, dropout_p)
 
-    def layout(t):  # what `ours` returns, from a padded [B, H, L, ...] tensor
+    def layout(t):  # the rows of `ours` that hold tokens, from a padded [B, H, L, ...] tensor
         return pack(t, seq_lens, padding_side) if varlen else t
 
-    inputs = [layout(t.detach()) for t in (q, k, v)]
-    out, grads = _forward_and_grads(ours, inputs, layout(dout))
+    def with_tail(t):  # what `ours` takes: the packed tokens, then `tail` rows of no sequence
+        noise = torch.randn(tail, *t.shape[1:], dtype=torch.float64, device=t.device).to(t.dtype)
+        return torch.cat([t, noise]) if varlen else t
+
+    num_tokens = int(seq_lens.sum())
+    inputs = [with_tail(layout(t.detach())) for t in (q, k, v)]
+    out, grads = _forward_and_grads(ours, inputs, with_tail(layout(dout)))
+    assert out.dtype == q.dtype and out.shape == inputs[0].shape
+    if varlen:
+        for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+            assert (t[num_tokens:] == 0).all(), f"{name}: the tail past cu_seqlens[-1] must be zero"
+        assert (lse["ours"][:, num_tokens:] == -math.inf).all(), "LSE must be -inf on the tail"
+        out, grads, lse["ours"] = out[:num_tokens], [g[:num_tokens] for g in grads], lse["ours"][:, :num_tokens]
     truth_out, truth_grads = _forward_and_grads(naive, [t.double() for t in (q, k, v)], dout)
     base_out, base_grads = _forward_and_grads(naive, (q, k, v), dout)
-    assert out.dtype == q.dtype and out.shape == inputs[0].shape
     assert_flash_rule("out", out, layout(truth_out), layout(base_out), q.dtype, 2)
     # The backward's delta = rowsum(dout * out) uses out rounded to q.dtype, and dropout
     # scales out by 1 / (1 - p): the gradients' rounding floor grows with it (it matters

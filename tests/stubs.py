@@ -2,6 +2,8 @@
 
 from torch import nn
 
+from seqrec_kernels.data.packed import PackedBatch
+
 
 class FixedScores(nn.Module):
     """Scores item i by scores[i], whatever the history (a popularity model, for instance)."""
@@ -12,5 +14,6 @@ class FixedScores(nn.Module):
         self.config = type("Config", (), {"max_len": max_len})
 
     def score(self, histories, items=None):
-        scores = self.item_scores.expand(histories.shape[0], -1)
+        batch = histories.num_sequences if isinstance(histories, PackedBatch) else histories.shape[0]
+        scores = self.item_scores.expand(batch, -1)
         return scores if items is None else scores.gather(1, items)

@@ -67,10 +67,21 @@ def test_reference_dropout_matches_naive_with_same_mask(case, dropout_p):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@given(case=attention_cases(max_batch=4))
-def test_varlen_matches_padded_truth(backend, case):
+@given(case=attention_cases(max_batch=4), tail=st.one_of(st.just(0), st.integers(1, 70)))
+def test_varlen_matches_padded_truth_and_its_tail_is_padding(backend, case, tail):
+    """Rows past cu_seqlens[-1] belong to no sequence: zero out and gradients, -inf LSE."""
     case["strided"] = False  # packed inputs are [T, H, D]
-    run_case(case, backend, varlen=True)
+    run_case(case, backend, varlen=True, tail=tail)
+
+
+@given(
+    case=attention_cases(dtypes=[torch.float64]),
+    dropout_p=st.sampled_from([0.1, 0.5]),
+    tail=st.one_of(st.just(0), st.integers(1, 70)),
+)
+def test_reference_varlen_dropout_matches_naive_with_same_mask(case, dropout_p, tail):
+    case["strided"] = False
+    run_case(case, "reference", varlen=True, dropout_p=dropout_p, tail=tail)
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -2,6 +2,7 @@
 registration (opcheck), torch.compile, layouts."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ BAD_INPUTS = [
     ("cu_seqlens dtype", _varlen_call(cu_seqlens=torch.tensor([0.0, 7.0])), TypeError, "cu_seqlens: expected dtype"),
     ("cu_seqlens short", _varlen_call(cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens: expected at least 2"),
     ("cu_seqlens start", _varlen_call(cu_seqlens=torch.tensor([1, 3, 7])), ValueError, "cu_seqlens: expected non-dec"),
-    ("cu_seqlens end", _varlen_call(cu_seqlens=torch.tensor([0, 3, 6])), ValueError, "from 0 to T=7"),
+    ("cu_seqlens end", _varlen_call(cu_seqlens=torch.tensor([0, 3, 8])), ValueError, "from 0 to at most T=7"),
     ("cu_seqlens order", _varlen_call(cu_seqlens=torch.tensor([0, 5, 3, 7])), ValueError, "non-decreasing"),
     ("max_seqlen small", _varlen_call(max_seqlen=3), ValueError, "max_seqlen: expected >= the longest sequence (4)"),
     ("max_seqlen type", _varlen_call(max_seqlen=4.0), ValueError, "max_seqlen: expected an int"),
@@ -118,6 +119,11 @@ def test_empty_inputs(backend):
                                       return_lse=True)  # fmt: skip
     out.sum().backward()
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0) and q.grad.shape == q.shape
+    q, k, v = qkv(4, 2, 16, requires_grad=True)  # no tokens, only a padding tail
+    out, lse = fused_attention_varlen(q, k, v, torch.tensor([0, 0], dtype=torch.int32), 0, backend=backend,
+                                      return_lse=True)  # fmt: skip
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (out == 0).all() and (lse == -math.inf).all() and all((g == 0).all() for g in grads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,7 +139,7 @@ def test_opcheck(backend, dropout_p):
     seed = torch.tensor([1234]) if dropout_p else None
     torch.library.opcheck(fwd, (q, k, v, seq_start, seq_len, 9, True, 0.25, dropout_p, seed))
     packed = [t.detach().reshape(1, 2, 9 * 2, 24).requires_grad_() for t in (q, k, v)]
-    cu = torch.tensor([0, 5, 18], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)  # rows 14..17: a padding tail
     torch.library.opcheck(fwd, (*packed, cu[:-1], cu.diff(), 13, False, 0.25, dropout_p, seed))
 
 

@@ -8,6 +8,7 @@ import torch
 
 from backends_under_test import KERNELS
 from seqrec_kernels.models import SASRec, SASRecConfig
+from seqrec_kernels.models.sasrec import Layout
 
 
 def model(**overrides):
@@ -50,7 +51,7 @@ def test_block_follows_the_authors_arrangement():
     attention = torch.nan_to_num(torch.softmax(scores, -1)) @ v
     y = block.feed_forward_norm(queries + attention * real[..., None])
     expected = y + block.feed_forward(y)
-    torch.testing.assert_close(block(x, seq_lens, m.backend), expected)
+    torch.testing.assert_close(block(x, Layout(seq_lens=seq_lens), m.backend), expected)
 
 
 def test_left_padding_never_changes_real_positions():

@@ -5,22 +5,24 @@ absolute positions, embedding dropout; each block is causal self-attention whose
 are layer-normed and keys/values are not (the normed queries are the residual), then a
 point-wise feed-forward network on the layer-normed result with its own residual;
 padding is zeroed after every block; a final layer norm; the item table is shared by
-input and output. `norm_first=True` is the pre-LN variant. Histories are left-padded.
+input and output. `norm_first=True` is the pre-LN variant. Histories are left-padded
+[B, L], or packed end to end (a PackedBatch: the same function on the real tokens only).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backends import Backend
+from ..data.packed import PackedBatch
 from ..data.samplers import PopularitySampler, UniformSampler
-from ..ops.attention import fused_attention
+from ..ops.attention import fused_attention, fused_attention_varlen
 from ..ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
 
 LOSSES = ("bce", "sampled_softmax", "full_softmax", "gbce")
@@ -49,27 +51,36 @@ class SASRecConfig:
             raise ValueError(f"sampler: expected 'uniform' or 'popularity', got {self.sampler!r}")
 
 
+class Layout(NamedTuple):
+    """Where the sequences of a batch are: padded rows [B, L] with `seq_lens` real tokens at
+    the end of each row, or packed tokens [T] with sequence boundaries `cu_seqlens`."""
+
+    seq_lens: torch.Tensor | None = None  # [B]
+    cu_seqlens: torch.Tensor | None = None  # [B + 1]
+    max_seqlen: int = 0  # packed: a bound on the lengths (the attention-dropout hash uses it)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head causal self-attention over left-padded rows (Q, K, V projections as in
-    the authors' code, which has no output projection)."""
+    """Multi-head causal self-attention (Q, K, V projections as in the authors' code, which
+    has no output projection)."""
 
     def __init__(self, hidden, heads, dropout):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
 
-    def forward(self, queries, keys, seq_lens, backend):  # [B, L, d] each
-        batch, length, hidden = queries.shape
+    def forward(self, queries, keys, layout: Layout, backend):  # [B, L, d] or [T, d] each
+        def split(x):  # [..., d] -> [..., H, d / H], a view
+            return x.unflatten(-1, (self.heads, -1))
 
-        def split(x):  # [B, L, d] -> [B, H, L, d / H], a view
-            return x.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-
-        out = fused_attention(
-            split(self.query(queries)), split(self.key(keys)), split(self.value(keys)),
-            seq_lens=seq_lens, padding_side="left", dropout_p=self.dropout if self.training else 0.0,
-            backend=backend,
-        )  # fmt: skip
-        return out.transpose(1, 2).reshape(batch, length, hidden)
+        q, k, v = split(self.query(queries)), split(self.key(keys)), split(self.value(keys))
+        options = dict(dropout_p=self.dropout if self.training else 0.0, backend=backend)
+        if layout.cu_seqlens is not None:  # [T, H, d / H]
+            out = fused_attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, **options)
+        else:  # [B, L, H, d / H] -> [B, H, L, d / H] views and back
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            out = fused_attention(q, k, v, seq_lens=layout.seq_lens, padding_side="left", **options).transpose(1, 2)
+        return out.flatten(-2)
 
 
 class Block(nn.Module):
@@ -84,13 +95,13 @@ class Block(nn.Module):
             nn.Linear(config.hidden, config.hidden), nn.Dropout(config.dropout),
         )  # fmt: skip
 
-    def forward(self, x, seq_lens, backend):
+    def forward(self, x, layout: Layout, backend):  # [B, L, d] or [T, d]
         if self.norm_first:  # pre-LN: x + f(norm(x)) twice
             normed = self.attention_norm(x)
-            x = x + self.attention(normed, normed, seq_lens, backend)
+            x = x + self.attention(normed, normed, layout, backend)
             return x + self.feed_forward(self.feed_forward_norm(x))
         queries = self.attention_norm(x)
-        x = queries + self.attention(queries, x, seq_lens, backend)
+        x = queries + self.attention(queries, x, layout, backend)
         x = self.feed_forward_norm(x)
         return x + self.feed_forward(x)
 
@@ -125,28 +136,51 @@ class SASRec(nn.Module):
         self.backend = Backend.parse(backend)
         return self
 
-    def forward(self, histories: torch.Tensor) -> torch.Tensor:
-        """histories [B, L] item ids, left-padded with 0 -> hidden states [B, L, d]."""
+    def forward(self, histories: torch.Tensor | PackedBatch) -> torch.Tensor:
+        """Hidden states of histories: left-padded item ids [B, L] (0 = padding) -> [B, L, d],
+        or a PackedBatch -> [T, d], the same function on the real tokens only."""
+        if isinstance(histories, PackedBatch):
+            return self.forward_packed(histories.items, histories.positions, histories.cu_seqlens)
         length = histories.shape[1]
         if length > self.config.max_len:
             raise ValueError(f"histories: expected at most max_len={self.config.max_len} columns, got {length}")
         real = histories != 0  # [B, L]
-        seq_lens = real.sum(1)
         positions = torch.arange(self.config.max_len - length, self.config.max_len, device=histories.device)
-        x = self.item_embedding(histories) * math.sqrt(self.config.hidden) + self.position_embedding(positions)
-        x = self.embedding_dropout(x) * real[..., None]
+        return self._encode(histories, positions, real[..., None], Layout(seq_lens=real.sum(1)))
+
+    def forward_packed(self, items: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """forward() on a PackedBatch's tensors: items, positions [T], cu_seqlens [B + 1] -> [T, d].
+        Tensors only, so that torch.compile can capture it."""
+        layout = Layout(cu_seqlens=cu_seqlens, max_seqlen=self.config.max_len)  # as padded rows of max_len
+        return self._encode(items, positions, (items != 0)[:, None], layout)
+
+    def _encode(self, items, positions, real, layout: Layout):
+        """items [B, L] or [T]; real: a 0/1 mask broadcasting against the hidden states."""
+        x = self.item_embedding(items) * math.sqrt(self.config.hidden) + self.position_embedding(positions)
+        x = self.embedding_dropout(x) * real
         for block in self.blocks:
-            x = block(x, seq_lens, self.backend) * real[..., None]
+            x = block(x, layout, self.backend) * real
         return self.final_norm(x)
 
-    def loss(self, histories: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None):
-        """Training loss of next-item prediction; targets [B, L] (0 where no target).
-        negatives [B, L, k] for bce (k = 1) and gbce (k = num_negatives): the trainer passes
-        items the user never interacted with, as the paper does; uniform ids when None."""
+    def loss(
+        self,
+        histories: torch.Tensor | PackedBatch,
+        targets: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+    ):
+        """Training loss of next-item prediction on padded histories [B, L] with targets
+        [B, L] (0 where no target), or on a PackedBatch with its targets [T]. negatives
+        [..., k] (the targets' shape plus k) for bce (k = 1) and gbce (k = num_negatives):
+        the trainer passes items the user never interacted with, as the paper does;
+        uniform ids when None."""
+        if isinstance(histories, PackedBatch):
+            targets = histories.targets if targets is None else targets
+        if targets is None:
+            raise ValueError("targets: expected the next items (a PackedBatch without targets was given)")
         return self.loss_from_hidden(self(histories), targets, negatives)
 
     def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None):
-        """loss() from hidden states [B, L, d] already computed (by a DDP wrapper, say)."""
+        """loss() from hidden states [B, L, d] or [T, d] already computed (by a DDP wrapper, say)."""
         items = self.item_embedding.weight
         config = self.config
         if config.loss == "full_softmax":
@@ -175,21 +209,35 @@ class SASRec(nn.Module):
         """How many negatives per position loss() takes: 1 for bce, num_negatives for gbce, 0 otherwise."""
         return {"bce": 1, "gbce": self.config.num_negatives}.get(self.config.loss, 0)
 
+    def last_hidden(self, histories: torch.Tensor | PackedBatch) -> torch.Tensor:
+        """[B, d] the hidden state after each history's newest item (what predicts the next)."""
+        if not isinstance(histories, PackedBatch):
+            return self(histories)[:, -1]  # left padding: the last column is the latest item
+        hidden = self(histories)  # [T, d]
+        last = histories.last_tokens()  # [B], -1 for an empty history
+        empty = histories.cu_seqlens[1:] == histories.cu_seqlens[:-1]
+        # What the padded forward gives an empty history: the final norm of a zeroed row.
+        empty_state = self.final_norm(hidden.new_zeros(hidden.shape[-1]))
+        return torch.where(empty[:, None], empty_state, hidden[last.clamp(min=0)])
+
     @torch.no_grad()
-    def score(self, histories: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of the next item: [B, N + 1] over the catalog (index = item id), or
-        [B, C] for candidate ids [B, C]."""
-        last = self(histories)[:, -1]  # left padding: the last column is the latest item
+    def score(self, histories: torch.Tensor | PackedBatch, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of the next item after each history (padded [B, L] or packed): [B, N + 1]
+        over the catalog (index = item id), or [B, C] for candidate ids [B, C]."""
+        last = self.last_hidden(histories)
         if items is None:
             return last @ self.item_embedding.weight.T
         return (last[:, None, :] * self.item_embedding(items)).sum(-1)
 
     @torch.no_grad()
-    def recommend(self, histories: torch.Tensor, k: int = 10, exclude_seen: bool = True):
-        """Top-k next items for each history [B, L]: (ids [B, k], scores [B, k])."""
+    def recommend(self, histories: torch.Tensor | PackedBatch, k: int = 10, exclude_seen: bool = True):
+        """Top-k next items for each history (padded [B, L] or packed): (ids [B, k], scores [B, k])."""
         scores = self.score(histories)
         scores[:, 0] = -math.inf  # padding is never recommended
         if exclude_seen:
-            scores.scatter_(1, histories, -math.inf)
+            if isinstance(histories, PackedBatch):  # the tail's (row 0, item 0) is padding, already excluded
+                scores.index_put_((histories.rows, histories.items), scores.new_tensor(-math.inf))
+            else:
+                scores.scatter_(1, histories, -math.inf)
         top = scores.topk(min(k, self.config.num_items), dim=1)
         return top.indices, top.values

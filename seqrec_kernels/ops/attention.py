@@ -23,7 +23,7 @@ from .._checks import (
     check_real,
     check_same,
     check_tensor,
-    values_checkable,
+    value_checks_enabled,
 )
 from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
 from ..reference import attention as reference_attention
@@ -165,7 +165,7 @@ def fused_attention(
             raise ValueError(
                 f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}"
             )
-        if values_checkable() and seq_lens.numel() and not bool(((seq_lens >= 0) & (seq_lens <= length)).all()):
+        if value_checks_enabled() and seq_lens.numel() and not bool(((seq_lens >= 0) & (seq_lens <= length)).all()):
             raise ValueError(f"seq_lens: expected values in [0, {length}] (L), got {seq_lens.tolist()}")
         seq_len = seq_lens.to(torch.int32)
     seq_start = length - seq_len if padding_side == "left" else torch.zeros_like(seq_len)
@@ -189,7 +189,12 @@ def fused_attention_varlen(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed histories: q/k/v [T, H, D] hold the sequences end to end;
     sequence b is rows cu_seqlens[b] .. cu_seqlens[b+1] - 1, and max_seqlen bounds their
-    lengths. Returns out [T, H, D] (and, with return_lse, the LSE [H, T] float32)."""
+    lengths. Returns out [T, H, D] (and, with return_lse, the LSE [H, T] float32).
+
+    cu_seqlens[-1] may be less than T: rows cu_seqlens[-1] .. T - 1 belong to no sequence,
+    output zeros, get zero gradients and have LSE -inf; no backend visits them beyond
+    zero-filling its outputs. So T can be rounded up to a few fixed sizes (static shapes for
+    torch.compile and CUDA graphs) with a padding tail that costs no attention work."""
     _check_qkv(q, k, v, "[T, H, D]")
     total, _, head_dim = q.shape
     dropout_p, scale = _check_options(causal, dropout_p, scale, head_dim)
@@ -202,10 +207,13 @@ def fused_attention_varlen(
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
     seq_start, seq_len = cu_seqlens[:-1].to(torch.int32), cu_seqlens.diff().to(torch.int32)
-    if values_checkable():
+    if value_checks_enabled():
         offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T={total}, got {offsets}")
+        if offsets[0] != 0 or offsets[-1] > total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(
+                f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total} (rows past the last"
+                f" offset are padding), got {offsets}"
+            )
         longest = max(b - a for a, b in zip(offsets, offsets[1:]))
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")

@@ -22,7 +22,7 @@ from .._checks import (
     check_kernel_dtype,
     check_real,
     check_tensor,
-    values_checkable,
+    value_checks_enabled,
 )
 from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
 from ..reference import softmax_loss as reference
@@ -156,7 +156,7 @@ def _check_ids(name, ids, shape, device, num_items, ignore_index=None):
     check_tensor(name, ids, dtypes=INDEX_DTYPES, device=device)
     if ids.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if values_checkable() and ids.numel():
+    if value_checks_enabled() and ids.numel():
         in_range = (ids >= 0) & (ids < num_items)
         if ignore_index is not None:
             in_range |= ids == ignore_index
@@ -302,7 +302,7 @@ def full_softmax_loss(
     if len(excluded) >= num_items:
         raise ValueError(f"exclude_items: excludes all {num_items} items, leaving no class")
     excluded_ids = torch.tensor(excluded, dtype=torch.int32, device=hidden.device)
-    if values_checkable() and excluded and targets.numel():
+    if value_checks_enabled() and excluded and targets.numel():
         excluded_target = torch.isin(targets, excluded_ids) & (targets != ignore_index)
         if bool(excluded_target.any()):
             raise ValueError(

@@ -83,8 +83,9 @@ def sampled_backward(
 
 
 def _full_logits(hidden, weight, excluded_ids, temperature):
-    logits = hidden @ weight.T / temperature  # [T, N]
-    return logits.index_fill(1, excluded_ids.long(), -math.inf)
+    # In place on the one [T, N] buffer: each pass over it is the cost on a CPU.
+    logits = (hidden @ weight.T).div_(temperature)  # [T, N]
+    return logits.index_fill_(1, excluded_ids.long(), -math.inf)
 
 
 def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
@@ -101,9 +102,9 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed."""
     compute = _compute_dtype(hidden.dtype)
     h, w = hidden.to(compute), weight.to(compute)
-    probs = torch.exp(_full_logits(h, w, excluded_ids, temperature) - lse[:, None])  # [T, N]
+    probs = _full_logits(h, w, excluded_ids, temperature).sub_(lse[:, None]).exp_()  # [T, N]
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0).long()[:, None]
-    probs = probs.scatter_add(1, safe_targets, -valid[:, None].to(compute))  # softmax - onehot(target)
-    coef = probs * (torch.where(valid, grad_loss.to(compute), 0.0) / temperature)[:, None]
+    probs.scatter_add_(1, safe_targets, -valid[:, None].to(compute))  # softmax - onehot(target)
+    coef = probs.mul_((torch.where(valid, grad_loss.to(compute), 0.0) / temperature)[:, None])
     return (coef @ w).to(hidden.dtype), (coef.T @ h).to(weight.dtype)
