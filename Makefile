@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test lint offline-compile gpu-check bench clean
+.PHONY: setup run test test-recbole lint offline-compile gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,21 @@ run: setup
 # The extension is part of the build: its tests must run, not skip. Then the linters (CI runs this).
 test: setup
 	SEQREC_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-recbole
 	$(MAKE) --no-print-directory lint
+
+# The RecBole integration against RecBole itself, in its own venv: RecBole 1.2.1 needs numpy < 2
+# and setuptools < 81, which the main environment does not pin. It reuses the extension that
+# `make setup` built in the tree (SEQREC_SKIP_EXTENSION: no second build).
+RECBOLE_VENV = .venv-recbole
+$(RECBOLE_VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(RECBOLE_VENV)
+	$(RECBOLE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(RECBOLE_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	SEQREC_SKIP_EXTENSION=1 $(RECBOLE_VENV)/bin/python -m pip install --quiet -e ".[dev,recbole]"
+	touch $@
+test-recbole: setup $(RECBOLE_VENV)/.installed
+	SEQREC_REQUIRE_EXTENSION=1 SEQREC_REQUIRE_RECBOLE=1 $(RECBOLE_VENV)/bin/python -m pytest -q tests/test_nn_recbole.py
 
 # make offline-compile [TRITON=3.6.0] [GRID=ci]: compile every Triton kernel the public API
 # launches for sm_80 and sm_90 without a GPU, check it (tests/offline_compile.py) and write the

@@ -2,7 +2,6 @@
 
     python -m benchmarks {attention,softmax_loss,sasrec,all,plot} [options]
     python -m benchmarks.<name> [options]        # the same, one benchmark
-    seqrec bench <name> [options]                # from an editable install of the checkout
     pytest benchmarks/ --benchmark-only          # pytest-benchmark: each backend vs the reference
 
 `all` runs the three benchmarks with the same options, then draws the charts.

@@ -387,7 +387,7 @@ class Row:
     triton: str
     commit: str
     shape: str  # e.g. "SASRec-ML-1M B=128 L=200 H=1 D=50"
-    variant: str  # attention: lengths (dataset, uniform, dense); losses: sampled | full; sasrec: the loss
+    variant: str  # attention: lengths (dataset, uniform, dense); losses: sampled | full; sasrec: e.g. "bce packed"
     dtype: str
     mode: str  # forward | forward+backward | train step
     provider: str
@@ -404,6 +404,7 @@ class Row:
     speedup_vs_reference: float | None = None
     speedup_vs_best_torch: float | None = None  # vs the fastest plain-PyTorch provider that matched
     best_torch: str = ""  # which provider that was
+    speedup_vs_padded: float | None = None  # sasrec packed rows: steps/s over the padded batching's
     matmul_fraction: float | None = None  # tflops / measured bf16 matmul rate
     bandwidth_fraction: float | None = None  # gbps / measured copy bandwidth
     goal: str = ""  # the goal this row is judged against (our providers only)

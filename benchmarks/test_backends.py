@@ -14,23 +14,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks import attention as attention_benchmark
 from benchmarks import common
+from benchmarks import softmax_loss as loss_benchmark
 from seqrec_kernels import available, full_softmax_loss, fused_attention, sampled_softmax_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 BACKENDS = ["reference", "triton", "cuda"]
-ATTENTION_SHAPES = {  # name: (B, L, H, D, lengths from)
-    "cuda": {"SASRec-Games": (128, 50, 1, 50, "games"), "SASRec-ML-1M": (128, 200, 1, 50, "ml-1m"),
-             "long-1024": (32, 1024, 4, 64, None)},
-    "cpu": {"SASRec-Games-small": (16, 50, 1, 50, "games"), "ML-1M-small": (8, 200, 1, 50, "ml-1m")},
-}[DEVICE.type]  # fmt: skip
-LOSS_SHAPES = {  # name: (loss, T, D, K, N)
-    "cuda": {"sampled-T25600-K1024": ("sampled", 25_600, 64, 1024, 23_715),
-             "sampled-T65536-K8192": ("sampled", 65_536, 64, 8192, 1_000_000),
-             "full-T6400-N23715": ("full", 6400, 64, None, 23_715)},
-    "cpu": {"sampled-T512-K128": ("sampled", 512, 50, 128, 23_715), "full-T128-N5000": ("full", 128, 50, None, 5000)},
-}[DEVICE.type]  # fmt: skip
+# The benchmarks' own shape tables: their quick shapes for this device.
+_GPU = DEVICE.type == "cuda"
+_QUICK_ATTENTION = {name for name, _ in attention_benchmark.QUICK_CONFIGS}
+_GPU_ATTENTION = [s for s in attention_benchmark.SHAPES if s.name in _QUICK_ATTENTION]
+ATTENTION_SHAPES = {s.name: s for s in (_GPU_ATTENTION if _GPU else attention_benchmark.CPU_QUICK_SHAPES)}
+LOSS_SHAPES = {s.name: s for s in (loss_benchmark.QUICK_SHAPES if _GPU else loss_benchmark.CPU_QUICK_SHAPES)}
 
 
 def usable(backend: str) -> None:
@@ -58,8 +55,9 @@ def timed(benchmark, step, group: str) -> None:
 @pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
 def test_attention(benchmark, shape, backend):
     usable(backend)
-    batch, length, heads, head_dim, dataset = ATTENTION_SHAPES[shape]
-    seq_lens, _ = common.sample_lengths(dataset, batch, length, torch.Generator().manual_seed(0))
+    shape = ATTENTION_SHAPES[shape]
+    batch, length, heads, head_dim = shape.batch, shape.length, shape.heads, shape.head_dim
+    seq_lens, _ = common.sample_lengths(shape.dataset, batch, length, torch.Generator().manual_seed(0))
     seq_lens = seq_lens.to(DEVICE)
     torch.manual_seed(0)
     q, k, v = (
@@ -74,14 +72,16 @@ def test_attention(benchmark, shape, backend):
     if backend != "reference":
         error = common.max_rel_error(step(), step("reference"))
         assert error <= common.TOLERANCE[DTYPE], f"{backend}: relative error {error:.2e} vs the reference"
-    timed(benchmark, step, f"attention {shape} {DTYPE} forward+backward")
+    timed(benchmark, step, f"attention {shape.name} {DTYPE} forward+backward")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", list(LOSS_SHAPES))
 def test_softmax_loss(benchmark, shape, backend):
     usable(backend)
-    loss, tokens, hidden_dim, num_neg, num_items = LOSS_SHAPES[shape]
+    shape = LOSS_SHAPES[shape]
+    loss, tokens, hidden_dim, num_items = shape.loss, shape.tokens, shape.hidden, shape.num_items
+    num_neg = shape.num_neg
     torch.manual_seed(0)
     hidden = torch.randn(tokens, hidden_dim, device=DEVICE, dtype=DTYPE).requires_grad_()
     weight = (torch.randn(num_items, hidden_dim, device=DEVICE) * 0.05).to(DTYPE).requires_grad_()
@@ -104,4 +104,4 @@ def test_softmax_loss(benchmark, shape, backend):
             error = common.max_rel_error(step(), truth)
             assert error <= common.TOLERANCE[DTYPE], f"{backend}: relative error {error:.2e} vs the reference"
         del truth
-    timed(benchmark, step, f"softmax_loss {shape} {DTYPE} forward+backward")
+    timed(benchmark, step, f"softmax_loss {shape.name} {DTYPE} forward+backward")

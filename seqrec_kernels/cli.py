@@ -5,7 +5,6 @@ seqrec eval CHECKPOINT             test metrics of a checkpoint, both protocols
 seqrec recommend CHECKPOINT ITEM.. top-k next items after a history
 seqrec plot RUN_DIR                learning curves of a run (needs matplotlib)
 seqrec info | demo                 available backends | fused_attention vs float64
-seqrec bench NAME [--quick] ...    benchmarks: attention, softmax_loss, sasrec, all, plot (a checkout's)
 
 A user error (a missing or malformed file, a bad option value, data too small) prints one
 line `seqrec: error: ...` to stderr and exits with status 2; `--debug` adds the traceback.
@@ -219,22 +218,6 @@ def _plot(args) -> None:
     print(f"wrote {run / 'curves.png'}")
 
 
-def _bench(options: list[str]) -> None:
-    """Runs benchmarks/ of the source checkout this package is installed from (editable)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "__init__.py").is_file():
-        raise CommandLineError(
-            f"bench: the benchmarks are a folder of the source checkout, not of the installed package, and "
-            f"{root / 'benchmarks'} does not exist; install the checkout with `pip install -e .` or run "
-            f"`python -m benchmarks` from it"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks import main as run_benchmarks
-
-    run_benchmarks(options)
-
-
 class CommandLineError(Exception):
     """A user error found by the command line itself (beyond ValueError/OSError)."""
 
@@ -254,7 +237,7 @@ def main(argv=None) -> int:
     """Runs the command line; on a user error prints `seqrec: error: ...` (the traceback
     too with --debug) and exits with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = argv[:1] != ["bench"] and "--debug" in argv
+    debug = "--debug" in argv
     try:
         _main(argv)
     except USER_ERRORS as error:
@@ -289,18 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=16)
     demo.add_argument("--length", type=int, default=50)
     demo.add_argument("--head-dim", type=int, default=50)
-    commands.add_parser("bench", help="benchmarks: attention, softmax_loss, sasrec, all, plot (NAME --help)")
-    for name, command in commands.choices.items():
-        if name != "bench":  # also after the command; SUPPRESS keeps a --debug given before it
-            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                                 help="on an error, show the full traceback")  # fmt: skip
+    for command in commands.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the full traceback")  # fmt: skip
     return parser
 
 
 def _main(argv: list[str]) -> None:
-    if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to the benchmark
-        _bench(argv[1:])
-        return
     args = build_parser().parse_args(argv)
     if args.command == "demo" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported

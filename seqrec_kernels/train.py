@@ -32,7 +32,7 @@ from .data.packed import PackedBatch
 from .data.readers import read_interactions
 from .data.synthetic import synthetic_interactions
 from .metrics import PROTOCOLS, evaluate
-from .models.sasrec import SASRec, SASRecConfig
+from .models.sasrec import SASRec, SASRecConfig, negative_sampler, sample_negatives
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCHINGS = ("packed", "padded")
@@ -121,9 +121,9 @@ def load_dataset(config: TrainConfig) -> tuple[SequenceDataset, str]:
     return SequenceDataset.from_interactions(interactions), interactions.source
 
 
-def build_model(config: TrainConfig, num_items: int, item_counts: torch.Tensor | None) -> SASRec:
+def build_model(config: TrainConfig, num_items: int) -> SASRec:
     model_config = dataclasses.replace(config.model, num_items=num_items)
-    return SASRec(model_config, item_counts).set_backend(config.backend)
+    return SASRec(model_config).set_backend(config.backend)
 
 
 def save_atomically(state: dict, path: Path) -> None:
@@ -149,7 +149,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
         raise CheckpointError(f"checkpoint: {path} is not a seqrec checkpoint (no train_config, model_config, model)")
     try:
         config = TrainConfig.from_dict(state["train_config"])
-        model = build_model(config, state["model_config"]["num_items"], state.get("item_counts"))
+        model = build_model(config, state["model_config"]["num_items"])
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as error:  # RuntimeError: weights that do not fit the config
         raise CheckpointError(f"checkpoint: {path}: not readable by this version ({error})") from error
@@ -222,8 +222,8 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
     torch.manual_seed(config.seed)
     data, source = load_dataset(config)
     split = LeaveOneOutSplit.of(data)
-    train_counts = split.train_item_counts()
-    model = build_model(config, data.num_items, train_counts).to(device)
+    model = build_model(config, data.num_items).to(device)
+    sampler = negative_sampler(model.config, data, split.train_item_counts())  # None for full_softmax
     # foreach: one fused update per step, the default on CUDA; on a CPU it halves the step time too.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -252,7 +252,7 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             model=model.state_dict(), optimizer=optimizer.state_dict(), rng=torch.get_rng_state(), state=state,
             cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             train_config=dataclasses.asdict(config), model_config=dataclasses.asdict(model.config),
-            item_counts=train_counts, source=source,
+            source=source,
         ), out / name)  # fmt: skip
 
     users = split.training_users()
@@ -261,22 +261,20 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             f"data: {users.numel()} users have a training pair (an item and its next one before the validation and "
             f"test items: 4 or more interactions, or exactly 2); each of the {world} processes needs one"
         )
-    keys = data.interaction_keys()
-    negatives_per_position = model.negatives_per_position()
     bucket = config.token_bucket or (128 if device.type == "cuda" else 1)
     autocast = _autocast(config, device)
 
     def host_batch(batch_users):
         """A training batch built on the host and sent to the device without waiting:
-        (a PackedBatch or padded (inputs, targets) [B, L], negatives [..., k] or None)."""
+        (a PackedBatch or padded (inputs, targets) [B, L], negatives or None)."""
         inputs, targets = split.training_batch(batch_users, config.model.max_len)  # [B, L] each
         if config.batching == "packed":
             batch = PackedBatch.from_padded(inputs, targets, config.model.max_len, bucket)
-            owners, shape = batch_users[batch.rows], (negatives_per_position,)  # [T]: each token's user
+            owners, rows = batch_users[batch.rows], batch.targets.shape  # [T]: each token's user
         else:
-            batch, owners, shape = (inputs, targets), batch_users, (config.model.max_len, negatives_per_position)
-        negatives = data.sample_unseen(owners, shape, keys=keys) if negatives_per_position else None
-        return _to_device((batch, negatives), device)
+            batch, owners, rows = (inputs, targets), batch_users, targets.shape
+        negatives = sample_negatives(model.config, sampler, rows, users=owners)
+        return _to_device(batch, device), _to_device(negatives, device)
 
     log(
         f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "

@@ -1,5 +1,5 @@
 """CPU smoke test of the benchmark suite: each benchmark in --quick mode writes its rows,
-the charts are drawn, rows are upserted by key, and `seqrec bench` reaches them."""
+the charts are drawn, rows are upserted by key, and `python -m benchmarks` reaches them."""
 
 from __future__ import annotations
 
@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqrec_kernels import cli
-
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("attention", "softmax_loss", "sasrec")
 
 
-def load(name: str):
-    """benchmarks.<name>: benchmarks/ is a folder of the checkout, not an installed package."""
+def load(name: str = ""):
+    """benchmarks.<name> (the suite itself for ""): a folder of the checkout, not an installed package."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    return importlib.import_module(f"benchmarks.{name}")
+    return importlib.import_module("benchmarks" + (f".{name}" if name else ""))
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -65,6 +63,23 @@ def test_quick_run_writes_checked_rows(results, name):
     assert (results.parent / f"{name}-{load('common').slug(rows[0]['gpu'])}.md").exists()
 
 
+def test_sasrec_times_padded_and_packed_batches(results):
+    rows = [r for r in read(results) if r["benchmark"] == "sasrec"]
+    configs = {}  # (shape, loss, dtype, provider) -> {batching: row}
+    for r in rows:
+        loss, batching = r["variant"].rsplit(" ", 1)
+        configs.setdefault((r["shape"], loss, r["dtype"], r["provider"]), {})[batching] = r
+    assert {loss for _, loss, _, _ in configs} == {"bce", "sampled_softmax"}
+    assert all(set(pair) == {"padded", "packed"} for pair in configs.values()), configs
+    for pair in configs.values():
+        padded, packed = pair["padded"], pair["packed"]
+        assert padded["speedup_vs_padded"] == ""
+        assert float(packed["speedup_vs_padded"]) == pytest.approx(float(padded["ms"]) / float(packed["ms"]), rel=5e-3)
+    # The packed reference is checked against the padded one: the same loss and gradient.
+    assert all(float(pair["packed"]["max_rel_error"]) < 1e-4 for (*_, provider), pair in configs.items()
+               if provider == "reference")  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["attention", "softmax_loss"])
 def test_compiled_reference_runs_on_the_first_cpu_shape(results, name):
     compiled = [r for r in read(results) if r["benchmark"] == name and r["provider"] == "compile"]
@@ -96,14 +111,15 @@ def test_rows_are_upserted_by_key(tmp_path):
     ]  # fmt: skip
 
 
-def test_seqrec_bench_runs_a_benchmark(tmp_path, capsys):
+def test_python_m_benchmarks_runs_a_benchmark(tmp_path, capsys):
+    """`python -m benchmarks NAME ...` (what `make bench` runs) reaches the benchmark."""
     path = tmp_path / "results.csv"
     threads = torch.get_num_threads()
     try:
-        cli.main(["bench", "sasrec", "--quick", "--device", "cpu", "--providers", "reference", "--csv", str(path)])
+        load().main(["sasrec", "--quick", "--device", "cpu", "--providers", "reference", "--csv", str(path)])
     finally:
         torch.set_num_threads(threads)
     assert {r["provider"] for r in read(path)} == {"reference"}
     assert "rows upserted" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="benchmark: expected one of"):
-        cli.main(["bench", "nonsense"])
+        load().main(["nonsense"])

@@ -1,10 +1,13 @@
 """Readers, the leave-one-out split, batching and negative sampling."""
 
+import math
+
 import pytest
 import torch
 
 from seqrec_kernels.data.dataset import InsufficientDataError, LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.readers import DataFormatError, Interactions, read_interactions
+from seqrec_kernels.data.samplers import UnseenSampler
 from seqrec_kernels.data.synthetic import synthetic_interactions
 
 
@@ -97,3 +100,19 @@ def test_sample_unseen_never_returns_the_users_items():
     for user in range(50):
         history = set(data.items[data.offsets[user] : data.offsets[user + 1]].tolist())
         assert not history & set(negatives[user].reshape(-1).tolist())
+
+
+def test_unseen_sampler_draws_per_user_with_its_probability():
+    data = SequenceDataset.from_interactions(synthetic_interactions(num_users=30, num_items=40, seed=2))
+    sampler = UnseenSampler(data)
+    users = torch.randint(0, 30, (12,))
+    ids, log_q = sampler((12, 5, 3), users=users)
+    assert ids.shape == log_q.shape == (12, 5, 3) and ids.min() >= 1 and ids.max() <= 40
+    for row, user in enumerate(users.tolist()):
+        history = set(data.items[data.offsets[user] : data.offsets[user + 1]].tolist())
+        assert not history & set(ids[row].reshape(-1).tolist())
+        assert torch.allclose(log_q[row], torch.tensor(-math.log(40 - len(history))))
+    with pytest.raises(ValueError, match="users: the unseen sampler draws per user"):
+        sampler((12, 5))
+    with pytest.raises(ValueError, match="users: the unseen sampler draws per user"):
+        sampler((11, 5), users=users)

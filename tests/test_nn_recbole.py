@@ -3,12 +3,15 @@ weights (RecBole in float64 the truth, in float32 the baseline of the tolerance 
 the sequence outputs and scores in eval mode, the CE and BPR losses and their gradients,
 checkpoints both ways; and a short RecBole training run on ml-100k.
 
-Skipped where RecBole is not installed: `pip install "seqrec_kernels[recbole]"` (tested
-with RecBole 1.2.1, which needs numpy < 2)."""
+`make test` runs this file in its own venv with RecBole installed (`make test-recbole`,
+SEQREC_REQUIRE_RECBOLE=1: a missing RecBole fails). A bare pytest skips it where RecBole is
+not installed: `pip install "seqrec_kernels[recbole]"` (tested with RecBole 1.2.1, which
+needs numpy < 2)."""
 
 import copy
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,8 @@ from seqrec_kernels.backends import EXTENSION_ERROR
 
 ML_100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k.inter"
 HAVE_RECBOLE = importlib.util.find_spec("recbole") is not None
+if not HAVE_RECBOLE and os.environ.get("SEQREC_REQUIRE_RECBOLE") == "1":
+    raise RuntimeError("SEQREC_REQUIRE_RECBOLE=1 but RecBole is not installed (pip install 'seqrec_kernels[recbole]')")
 needs_recbole = pytest.mark.skipif(
     not HAVE_RECBOLE,
     reason="RecBole is not installed (pip install 'seqrec_kernels[recbole]': RecBole 1.2.1 with numpy < 2)",

@@ -11,7 +11,7 @@ import seqrec_kernels.train as train_module
 from backends_under_test import ALL, CUDA
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.models import SASRec, SASRecConfig
-from seqrec_kernels.models.sasrec import Layout, SelfAttention
+from seqrec_kernels.models.sasrec import Layout, SelfAttention, negative_sampler, sample_negatives
 from seqrec_kernels.train import TrainConfig, train
 
 LOSSES = ["bce", "gbce", "sampled_softmax", "full_softmax"]
@@ -94,16 +94,15 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(loss, backend):
     h = histories()
     targets = torch.where(h != 0, torch.randint(1, 61, h.shape), 0)
     batch = PackedBatch.from_padded(h, targets, max_len=13, bucket=16)
-    k = padded_model.negatives_per_position()
-    negatives = torch.randint(1, 61, (*h.shape, k)) if k else None
-    packed_negatives = None
-    if k:  # the padded rows' negatives, then any on the tail
-        tail = torch.randint(1, 61, (batch.num_tokens - int((h != 0).sum()), k))
-        packed_negatives = torch.cat([negatives[h != 0], tail])
-    seed = torch.seed() % 2**31
+    sampler = negative_sampler(padded_model.config, item_counts=torch.randint(1, 9, (61,)))
+    users = torch.arange(h.shape[0])
+    negatives = sample_negatives(padded_model.config, sampler, h.shape, users=users)
+    packed_negatives = negatives
+    if loss in ("bce", "gbce"):  # the padded rows' negatives, then any on the tail
+        tail = batch.num_tokens - int((h != 0).sum())
+        packed_negatives = tuple(torch.cat([t[h != 0], t[0, :1].expand(tail, -1)]) for t in negatives)
     results = []
     for m, args in ((padded_model, (h, targets, negatives)), (packed_model, (batch, None, packed_negatives))):
-        torch.manual_seed(seed)  # sampled_softmax draws the same shared negatives
         value = m.loss(*args)
         value.backward()
         results.append((value, [p.grad for p in m.parameters()]))

@@ -8,7 +8,7 @@ import torch
 
 from backends_under_test import KERNELS
 from seqrec_kernels.models import SASRec, SASRecConfig
-from seqrec_kernels.models.sasrec import Layout
+from seqrec_kernels.models.sasrec import Layout, negative_sampler, sample_negatives
 
 
 def model(**overrides):
@@ -72,7 +72,7 @@ def test_backends_agree_on_the_whole_model(backend, norm_first):
     kernel = copy.deepcopy(reference).set_backend(backend)
     h = histories()
     targets = torch.where(h != 0, torch.randint(1, 41, h.shape), 0)
-    negatives = torch.randint(1, 41, (*h.shape, 1))
+    negatives = (torch.randint(1, 41, (*h.shape, 1)), torch.zeros(*h.shape, 1))
     outputs = []
     for m in (reference, kernel):
         m.train()
@@ -91,9 +91,10 @@ def test_every_loss_trains(loss):
     h = histories()
     targets = torch.where(h != 0, torch.randint(1, 41, h.shape), 0)
     optimizer = torch.optim.Adam(m.parameters(), lr=1e-2)
+    sampler = negative_sampler(m.config, item_counts=torch.ones(41))
     losses = []
     for _ in range(30):
-        value = m.loss(h, targets)
+        value = m.loss(h, targets, sample_negatives(m.config, sampler, targets.shape, users=torch.arange(4)))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -119,3 +120,10 @@ def test_bad_configuration():
         SASRecConfig(num_items=5, hidden=50, heads=3)
     with pytest.raises(ValueError, match="histories: expected at most max_len=12"):
         model()(torch.ones(1, 13, dtype=torch.long))
+    h = histories()
+    with pytest.raises(ValueError, match="negatives: the bce loss needs \\(ids, log_q\\) from sample_negatives"):
+        model().loss(h, h)
+    with pytest.raises(ValueError, match="negatives: the gbce loss needs .* got Tensor"):
+        model(loss="gbce").loss(h, h, torch.ones(*h.shape, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="negatives: full_softmax scores every item"):
+        model(loss="full_softmax").loss(h, h, (h, h))

@@ -1,5 +1,7 @@
-"""Data: negative samplers (readers, splits and batching come with the SASRec trainer)."""
+"""Data: negative samplers and packed batches (readers, splits and batching come with the
+SASRec trainer)."""
 
-from .samplers import PopularitySampler, UniformSampler, in_batch_negatives
+from .packed import PackedBatch
+from .samplers import PopularitySampler, UniformSampler, UnseenSampler, in_batch_negatives
 
-__all__ = ["PopularitySampler", "UniformSampler", "in_batch_negatives"]
+__all__ = ["PackedBatch", "PopularitySampler", "UniformSampler", "UnseenSampler", "in_batch_negatives"]

@@ -1,5 +1,9 @@
-"""Negative samplers for sampled_softmax_loss: each call returns (ids, log_q), where log_q
-is the log probability of drawing each id, for the logQ correction. Sampling is with
+"""Negative samplers: the one source of negatives for every loss (bce, gbce, sampled softmax).
+
+Every sampler is called as `sampler(shape, device=None, generator=None, users=None)` and
+returns (ids, log_q) of `shape`, where log_q is the log probability of drawing each id (for
+the logQ correction). `users` [shape[0]] names the user of each leading row: samplers whose
+draw depends on the user (UnseenSampler) require it, the others ignore it. Sampling is with
 replacement, on the requested device, from torch's generator (or the one given), and never
 returns the padding item.
 """
@@ -31,7 +35,7 @@ class UniformSampler:
         self.num_items, self.padding_idx = num_items, padding_idx
         self.num_candidates = num_items - (padding_idx is not None)
 
-    def __call__(self, shape, device=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, shape, device=None, generator=None, users=None) -> tuple[torch.Tensor, torch.Tensor]:
         shape = _check_shape(shape)
         ids = torch.randint(self.num_candidates, shape, device=device, generator=generator)
         if self.padding_idx is not None:
@@ -60,7 +64,7 @@ class PopularitySampler:
         self._cdf = self.probs.cumsum(0)
         self._last_possible = int(weights.nonzero().max())
 
-    def __call__(self, shape, device=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, shape, device=None, generator=None, users=None) -> tuple[torch.Tensor, torch.Tensor]:
         shape = _check_shape(shape)
         device = torch.device(device) if device is not None else self.probs.device
         if self._cdf.device != device:
@@ -71,6 +75,27 @@ class PopularitySampler:
         u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator) * self._cdf[-1]
         ids = torch.searchsorted(self._cdf, u, right=True).clamp(max=self._last_possible)
         return ids, self.log_probs[ids].float()
+
+
+class UnseenSampler:
+    """Items 1..num_items that the row's user never interacted with, uniformly (the paper's
+    negatives for bce). `data` is a SequenceDataset; draws happen where its tensors live (the
+    host, for the trainer) and are then moved to `device`."""
+
+    def __init__(self, data):
+        self.data, self.keys = data, data.interaction_keys()
+        distinct = torch.unique_consecutive(self.keys) // (data.num_items + 1)  # user of each distinct pair
+        unseen = data.num_items - torch.bincount(distinct, minlength=data.num_users)  # [U]
+        self.log_q = -unseen.clamp(min=1).double().log().float()  # [U]
+
+    def __call__(self, shape, device=None, generator=None, users=None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = _check_shape(shape)
+        if users is None or users.dim() != 1 or not shape or users.shape[0] != shape[0]:
+            got = None if users is None else tuple(users.shape)
+            raise ValueError(f"users: the unseen sampler draws per user: expected [shape[0]] users, got {got}")
+        ids = self.data.sample_unseen(users, shape[1:], generator=generator, keys=self.keys)
+        log_q = self.log_q[users].view(-1, *([1] * (len(shape) - 1))).expand(shape)
+        return ids.to(device), log_q.to(device)
 
 
 def in_batch_negatives(pos_ids: torch.Tensor, ignore_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backends import Backend
 from ..data.packed import PackedBatch
-from ..data.samplers import PopularitySampler, UniformSampler
+from ..data.samplers import PopularitySampler, UniformSampler, UnseenSampler
 from ..ops.attention import fused_attention, fused_attention_varlen
 from ..ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
 
@@ -49,6 +49,40 @@ class SASRecConfig:
             raise ValueError(f"hidden: expected a multiple of heads ({self.heads}), got {self.hidden}")
         if self.sampler not in ("uniform", "popularity"):
             raise ValueError(f"sampler: expected 'uniform' or 'popularity', got {self.sampler!r}")
+
+
+Negatives = tuple[torch.Tensor, torch.Tensor] | None  # (ids, log_q) from a sampler; None for full_softmax
+
+
+def negative_sampler(config: SASRecConfig, data=None, item_counts: torch.Tensor | None = None):
+    """The sampler that the config's loss draws its negatives from: items the user never
+    interacted with for bce and gbce (as the paper; UnseenSampler of the SequenceDataset
+    `data`, or uniform items when data is None), config.sampler for sampled_softmax
+    (popularity needs the training `item_counts` [N + 1]), None for full_softmax."""
+    if config.loss == "full_softmax":
+        return None
+    if config.loss in ("bce", "gbce"):
+        return UnseenSampler(data) if data is not None else UniformSampler(config.num_items + 1)
+    if config.sampler == "popularity":
+        if item_counts is None:
+            raise ValueError("item_counts: the popularity sampler needs the training counts of each item")
+        return PopularitySampler(item_counts, alpha=0.75)
+    return UniformSampler(config.num_items + 1)
+
+
+def sample_negatives(
+    config: SASRecConfig, sampler, targets_shape, users=None, device=None, generator=None
+) -> Negatives:
+    """The negatives SASRec.loss() takes for targets of `targets_shape` ([B, L] padded, [T]
+    packed), drawn from `sampler`: [*targets_shape, k] per position for bce (k = 1) and gbce
+    (k = num_negatives), [num_negatives] shared by every row for sampled_softmax, None for
+    full_softmax. users [targets_shape[0]]: the user of each leading row (UnseenSampler)."""
+    if config.loss == "full_softmax":
+        return None
+    if config.loss == "sampled_softmax":
+        return sampler((config.num_negatives,), device=device, generator=generator)
+    per_position = 1 if config.loss == "bce" else config.num_negatives
+    return sampler((*targets_shape, per_position), device=device, generator=generator, users=users)
 
 
 class Layout(NamedTuple):
@@ -107,7 +141,7 @@ class Block(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, config: SASRecConfig, item_counts: torch.Tensor | None = None):
+    def __init__(self, config: SASRecConfig):
         super().__init__()
         self.config = config
         self.backend = Backend.AUTO
@@ -116,12 +150,6 @@ class SASRec(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.blocks))
         self.final_norm = nn.LayerNorm(config.hidden, eps=1e-8)
-        if config.sampler == "popularity":
-            if item_counts is None:
-                raise ValueError("item_counts: the popularity sampler needs the training counts of each item")
-            self.sampler = PopularitySampler(item_counts, alpha=0.75)
-        else:
-            self.sampler = UniformSampler(config.num_items + 1)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -166,48 +194,44 @@ class SASRec(nn.Module):
         self,
         histories: torch.Tensor | PackedBatch,
         targets: torch.Tensor | None = None,
-        negatives: torch.Tensor | None = None,
+        negatives: Negatives = None,
     ):
         """Training loss of next-item prediction on padded histories [B, L] with targets
-        [B, L] (0 where no target), or on a PackedBatch with its targets [T]. negatives
-        [..., k] (the targets' shape plus k) for bce (k = 1) and gbce (k = num_negatives):
-        the trainer passes items the user never interacted with, as the paper does;
-        uniform ids when None."""
+        [B, L] (0 where no target), or on a PackedBatch with its targets [T]. `negatives`
+        come from sample_negatives(): ids [..., k] per position for bce and gbce, shared
+        (ids [K], log_q [K]) for sampled_softmax, None for full_softmax."""
         if isinstance(histories, PackedBatch):
             targets = histories.targets if targets is None else targets
         if targets is None:
             raise ValueError("targets: expected the next items (a PackedBatch without targets was given)")
         return self.loss_from_hidden(self(histories), targets, negatives)
 
-    def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None):
+    def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: Negatives = None):
         """loss() from hidden states [B, L, d] or [T, d] already computed (by a DDP wrapper, say)."""
         items = self.item_embedding.weight
         config = self.config
         if config.loss == "full_softmax":
+            if negatives is not None:
+                raise ValueError("negatives: full_softmax scores every item and takes none; pass None")
             return full_softmax_loss(hidden, items, targets, backend=self.backend)
+        if not (isinstance(negatives, tuple) and len(negatives) == 2):
+            raise ValueError(
+                f"negatives: the {config.loss} loss needs (ids, log_q) from sample_negatives(), "
+                f"got {type(negatives).__name__}"
+            )
+        neg_ids, neg_log_q = negatives
         if config.loss == "sampled_softmax":
-            neg_ids, neg_log_q = self.sampler((config.num_negatives,), device=targets.device)
             return sampled_softmax_loss(hidden, items, targets, neg_ids, neg_log_q=neg_log_q, backend=self.backend)
         valid = targets != 0
-        negatives_per_position = self.negatives_per_position()
-        neg_ids = negatives
-        if neg_ids is None:
-            neg_ids = torch.randint(
-                1, config.num_items + 1, (*targets.shape, negatives_per_position), device=targets.device
-            )
-        pos_logits = (hidden * items[targets]).sum(-1)  # [B, L]
-        neg_logits = (hidden[..., None, :] * items[neg_ids]).sum(-1)  # [B, L, k]
+        pos_logits = (hidden * items[targets]).sum(-1)  # [B, L] or [T]
+        neg_logits = (hidden[..., None, :] * items[neg_ids]).sum(-1)  # [B, L, k] or [T, k]
         if config.loss == "bce":
             pos_weight = 1.0
         else:  # gSASRec: positive probabilities raised to beta calibrate for k sampled negatives
-            alpha = negatives_per_position / (config.num_items - 1)
+            alpha = config.num_negatives / (config.num_items - 1)
             pos_weight = alpha * (config.gbce_t * (1 - 1 / alpha) + 1 / alpha)
         per_position = -pos_weight * F.logsigmoid(pos_logits) - F.logsigmoid(-neg_logits).sum(-1)
         return (per_position * valid).sum() / valid.sum().clamp(min=1)
-
-    def negatives_per_position(self) -> int:
-        """How many negatives per position loss() takes: 1 for bce, num_negatives for gbce, 0 otherwise."""
-        return {"bce": 1, "gbce": self.config.num_negatives}.get(self.config.loss, 0)
 
     def last_hidden(self, histories: torch.Tensor | PackedBatch) -> torch.Tensor:
         """[B, d] the hidden state after each history's newest item (what predicts the next)."""
