@@ -61,7 +61,7 @@ offline-compile: setup $(if $(TRITON),$(COMPILE_VENV)/.installed-triton)
 # ruff over the Python, clang-format (.clang-format; the dev extra pins its version) over the
 # C++/CUDA sources and the host test programs.
 PY_SOURCES = seqrec_kernels tests benchmarks csrc/nvcc_check.py
-CLANG_FORMAT_FILES = $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h tests/cuda_host/*.cpp tests/cuda_host/*.h)
+CLANG_FORMAT_FILES = $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h tests/cuda_host/*.cpp tests/cuda_host/*.h)
 lint: setup
 	$(PY) -m ruff check $(PY_SOURCES)
 	$(PY) -m ruff format --check $(PY_SOURCES)

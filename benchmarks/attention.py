@@ -62,7 +62,7 @@ SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
 }
-PROVIDERS = ["reference", *SDPA_BACKENDS, "flex", "compile", "triton", "cuda"]
+PROVIDERS = ["reference", *SDPA_BACKENDS, "flex", "compile", "triton", "cuda", "cpp"]
 COLUMNS = ["shape", "variant", "dtype", "mode", "provider", "status", "ms", "tflops", "gbps", "peak_mib",
            "speedup_vs_reference", "speedup_vs_best_torch", "best_torch", "matmul_fraction",
            "bandwidth_fraction", "max_rel_error", "goal_met"]  # fmt: skip
@@ -160,6 +160,7 @@ def providers(names, layout: Layout, shape: Shape, device) -> dict:
         "compile": lambda: lambda q, k, v: CompiledReference.apply(q, k, v, compiled_layout),
         "triton": lambda: ours("triton"),
         "cuda": lambda: ours("cuda"),
+        "cpp": lambda: ours("cpp"),
     }
     return {name: makers[name]() for name in names}
 

@@ -6,7 +6,7 @@ training batches (users drawn from the Games or ML-1M data, or uniform lengths i
 1 head, batch 128; max length 50 for Games, 200 for ML-1M), and with ML-1M's histories
 spread over a 1,000,000-item catalog. Losses: bce, gbce (256 negatives per position),
 sampled_softmax (256 shared negatives), full_softmax; fp32 and bf16 autocast. Providers
-are the backends the whole model runs on: `reference`, `triton`, `cuda`.
+are the backends the whole model runs on: `reference`, `triton`, `cuda` (GPU), `cpp` (CPU).
 
 Batchings: every configuration is timed on the same batches twice, `padded` (left-padded
 [B, L] rows, as the paper's code) and `packed` (PackedBatch.from_padded: the real tokens
@@ -63,7 +63,7 @@ SETUPS = [
 ]
 CPU_QUICK_SETUPS = [Setup("Games-small", "games", 50, 0.5, batch=16)]
 PRECISIONS = {"float32": None, "bf16-autocast": torch.bfloat16}
-PROVIDERS = ["reference", "triton", "cuda"]
+PROVIDERS = ["reference", "triton", "cuda", "cpp"]
 BATCHINGS = ("padded", "packed")  # padded first: packed rows are compared with the padded ones
 # Relative error of the loss and whole gradient vs the reference's: under bf16 autocast the
 # roundings of every layer compound (a few percent between correct backends).

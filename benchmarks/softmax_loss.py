@@ -50,7 +50,7 @@ QUICK_SHAPES = [
 ]
 CPU_SHAPES = [s for s in SHAPES if s.tokens == 6400 and s.hidden in (50, 64) and s.num_items == 23_715]
 CPU_QUICK_SHAPES = [Shape("sampled", 512, 50, 23_715, 128), Shape("full", 128, 50, 23_715)]
-PROVIDERS = ["reference", "compile", "triton", "cuda"]
+PROVIDERS = ["reference", "compile", "triton", "cuda", "cpp"]
 COLUMNS = ["shape", "variant", "dtype", "provider", "status", "ms", "tflops", "gbps", "peak_mib",
            "speedup_vs_reference", "speedup_vs_best_torch", "matmul_fraction", "bandwidth_fraction",
            "max_rel_error", "goal_met"]  # fmt: skip

@@ -21,7 +21,7 @@ from seqrec_kernels import available, full_softmax_loss, fused_attention, sample
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-BACKENDS = ["reference", "triton", "cuda"]
+BACKENDS = ["reference", "triton", "cuda", "cpp"]
 # The benchmarks' own shape tables: their quick shapes for this device.
 _GPU = DEVICE.type == "cuda"
 _QUICK_ATTENTION = {name for name, _ in attention_benchmark.QUICK_CONFIGS}

@@ -1,6 +1,6 @@
-// Input checks of the C++ ops, shared by the CPU and CUDA implementations. The public
-// Python API validates first (with the same wording); these guard direct calls to
-// torch.ops.seqrec.*_cuda so that bad input is an error naming the argument, never a
+// Input checks of the C++ ops, run by op_impls.h before the CPU or CUDA implementation.
+// The public Python API validates first (with the same wording); these guard direct calls
+// to torch.ops.seqrec.*_cuda so that bad input is an error naming the argument, never a
 // crash. Value checks that would read device memory (a host sync) are left to Python.
 #pragma once
 
@@ -11,6 +11,8 @@
 #include <atomic>
 #include <optional>
 #include <string>
+
+#include "op_limits.h"
 
 namespace seqrec {
 
@@ -69,8 +71,6 @@ inline void check_unit_stride(const char* name, const at::Tensor& t) {
 inline at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // ------------------------------------------------------------------------ attention ----
-
-constexpr int64_t kMaxHeadDim = 256;
 
 // q, k, v [B, H, L, D]; seq_start, seq_len int32 [S] with B == S (padded) or B == 1 (packed).
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -132,16 +132,12 @@ inline void check_attention_backward_inputs(const at::Tensor& dout, const at::Te
 
 // --------------------------------------------------------------------- softmax losses ----
 
-// The loss kernels' largest hidden size: kMaxDim in csrc/cuda, MAX_KERNEL_HIDDEN_DIM in
-// seqrec_kernels/ops/softmax_loss.py (tests/test_cuda_inputs.py keeps them equal).
-constexpr int64_t kMaxLossDim = 1024;
-
-// hidden [T, D] and weight [N, D] of one kernel dtype, unit stride on D, D <= kMaxLossDim.
+// hidden [T, D] and weight [N, D] of one kernel dtype, unit stride on D, D <= kMaxKernelHiddenDim.
 inline void check_loss_inputs(const at::Tensor& hidden, const at::Tensor& weight, double temperature) {
   check_dim("hidden", hidden, 2, "[T, D]");
   check_kernel_dtype("hidden", hidden);
-  TORCH_CHECK_VALUE(hidden.size(1) <= kMaxLossDim, "hidden: expected D <= ", kMaxLossDim,
-                    " (the 'cuda' backend's kernel limit; backend='reference' has none), got D=", hidden.size(1));
+  TORCH_CHECK_VALUE(hidden.size(1) <= kMaxKernelHiddenDim, "hidden: expected D <= ", kMaxKernelHiddenDim,
+                    " (the kernel backends' limit; backend='reference' has none), got D=", hidden.size(1));
   check_dim("weight", weight, 2, "[N, D]");
   check_device("weight", weight, hidden);
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight: expected dtype ", dtype_name(hidden),

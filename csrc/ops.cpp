@@ -1,6 +1,8 @@
-// The `cuda` backend's op schemas. They match the reference and Triton ops defined in
-// Python (seqrec_kernels/ops/*.py), which registers the fake impls and autograd for all
-// of them. Implementations: ops_cpu.cpp (CPU), ops_cuda.cpp (CUDA, when built with it).
+// The `cuda` backend's op schemas. The reference and Triton ops are defined in Python
+// with the same schemas (seqrec_kernels/ops/*.py; tests/test_op_schemas.py keeps the two
+// equal), and seqrec_kernels/ops/_library.py registers the fake impls and autograd of all
+// of them. Implementations: ops_cpu.cpp (CPU), ops_cuda.cpp (CUDA, when built with it),
+// behind the input checks and registration of op_impls.h.
 #include <Python.h>
 #include <torch/library.h>
 

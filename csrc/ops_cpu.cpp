@@ -2,6 +2,7 @@
 // that follow the kernels' algorithms (online row softmax, recomputed probabilities, the
 // same dropout hash), independent of the PyTorch reference they are tested against.
 // They make the backend usable and testable without a GPU; they are not tuned for speed.
+// The ops (end of file) are op_impls.h's impl::*<CPU>: they get checked inputs.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,6 +13,7 @@
 
 #include "checks.h"
 #include "cuda/dropout_hash.h"
+#include "op_impls.h"
 
 namespace seqrec {
 namespace {
@@ -156,36 +158,6 @@ void attention_backward_loops(const Tensor& dout, const Tensor& q, const Tensor&
   });
 }
 
-std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_start,
-                                             const Tensor& seq_len, int64_t max_seqlen, bool causal, double scale,
-                                             double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_attention_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, dropout_seed);
-  auto out = at::zeros_like(q);  // padding rows stay zero
-  auto lse = at::full(q.sizes().slice(0, 3), kNegInf, q.options().dtype(at::kFloat));
-  Dropout dropout(dropout_p, dropout_seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
-    attention_forward_loops<scalar_t>(q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal,
-                                      static_cast<float>(scale), dropout);
-  });
-  return {out, lse};
-}
-
-std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                     const Tensor& seq_start, const Tensor& seq_len, int64_t max_seqlen,
-                                                     bool causal, double scale, double dropout_p,
-                                                     const std::optional<Tensor>& dropout_seed) {
-  check_attention_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, dropout_seed);
-  check_attention_backward_inputs(dout, q, out, lse);
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  Dropout dropout(dropout_p, dropout_seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_backward_loops<scalar_t>(unit_stride_rows(dout), q, k, v, out, lse, dq, dk, dv, seq_start, seq_len,
-                                       max_seqlen, causal, static_cast<float>(scale), dropout);
-  });
-  return {dq, dk, dv};
-}
-
 // --------------------------------------------------------------------- softmax losses ----
 
 float logsumexp(const std::vector<float>& logits) {
@@ -259,86 +231,6 @@ struct SampledInputs {
   }
 };
 
-std::tuple<Tensor, Tensor> sampled_softmax_fwd_cpu(const Tensor& hidden, const Tensor& weight, const Tensor& pos_ids,
-                                                   const Tensor& neg_ids, const std::optional<Tensor>& pos_log_q,
-                                                   const std::optional<Tensor>& neg_log_q, int64_t rows_per_group,
-                                                   bool remove_hits, double temperature, int64_t ignore_index) {
-  check_sampled_inputs(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, temperature,
-                       ignore_index);
-  SampledInputs inputs(pos_ids, neg_ids, pos_log_q, neg_log_q);
-  auto rows = hidden.size(0);
-  auto loss = at::empty({rows}, hidden.options().dtype(at::kFloat));
-  auto lse = at::empty({rows}, hidden.options().dtype(at::kFloat));
-  float *loss_data = loss.data_ptr<float>(), *lse_data = lse.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "sampled_softmax_fwd_cpu", [&] {
-    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature, ignore_index);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> logits(1 + logits_of.num_neg);
-      for (int64_t t = begin; t < end; ++t) {
-        logits_of(t, logits);
-        lse_data[t] = logsumexp(logits);
-        loss_data[t] = logits_of.valid(t) ? lse_data[t] - logits[0] : 0.0f;
-      }
-    });
-  });
-  return {loss, lse};
-}
-
-std::tuple<Tensor, Tensor> sampled_softmax_bwd_cpu(const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
-                                                   const Tensor& pos_ids, const Tensor& neg_ids,
-                                                   const std::optional<Tensor>& pos_log_q,
-                                                   const std::optional<Tensor>& neg_log_q, const Tensor& lse,
-                                                   int64_t rows_per_group, bool remove_hits, double temperature,
-                                                   int64_t ignore_index, bool /*deterministic: always*/) {
-  check_sampled_inputs(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, temperature,
-                       ignore_index);
-  check_loss_grads(grad_loss, lse, hidden);
-  SampledInputs inputs(pos_ids, neg_ids, pos_log_q, neg_log_q);
-  auto rows = hidden.size(0), dim = hidden.size(1), num_neg = neg_ids.size(1);
-  auto grad = grad_loss.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
-  const float *grad_data = grad.data_ptr<float>(), *lse_data = lse_f.data_ptr<float>();
-  auto d_hidden = at::empty({rows, dim}, hidden.options());
-  auto d_weight = at::zeros({weight.size(0), dim}, weight.options().dtype(at::kFloat));
-  // d loss / d logit = (softmax - onehot(positive)) * grad / temperature: [T, 1 + K].
-  std::vector<float> coef(rows * (1 + num_neg));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "sampled_softmax_bwd_cpu", [&] {
-    auto logits_of = inputs.logits<scalar_t>(hidden, weight, rows_per_group, remove_hits, temperature, ignore_index);
-    auto* dh = d_hidden.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> logits(1 + num_neg), row_grad(dim);
-      for (int64_t t = begin; t < end; ++t) {
-        float* c = &coef[t * (1 + num_neg)];
-        float row_scale = logits_of.valid(t) ? grad_data[t] * logits_of.inv_temperature : 0.0f;
-        logits_of(t, logits);
-        for (int64_t k = 0; k <= num_neg; ++k) c[k] = std::exp(logits[k] - lse_data[t]) * row_scale;
-        c[0] -= row_scale;
-        std::fill(row_grad.begin(), row_grad.end(), 0.0f);
-        const int64_t* negs = logits_of.negatives(t);
-        for (int64_t k = 0; k <= num_neg; ++k) {
-          if (k > 0 && !logits_of.present(negs[k - 1])) continue;  // absent: no weight row to read
-          const scalar_t* w = logits_of.weight + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * weight.stride(0);
-          for (int64_t d = 0; d < dim; ++d) row_grad[d] += c[k] * static_cast<float>(w[d]);
-        }
-        for (int64_t d = 0; d < dim; ++d) dh[t * dim + d] = static_cast<scalar_t>(row_grad[d]);
-      }
-    });
-    // d_weight in row order, one thread: deterministic (the CPU path always is).
-    float* dw = d_weight.data_ptr<float>();
-    for (int64_t t = 0; t < rows; ++t) {
-      if (!logits_of.valid(t)) continue;
-      const scalar_t* h = logits_of.hidden + t * hidden.stride(0);
-      const int64_t* negs = logits_of.negatives(t);
-      for (int64_t k = 0; k <= num_neg; ++k) {
-        if (k > 0 && !logits_of.present(negs[k - 1])) continue;
-        float c = coef[t * (1 + num_neg) + k];
-        float* w = dw + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * dim;
-        for (int64_t d = 0; d < dim; ++d) w[d] += c * static_cast<float>(h[d]);
-      }
-    }
-  });
-  return {d_hidden, d_weight.to(weight.scalar_type())};
-}
-
 // Full softmax: rows are processed in blocks whose [rows, N] logits fit in memory.
 constexpr int64_t kFullRowBlock = 32;
 
@@ -373,25 +265,129 @@ bool valid_target(int64_t target, int64_t ignore_index, int64_t num_items) {
   return target != ignore_index && target >= 0 && target < num_items;
 }
 
-std::tuple<Tensor, Tensor> full_softmax_fwd_cpu(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                                const Tensor& excluded_ids, double temperature, int64_t ignore_index) {
-  check_full_inputs(hidden, weight, targets, excluded_ids, temperature, ignore_index);
-  auto rows = hidden.size(0), num_items = weight.size(0);
-  auto target = targets.to(at::kLong).contiguous();
+// Sets item_id_checks (checks.h); returns the previous setting.
+bool set_item_id_checks(bool enabled) { return item_id_checks.exchange(enabled); }
+
+}  // namespace
+
+// ------------------------------------------------------------------------- the ops ----
+
+template <>
+std::tuple<Tensor, Tensor> impl::attention_fwd<c10::DispatchKey::CPU>(const AttentionArgs& a) {
+  auto out = at::zeros_like(a.q);  // padding rows stay zero
+  auto lse = at::full(a.q.sizes().slice(0, 3), kNegInf, a.q.options().dtype(at::kFloat));
+  Dropout dropout(a.dropout_p, a.dropout_seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "attention_fwd_cpu", [&] {
+    attention_forward_loops<scalar_t>(a.q, a.k, a.v, out, lse, a.seq_start, a.seq_len, a.max_seqlen, a.causal,
+                                      static_cast<float>(a.scale), dropout);
+  });
+  return {out, lse};
+}
+
+template <>
+std::tuple<Tensor, Tensor, Tensor> impl::attention_bwd<c10::DispatchKey::CPU>(const AttentionArgs& a,
+                                                                              const Tensor& dout, const Tensor& out,
+                                                                              const Tensor& lse) {
+  auto dq = at::zeros_like(a.q), dk = at::zeros_like(a.k), dv = at::zeros_like(a.v);
+  Dropout dropout(a.dropout_p, a.dropout_seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.q.scalar_type(), "attention_bwd_cpu", [&] {
+    attention_backward_loops<scalar_t>(unit_stride_rows(dout), a.q, a.k, a.v, out, lse, dq, dk, dv, a.seq_start,
+                                       a.seq_len, a.max_seqlen, a.causal, static_cast<float>(a.scale), dropout);
+  });
+  return {dq, dk, dv};
+}
+
+template <>
+std::tuple<Tensor, Tensor> impl::sampled_softmax_fwd<c10::DispatchKey::CPU>(const SampledSoftmaxArgs& a) {
+  SampledInputs inputs(a.pos_ids, a.neg_ids, a.pos_log_q, a.neg_log_q);
+  auto rows = a.hidden.size(0);
+  auto loss = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
+  auto lse = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
+  float *loss_data = loss.data_ptr<float>(), *lse_data = lse.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "sampled_softmax_fwd_cpu", [&] {
+    auto logits_of =
+        inputs.logits<scalar_t>(a.hidden, a.weight, a.rows_per_group, a.remove_hits, a.temperature, a.ignore_index);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> logits(1 + logits_of.num_neg);
+      for (int64_t t = begin; t < end; ++t) {
+        logits_of(t, logits);
+        lse_data[t] = logsumexp(logits);
+        loss_data[t] = logits_of.valid(t) ? lse_data[t] - logits[0] : 0.0f;
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+template <>
+std::tuple<Tensor, Tensor> impl::sampled_softmax_bwd<c10::DispatchKey::CPU>(const SampledSoftmaxArgs& a,
+                                                                            const Tensor& grad_loss, const Tensor& lse,
+                                                                            bool /*deterministic: always*/) {
+  SampledInputs inputs(a.pos_ids, a.neg_ids, a.pos_log_q, a.neg_log_q);
+  auto rows = a.hidden.size(0), dim = a.hidden.size(1), num_neg = a.neg_ids.size(1);
+  auto grad = grad_loss.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
+  const float *grad_data = grad.data_ptr<float>(), *lse_data = lse_f.data_ptr<float>();
+  auto d_hidden = at::empty({rows, dim}, a.hidden.options());
+  auto d_weight = at::zeros({a.weight.size(0), dim}, a.weight.options().dtype(at::kFloat));
+  // d loss / d logit = (softmax - onehot(positive)) * grad / temperature: [T, 1 + K].
+  std::vector<float> coef(rows * (1 + num_neg));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "sampled_softmax_bwd_cpu", [&] {
+    auto logits_of =
+        inputs.logits<scalar_t>(a.hidden, a.weight, a.rows_per_group, a.remove_hits, a.temperature, a.ignore_index);
+    auto* dh = d_hidden.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> logits(1 + num_neg), row_grad(dim);
+      for (int64_t t = begin; t < end; ++t) {
+        float* c = &coef[t * (1 + num_neg)];
+        float row_scale = logits_of.valid(t) ? grad_data[t] * logits_of.inv_temperature : 0.0f;
+        logits_of(t, logits);
+        for (int64_t k = 0; k <= num_neg; ++k) c[k] = std::exp(logits[k] - lse_data[t]) * row_scale;
+        c[0] -= row_scale;
+        std::fill(row_grad.begin(), row_grad.end(), 0.0f);
+        const int64_t* negs = logits_of.negatives(t);
+        for (int64_t k = 0; k <= num_neg; ++k) {
+          if (k > 0 && !logits_of.present(negs[k - 1])) continue;  // absent: no weight row to read
+          const scalar_t* w = logits_of.weight + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * a.weight.stride(0);
+          for (int64_t d = 0; d < dim; ++d) row_grad[d] += c[k] * static_cast<float>(w[d]);
+        }
+        for (int64_t d = 0; d < dim; ++d) dh[t * dim + d] = static_cast<scalar_t>(row_grad[d]);
+      }
+    });
+    // d_weight in row order, one thread: deterministic (the CPU path always is).
+    float* dw = d_weight.data_ptr<float>();
+    for (int64_t t = 0; t < rows; ++t) {
+      if (!logits_of.valid(t)) continue;
+      const scalar_t* h = logits_of.hidden + t * a.hidden.stride(0);
+      const int64_t* negs = logits_of.negatives(t);
+      for (int64_t k = 0; k <= num_neg; ++k) {
+        if (k > 0 && !logits_of.present(negs[k - 1])) continue;
+        float c = coef[t * (1 + num_neg) + k];
+        float* w = dw + (k == 0 ? logits_of.safe_pos(t) : negs[k - 1]) * dim;
+        for (int64_t d = 0; d < dim; ++d) w[d] += c * static_cast<float>(h[d]);
+      }
+    }
+  });
+  return {d_hidden, d_weight.to(a.weight.scalar_type())};
+}
+
+template <>
+std::tuple<Tensor, Tensor> impl::full_softmax_fwd<c10::DispatchKey::CPU>(const FullSoftmaxArgs& a) {
+  auto rows = a.hidden.size(0), num_items = a.weight.size(0);
+  auto target = a.targets.to(at::kLong).contiguous();
   const int64_t* target_data = target.data_ptr<int64_t>();
-  auto loss = at::empty({rows}, hidden.options().dtype(at::kFloat));
-  auto lse = at::empty({rows}, hidden.options().dtype(at::kFloat));
-  auto excluded = excluded_mask(excluded_ids, num_items);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "full_softmax_fwd_cpu", [&] {
+  auto loss = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
+  auto lse = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
+  auto excluded = excluded_mask(a.excluded_ids, num_items);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "full_softmax_fwd_cpu", [&] {
     std::vector<float> logits(kFullRowBlock * num_items), row(num_items);
     for (int64_t begin = 0; begin < rows; begin += kFullRowBlock) {
       int64_t count = std::min(kFullRowBlock, rows - begin);
-      full_logits_block<scalar_t>(hidden, weight, excluded, 1.0f / temperature, begin, count, logits);
+      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, 1.0f / a.temperature, begin, count, logits);
       for (int64_t r = 0; r < count; ++r) {
         int64_t t = begin + r;
         row.assign(logits.begin() + r * num_items, logits.begin() + (r + 1) * num_items);
         lse.data_ptr<float>()[t] = logsumexp(row);
-        bool valid = valid_target(target_data[t], ignore_index, num_items);
+        bool valid = valid_target(target_data[t], a.ignore_index, num_items);
         loss.data_ptr<float>()[t] = valid ? lse.data_ptr<float>()[t] - row[target_data[t]] : 0.0f;
       }
     }
@@ -399,30 +395,28 @@ std::tuple<Tensor, Tensor> full_softmax_fwd_cpu(const Tensor& hidden, const Tens
   return {loss, lse};
 }
 
-std::tuple<Tensor, Tensor> full_softmax_bwd_cpu(const Tensor& grad_loss, const Tensor& hidden, const Tensor& weight,
-                                                const Tensor& targets, const Tensor& excluded_ids, const Tensor& lse,
-                                                double temperature, int64_t ignore_index) {
-  check_full_inputs(hidden, weight, targets, excluded_ids, temperature, ignore_index);
-  check_loss_grads(grad_loss, lse, hidden);
-  auto rows = hidden.size(0), num_items = weight.size(0), dim = hidden.size(1);
-  auto target = targets.to(at::kLong).contiguous();
+template <>
+std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CPU>(const FullSoftmaxArgs& a,
+                                                                         const Tensor& grad_loss, const Tensor& lse) {
+  auto rows = a.hidden.size(0), num_items = a.weight.size(0), dim = a.hidden.size(1);
+  auto target = a.targets.to(at::kLong).contiguous();
   auto grad = grad_loss.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
-  auto d_hidden = at::empty({rows, dim}, hidden.options());
-  auto d_weight = at::zeros({num_items, dim}, weight.options().dtype(at::kFloat));
-  auto excluded = excluded_mask(excluded_ids, num_items);
-  float inv_temp = static_cast<float>(1.0 / temperature);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "full_softmax_bwd_cpu", [&] {
-    const auto* h = static_cast<const scalar_t*>(hidden.data_ptr());
-    const auto* w = static_cast<const scalar_t*>(weight.data_ptr());
+  auto d_hidden = at::empty({rows, dim}, a.hidden.options());
+  auto d_weight = at::zeros({num_items, dim}, a.weight.options().dtype(at::kFloat));
+  auto excluded = excluded_mask(a.excluded_ids, num_items);
+  float inv_temp = static_cast<float>(1.0 / a.temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "full_softmax_bwd_cpu", [&] {
+    const auto* h = static_cast<const scalar_t*>(a.hidden.data_ptr());
+    const auto* w = static_cast<const scalar_t*>(a.weight.data_ptr());
     auto* dh = d_hidden.data_ptr<scalar_t>();
     float* dw = d_weight.data_ptr<float>();
     std::vector<float> coef(kFullRowBlock * num_items);  // [rows of the block, N], then the coefficients
     for (int64_t begin = 0; begin < rows; begin += kFullRowBlock) {
       int64_t count = std::min(kFullRowBlock, rows - begin);
-      full_logits_block<scalar_t>(hidden, weight, excluded, inv_temp, begin, count, coef);
+      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, inv_temp, begin, count, coef);
       for (int64_t r = 0; r < count; ++r) {
         int64_t t = begin + r, target_id = target.data_ptr<int64_t>()[t];
-        bool valid = valid_target(target_id, ignore_index, num_items);
+        bool valid = valid_target(target_id, a.ignore_index, num_items);
         float row_scale = valid ? grad.data_ptr<float>()[t] * inv_temp : 0.0f;
         float* c = &coef[r * num_items];
         for (int64_t n = 0; n < num_items; ++n) c[n] = std::exp(c[n] - lse_f.data_ptr<float>()[t]) * row_scale;
@@ -433,7 +427,7 @@ std::tuple<Tensor, Tensor> full_softmax_bwd_cpu(const Tensor& grad_loss, const T
         for (int64_t r = lo; r < hi; ++r) {
           std::fill(row_grad.begin(), row_grad.end(), 0.0f);
           for (int64_t n = 0; n < num_items; ++n) {
-            const scalar_t* w_n = w + n * weight.stride(0);
+            const scalar_t* w_n = w + n * a.weight.stride(0);
             for (int64_t d = 0; d < dim; ++d) row_grad[d] += coef[r * num_items + n] * static_cast<float>(w_n[d]);
           }
           for (int64_t d = 0; d < dim; ++d) dh[(begin + r) * dim + d] = static_cast<scalar_t>(row_grad[d]);
@@ -442,29 +436,17 @@ std::tuple<Tensor, Tensor> full_softmax_bwd_cpu(const Tensor& grad_loss, const T
       at::parallel_for(0, num_items, 256, [&](int64_t lo, int64_t hi) {  // d_weight: items split, rows in order
         for (int64_t n = lo; n < hi; ++n)
           for (int64_t r = 0; r < count; ++r) {
-            const scalar_t* h_t = h + (begin + r) * hidden.stride(0);
+            const scalar_t* h_t = h + (begin + r) * a.hidden.stride(0);
             for (int64_t d = 0; d < dim; ++d) dw[n * dim + d] += coef[r * num_items + n] * static_cast<float>(h_t[d]);
           }
       });
     }
   });
-  return {d_hidden, d_weight.to(weight.scalar_type())};
+  return {d_hidden, d_weight.to(a.weight.scalar_type())};
 }
-
-// Sets item_id_checks (checks.h); returns the previous setting.
-bool set_item_id_checks(bool enabled) { return item_id_checks.exchange(enabled); }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seqrec, m) { m.def("_set_item_id_checks(bool enabled) -> bool", &set_item_id_checks); }
 
-TORCH_LIBRARY_IMPL(seqrec, CPU, m) {
-  m.impl("attention_fwd_cuda", &attention_fwd_cpu);
-  m.impl("attention_bwd_cuda", &attention_bwd_cpu);
-  m.impl("sampled_softmax_fwd_cuda", &sampled_softmax_fwd_cpu);
-  m.impl("sampled_softmax_bwd_cuda", &sampled_softmax_bwd_cpu);
-  m.impl("full_softmax_fwd_cuda", &full_softmax_fwd_cpu);
-  m.impl("full_softmax_bwd_cuda", &full_softmax_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(seqrec, CPU, m) { register_ops<c10::DispatchKey::CPU>(m); }
 
 }  // namespace seqrec

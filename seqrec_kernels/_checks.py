@@ -99,6 +99,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 is ref
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The one output-dtype rule of the ops: float64 for float64 inputs, else float32. It is
+    the dtype of every op's LSE and per-row losses (the fake impls say so) and the dtype the
+    reference computes in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_kernel_dtype(backend_name: str, name: str, value: torch.Tensor) -> None:
     """Kernel backends take half and single precision; float64 runs on the reference."""
     if backend_name != "reference" and value.dtype not in KERNEL_DTYPES:

@@ -13,14 +13,22 @@ import os
 
 import torch
 
+from ._checks import check_kernel_dtype
+
 logger = logging.getLogger("seqrec_kernels")
 
 
 class Backend(str, enum.Enum):
+    """Where each backend runs: `reference` (PyTorch, any device), `triton` (CUDA tensors; CPU
+    tensors in Triton's interpreter), `cuda` (the extension's CUDA kernels, CUDA tensors),
+    `cpp` (the extension's C++ CPU implementation, CPU tensors: the test double of the CUDA
+    glue, same ops and checks, scalar loops)."""
+
     AUTO = "auto"
     REFERENCE = "reference"
     TRITON = "triton"
     CUDA = "cuda"
+    CPP = "cpp"
 
     @classmethod
     def parse(cls, value: str | Backend) -> Backend:
@@ -58,7 +66,8 @@ EXTENSION_ERROR = _load_extension()
 
 
 def cpp_op(qualified_name: str):
-    """The op `seqrec::<name>` that seqrec_kernels._C defines, e.g. cpp_op("seqrec::attention_fwd_cuda")."""
+    """The op `seqrec::<name>` (its default overload), e.g. cpp_op("seqrec::attention_fwd_cuda"),
+    one that seqrec_kernels._C defines."""
     namespace, name = qualified_name.split("::")
     return getattr(getattr(torch.ops, namespace), name).default
 
@@ -80,11 +89,15 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
             return None
         return f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
-    if backend is Backend.CUDA:
-        if EXTENSION_ERROR is not None:
-            return EXTENSION_ERROR
+    if backend in (Backend.CUDA, Backend.CPP) and EXTENSION_ERROR is not None:
+        return EXTENSION_ERROR
+    if backend is Backend.CPP:
         if device.type == "cpu":
-            return None  # the extension's C++ CPU implementation
+            return None
+        return f"it is the extension's C++ CPU implementation, for CPU tensors (got tensors on {device}; use 'cuda')"
+    if backend is Backend.CUDA:
+        if device.type == "cpu":
+            return "it runs CUDA kernels on CUDA tensors; on CPU tensors the extension's C++ implementation is 'cpp'"
         if device.type == "cuda" and extension_has_cuda_kernels():
             return None
         return (
@@ -102,7 +115,7 @@ AUTO_GPU_ORDER = (Backend.TRITON, Backend.CUDA)
 def available(device: torch.device | str = "cpu") -> list[Backend]:
     """The concrete backends that can run on tensors of `device`."""
     device = torch.device(device)
-    concrete = (Backend.REFERENCE, Backend.TRITON, Backend.CUDA)
+    concrete = (Backend.REFERENCE, Backend.TRITON, Backend.CUDA, Backend.CPP)
     return [b for b in concrete if _unavailable_reason(b, device) is None]
 
 
@@ -128,3 +141,11 @@ def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backe
     if reason is not None:
         raise ValueError(f"backend: {requested.value!r} is not available for {op_name}: {reason}")
     return requested
+
+
+def resolve_for(backend: str | Backend, op_name: str, name: str, tensor: torch.Tensor) -> Backend:
+    """resolve() on the device of `tensor` (the argument `name` of `op_name`), whose dtype
+    the chosen backend must take (kernel backends: no float64)."""
+    chosen = resolve(backend, tensor.device, op_name)
+    check_kernel_dtype(chosen.value, name, tensor)
+    return chosen

@@ -32,7 +32,8 @@ def check(name, op, inputs, tolerance):
     """The cuda backend vs the reference on one case; raises if any output is off by more
     than `tolerance` times its largest magnitude (or is NaN). A coarse check: the tests
     hold the kernels to the FlashAttention rule; this one runs under the sanitizer."""
-    ours, reference = (outputs_and_grads(op, inputs, backend) for backend in ("cuda", "reference"))
+    native = "cuda" if DEVICE == "cuda" else "cpp"  # the extension on this device
+    ours, reference = (outputs_and_grads(op, inputs, backend) for backend in (native, "reference"))
     for i, (a, b) in enumerate(zip(ours, reference)):
         if not a.numel():
             continue

@@ -3,7 +3,7 @@ kernels mask them instead of touching memory. An absent negative (id outside [0,
 leaves the denominator and gets no gradient; a row whose positive or target is outside
 [0, N) counts as ignored (loss 0, no gradient, not counted by `mean`).
 
-On CPU the `cuda` backend is its C++ CPU implementation, which checks id values itself;
+On CPU the extension's backend is `cpp`, its C++ CPU implementation, which checks id values itself;
 `unchecked_ids` turns that check off so that its masking is compared with Triton's and
 with the reference on the equivalent in-range input. On a GPU the same tests run the
 CUDA kernels (tile engine for shared negatives, warp-per-row kernels, sorted d weight)."""
@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
+from backends_under_test import extension_backend
+from seqrec_kernels import full_softmax_loss, sampled_softmax_loss, value_checks
 from seqrec_kernels.backends import EXTENSION_ERROR, extension_has_cuda_kernels
-from seqrec_kernels.ops import softmax_loss as loss_ops
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 
@@ -31,12 +31,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
 
 @pytest.fixture
-def unchecked_ids(monkeypatch):
-    """Id values reach the ops unchecked: the Python check is skipped as torch.compile
-    skips it (values_checkable() is False there), the C++ CPU ops' check is turned off."""
-    monkeypatch.setattr(loss_ops, "values_checkable", lambda: False)
+def unchecked_ids():
+    """Id values reach the ops unchecked: the Python check is off (value_checks(False), as
+    in the trainer's loop and under torch.compile), the C++ CPU ops' check is turned off."""
     previous = torch.ops.seqrec._set_item_id_checks(False)
-    yield
+    with value_checks(False):
+        yield
     torch.ops.seqrec._set_item_id_checks(previous)
 
 
@@ -108,7 +108,7 @@ def test_sampled_cuda_masks_like_triton(unchecked_ids, device, layout, remove_hi
     results = [
         _loss_and_grads(_sampled(pos, neg, backend, log_q=True, remove_accidental_hits=remove_hits)[0],
                         hidden, weight, "none")
-        for backend in ("cuda", "triton")
+        for backend in (extension_backend(device), "triton")
     ]  # fmt: skip
     _assert_same(*results)
 
@@ -116,12 +116,13 @@ def test_sampled_cuda_masks_like_triton(unchecked_ids, device, layout, remove_hi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
-    "backend, deterministic", [("triton", False), ("cuda", False), ("triton", True), ("cuda", True)]
+    "backend, deterministic", [("triton", False), ("extension", False), ("triton", True), ("extension", True)]
 )
 def test_sampled_masking_equals_the_in_range_input(unchecked_ids, device, layout, backend, deterministic):
     """Out-of-range positives -> ignored rows, absent negatives -> dropped columns: the
     same loss (also `mean`, which counts only the remaining rows) and gradients as the
     reference on that input, in both d item_weight modes."""
+    backend = extension_backend(device) if backend == "extension" else backend
     hidden, weight = torch.randn(B, L, D, device=device), torch.randn(N, D, device=device)
     pos, pos_equivalent = _positives(device)
     neg, neg_equivalent = _negatives(layout, pos, device)
@@ -138,8 +139,9 @@ def test_sampled_masking_equals_the_in_range_input(unchecked_ids, device, layout
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "extension"])
 def test_full_out_of_range_targets_are_ignored_rows(unchecked_ids, device, backend):
+    backend = extension_backend(device) if backend == "extension" else backend
     hidden, weight = torch.randn(B, L, D, device=device), torch.randn(N, D, device=device)
     targets, equivalent = _positives(device)
 
@@ -161,7 +163,8 @@ def test_compiled_step_with_out_of_range_ids(device):
     neg, neg_equivalent = _negatives("per sequence [B, K]", pos, device)
 
     def step(h, w, p, n):
-        return sampled_softmax_loss(h, w, p, n, backend="cuda") + full_softmax_loss(h, w, p, backend="cuda")
+        backend = extension_backend(device)
+        return sampled_softmax_loss(h, w, p, n, backend=backend) + full_softmax_loss(h, w, p, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     expected = step(hidden, weight, pos_equivalent, neg_equivalent)

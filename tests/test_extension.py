@@ -68,9 +68,7 @@ def strided(values, dtype=torch.int64):
 
 
 WIDE = dict(hidden=torch.randn(6, 1025), weight=torch.randn(10, 1025))
-WIDE_MESSAGE = (
-    "hidden: expected D <= 1024 (the 'cuda' backend's kernel limit; backend='reference' has none), got D=1025"
-)
+WIDE_MESSAGE = "hidden: expected D <= 1024 (the kernel backends' limit; backend='reference' has none), got D=1025"
 
 
 # Direct calls of the C++ ops bypass the Python checks: the C++ ones must hold.
@@ -148,8 +146,12 @@ def test_cpp_checks_name_the_argument(op, args, error, message):
     assert message in str(raised.value)
 
 
-def test_cuda_backend_availability_says_why():
-    assert Backend.CUDA in available("cpu")  # the C++ CPU implementation
+def test_extension_backends_availability_says_why():
+    assert Backend.CPP in available("cpu") and Backend.CUDA not in available("cpu")
+    with pytest.raises(ValueError, match="'cuda' is not available .* the extension's C.. implementation is 'cpp'"):
+        resolve("cuda", torch.device("cpu"), "fused_attention")
+    with pytest.raises(ValueError, match="'cpp' is not available .* for CPU tensors"):
+        resolve("cpp", torch.device("cuda"), "fused_attention")
     if not extension_has_cuda_kernels():
         assert Backend.CUDA not in available("cuda")
         with pytest.raises(ValueError, match="built without CUDA kernels"):
@@ -160,7 +162,7 @@ def test_info_reports_the_extension(capsys):
     main(["info"])
     output = capsys.readouterr().out
     assert "seqrec_kernels._C: built" in output
-    assert "cpu: reference" in output and "cuda" in output.split("cpu:")[1].splitlines()[0]
+    assert "cpu: reference" in output and "cpp" in output.split("cpu:")[1].splitlines()[0]
 
 
 def _load_nvcc_check():

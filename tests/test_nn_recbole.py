@@ -59,7 +59,7 @@ def recbole_data(tmp_path_factory):
             user_inter_num_interval="[0,40]", n_layers=2, n_heads=2, hidden_size=32, inner_size=64,
             MAX_ITEM_LIST_LENGTH=20, train_neg_sample_args=None, epochs=2, train_batch_size=512,
             eval_batch_size=4096, show_progress=False, save_dataset=False, save_dataloaders=False,
-            seqrec_backend="cuda" if EXTENSION_ERROR is None else "reference",
+            seqrec_backend="cpp" if EXTENSION_ERROR is None else "reference",
         ),
     )  # fmt: skip
     dataset = create_dataset(config)

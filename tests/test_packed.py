@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqrec_kernels.train as train_module
-from backends_under_test import ALL, CUDA
+from backends_under_test import ALL, CPP
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.models import SASRec, SASRecConfig
 from seqrec_kernels.models.sasrec import Layout, SelfAttention, negative_sampler, sample_negatives
@@ -148,11 +148,11 @@ class SyncCounter(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", [CPP])
 def test_training_steps_never_read_device_values(tmp_path, monkeypatch, loss, backend):
     """Every step of an epoch runs without a host read of device values (item(), bool(),
     tolist(), nonzero, ...): on a GPU the loop never waits; the epoch's loss is read once.
-    On the C++ CPU path, which stands in for the GPU glue (the Triton launchers read no
+    On `cpp`, the C++ CPU implementation behind the CUDA glue (the Triton launchers read no
     values either; the reference reads packed lengths on the host, it is the CPU path)."""
     steps, reads = [], []
     real_step = train_module.training_step

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from backends_under_test import ALL, GPU_CUDA
+from backends_under_test import ALL, GPU_CUDA, op
 from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
 from seqrec_kernels.data import PopularitySampler, UniformSampler, in_batch_negatives
 
@@ -59,7 +59,7 @@ BAD_INPUTS = [
     ("reduction", _sampled(reduction="avg"), ValueError, "reduction: expected one of"),
     ("ignore_index type", _sampled(ignore_index=0.0), TypeError, "ignore_index: expected an int"),
     ("hits type", _sampled(remove_accidental_hits=None), TypeError, "remove_accidental_hits: expected a bool"),
-    ("backend", _sampled(backend="cpp"), ValueError, "backend: expected one of"),
+    ("backend", _sampled(backend="tpu"), ValueError, "backend: expected one of"),
     (
         "float64 triton",
         _sampled(
@@ -115,10 +115,10 @@ def test_opcheck(backend):
     for neg, rows_per_group in [(torch.randint(0, N, (1, K)), 9), (torch.randint(0, N, (3, K)), 3),
                                 (torch.randint(0, N, (9, K)), 1)]:  # fmt: skip
         args = (hidden, weight, pos, neg, -torch.rand(9), -torch.rand(neg.shape), rows_per_group, True, 0.7, 0)
-        torch.library.opcheck(getattr(torch.ops.seqrec, f"sampled_softmax_fwd_{backend}").default, args)
+        torch.library.opcheck(op("sampled_softmax_fwd", backend).default, args)
     excluded = torch.tensor([0, 4], dtype=torch.int32)
     full_args = (hidden, weight, pos.clamp(min=5), excluded, 0.7, 0)
-    torch.library.opcheck(getattr(torch.ops.seqrec, f"full_softmax_fwd_{backend}").default, full_args)
+    torch.library.opcheck(op("full_softmax_fwd", backend).default, full_args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,10 +20,7 @@
 //   tiles that see its key tile (for DP = 256, dv and dk in two launches so that one
 //   [16, 256] accumulator per warp suffices). Every output row has one writer: no atomics,
 //   deterministic results.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "common.cuh"
 #include "dropout_hash.h"
 #include "kernels.h"
 #include "tile_plan.h"
@@ -31,133 +28,24 @@
 namespace seqrec::cuda {
 namespace {
 
-using i64 = int64_t;
 using namespace attn_plan;
 
-constexpr float kInf = __builtin_huge_valf();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr unsigned kFull = 0xffffffffu;
-
-template <typename T>
-struct IsF32 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsF32<float> {
-  static constexpr bool value = true;
-};
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Two floats as one 16-bit pair register, the lower column in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// ------------------------------------------------------------------ PTX wrappers ---------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// BYTES from global to shared, or zeros when !valid (src-size 0 reads nothing).
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
-  const int src_bytes = valid ? BYTES : 0;
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
-                 "r"(src_bytes)
-                 : "memory");
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c[16x8] += a[16x16] b[16x8], float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Reductions over the 4 lanes (tig) that share a tile row.
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(kFull, v, 1));
-  return fmaxf(v, __shfl_xor_sync(kFull, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(kFull, v, 1);
-  return v + __shfl_xor_sync(kFull, v, 2);
-}
 
 // ------------------------------------------------------------------ sequences and tiles ---
 
 // This program's sequence s and head h (blockIdx.x = s * H + h), its batch row b and
 // first row, and its length, clamped like the Triton kernels (never past num_rows or
-// max_seqlen) so that inputs the caller could not check never address outside the tensors.
+// max_seqlen) so that inputs the caller could not check never address outside the tensors;
+// and the first position of the program's tile of `rows` positions (blockIdx.y, z): at or
+// past len, the program has nothing to do.
 struct Seq {
   int s, h, len;
-  i64 b, start;
+  i64 b, start, first;
 };
 
-__device__ __forceinline__ Seq this_seq(const AttentionParams& p) {
+__device__ __forceinline__ Seq this_seq(const AttentionParams& p, int rows) {
   Seq q;
   q.s = static_cast<int>(blockIdx.x) / p.num_heads;
   q.h = static_cast<int>(blockIdx.x) - q.s * p.num_heads;
@@ -165,6 +53,7 @@ __device__ __forceinline__ Seq this_seq(const AttentionParams& p) {
   q.len = r.len;
   q.b = batch_row(q.s, p.batch, p.num_seqs);
   q.start = r.start;
+  q.first = tile_first(blockIdx.y, blockIdx.z, rows);
   return q;
 }
 
@@ -182,6 +71,34 @@ __device__ __forceinline__ i64 stat_base(const AttentionParams& p, const Seq& q)
 // Dropout row key of the sequence's position 0 (add the query position).
 __device__ __forceinline__ i64 dropout_key0(const AttentionParams& p, const Seq& q) {
   return (static_cast<i64>(q.s) * p.num_heads + q.h) * p.max_seqlen;
+}
+
+// What a program with a tile (Seq::first < Seq::len) works with: the tile's first
+// position, the sequence's length and position 0 in q, k and v, the head dim D, and this
+// thread's place in the warp fragments: lane = 4 g + tig of warp `warp`.
+template <typename T>
+struct Program {
+  int first, len, D;
+  int lane, warp, g, tig;
+  const T *q, *k, *v, *dout;  // dout: the backward's upstream gradient
+};
+
+template <typename T>
+__device__ __forceinline__ Program<T> this_program(const AttentionParams& p, const Seq& sq,
+                                                   const Bhld* dout = nullptr) {
+  Program<T> pg;
+  pg.first = static_cast<int>(sq.first);
+  pg.q = seq_rows<const T>(p.q, sq);
+  pg.k = seq_rows<const T>(p.k, sq);
+  pg.v = seq_rows<const T>(p.v, sq);
+  pg.dout = dout != nullptr ? seq_rows<const T>(*dout, sq) : nullptr;
+  pg.len = sq.len;
+  pg.D = p.head_dim;
+  pg.lane = threadIdx.x & 31;
+  pg.warp = threadIdx.x >> 5;
+  pg.g = pg.lane >> 2;
+  pg.tig = pg.lane & 3;
+  return pg;
 }
 
 // dst[r, c] = src[r * stride + c] for r < rows, c < DP; zeros where r >= valid_rows or
@@ -222,89 +139,23 @@ __device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 st
 
 // ------------------------------------------------------------------ tile products --------
 
-// s[16, 8 NK] = x[16, DP] y[8 NK, DP]^T for one warp; x is its first row, both have row
-// stride tile_ld. Layout: s[j][e] is row g, column 8j + 2 tig + e; s[j][2 + e] is row g + 8.
+// s[16, 8 NK] = x[16, DP] y[8 NK, DP]^T for one warp (common.cuh's warp_scores); x is its
+// first row, both have row stride tile_ld.
 template <typename T, int DP, int NK>
 __device__ __forceinline__ void tile_scores(float (&s)[NK][4], const T* x, const T* y, int lane) {
   constexpr int ld = tile_ld(sizeof(T), DP);
 #pragma unroll
   for (int j = 0; j < NK; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  if constexpr (IsF32<T>::value) {
-    const int g = lane >> 2, tig = lane & 3;
-#pragma unroll 2
-    for (int k = 0; k < DP; k += 4) {
-      const float4 xa = *reinterpret_cast<const float4*>(x + frag::score_row(g, 0) * ld + k);
-      const float4 xb = *reinterpret_cast<const float4*>(x + frag::score_row(g, 1) * ld + k);
-#pragma unroll
-      for (int j = 0; j < NK; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float4 yv = *reinterpret_cast<const float4*>(y + frag::score_col(j, tig, e) * ld + k);
-          s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
-          s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
-        }
-      }
-    }
-  } else {
-    constexpr int kUnroll = DP <= 64 ? DP / 16 : 2;  // bounds the fragments loaded ahead
-#pragma unroll kUnroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
-      ldsm_x4(af, x + frag::ldsm_a_row(lane) * ld + kk * 16 + frag::ldsm_a_col(lane));
-#pragma unroll
-      for (int jp = 0; jp < NK / 2; ++jp) {
-        uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
-        ldsm_x4(bf, y + (16 * jp + frag::ldsm_b_row(lane)) * ld + kk * 16 + frag::ldsm_b_col(lane));
-        mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
-        mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
-      }
-    }
-  }
+  warp_scores<T, DP, NK>(s, x, ld, y, ld, lane);
 }
 
-// acc[16, DP] += p[16, 8 NK] y[8 NK, DP] for one warp (p in the layout of tile_scores,
-// rounded to T for the tensor cores; y with row stride tile_ld).
+// acc[16, DP] += p[16, 8 NK] y[8 NK, DP] for one warp (common.cuh's warp_accumulate; y
+// with row stride tile_ld, acc's float32 columns those of acc_col).
 template <typename T, int DP, int NK>
 __device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const float (&p)[NK][4], const T* y,
                                                 int lane) {
-  constexpr int ld = tile_ld(sizeof(T), DP);
-  if constexpr (IsF32<T>::value) {
-    const int tig = lane & 3;
-#pragma unroll
-    for (int c = 0; c < 8 * NK; ++c) {
-      // Column c of p (rows g, g + 8): lane col_lane, entries [col_tile][col_entry], [col_tile][2 + col_entry].
-      const int src = frag::col_lane(lane, c);
-      const float p0 = __shfl_sync(kFull, p[frag::col_tile(c)][frag::col_entry(c)], src);
-      const float p1 = __shfl_sync(kFull, p[frag::col_tile(c)][2 + frag::col_entry(c)], src);
-#pragma unroll
-      for (int q = 0; q < DP / 16; ++q) {  // acc[2q][0..1], acc[2q + 1][0..1]: one float4
-        const float4 yv = *reinterpret_cast<const float4*>(y + c * ld + acc_col(true, 2 * q, 0, tig));
-        acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
-        acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
-        acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
-        acc[2 * q + 1][1] = fmaf(p0, yv.w, acc[2 * q + 1][1]);
-        acc[2 * q][2] = fmaf(p1, yv.x, acc[2 * q][2]);
-        acc[2 * q][3] = fmaf(p1, yv.y, acc[2 * q][3]);
-        acc[2 * q + 1][2] = fmaf(p1, yv.z, acc[2 * q + 1][2]);
-        acc[2 * q + 1][3] = fmaf(p1, yv.w, acc[2 * q + 1][3]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int kk = 0; kk < NK / 2; ++kk) {
-      // The accumulator layout of two n tiles is the A layout of one k step.
-      const uint32_t af[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                              pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                              pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-      for (int jp = 0; jp < DP / 16; ++jp) {
-        uint32_t bf[4];  // y is [k = row, n = column]: transposed loads give the "col" B layout
-        ldsm_x4_trans(bf, y + (kk * 16 + frag::ldsm_a_row(lane)) * ld + 16 * jp + frag::ldsm_a_col(lane));
-        mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
-        mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
-      }
-    }
-  }
+  warp_accumulate<T, NK, DP / 8>(acc, p, y, tile_ld(sizeof(T), DP), lane,
+                                 [](int q, int tig) { return acc_col(true, 2 * q, 0, tig); });
 }
 
 // dst[r, c] = acc[r, c] * mul[r >= 8] for the warp's rows r < valid_rows and columns c < D;
@@ -339,36 +190,27 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     attention_fwd_kernel(const AttentionParams p, const int vec) {
   using Tiles = FwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
-  const Seq sq = this_seq(p);
-  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
-  if (first >= sq.len) return;
-  const int m0 = static_cast<int>(first);  // first query position of the tile
-
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
-  T* ks = qs + kM * kLd;               // [kN, kLd]
-  T* vs = ks + kN * kLd;               // [kN, kLd]
-  const T* qg = seq_rows<const T>(p.q, sq);
-  const T* kg = seq_rows<const T>(p.k, sq);
-  const T* vg = seq_rows<const T>(p.v, sq);
-  const int len = sq.len, D = p.head_dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
-  const int r0 = m0 + 16 * warp;  // first query position of this warp
-  const int ntiles = num_tiles(0, key_end(p.causal, len, m0, kM), kN);
+  const Seq sq = this_seq(p, kM);
+  if (sq.first >= sq.len) return;
+  // Shared tiles, row stride kLd: Q [kM rows], K and V [kN rows].
+  T *qs = reinterpret_cast<T*>(dynamic_smem), *ks = qs + kM * kLd, *vs = ks + kN * kLd;
+  const Program<T> pg = this_program<T>(p, sq);
+  const int r0 = pg.first + 16 * pg.warp;  // first query position of this warp
+  const int ntiles = num_tiles(0, key_end(p.causal, pg.len, pg.first, kM), kN);
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_seed != nullptr;
   uint32_t rh[2] = {0u, 0u};  // dropout row hashes of rows g, g + 8
   if (dropout) {
     const i64 seed = *p.dropout_seed, key0 = dropout_key0(p, sq);
-    rh[0] = dropout::row_hash(seed, key0 + r0 + g);
-    rh[1] = dropout::row_hash(seed, key0 + r0 + g + 8);
+    rh[0] = dropout::row_hash(seed, key0 + r0 + pg.g);
+    rh[1] = dropout::row_hash(seed, key0 + r0 + pg.g + 8);
   }
 
   // Groups in flight: {Q, K tile 0}, {V tile 0}; then K t+1 and V t+1 as each buffer frees.
-  load_tile<T, DP>(qs, kM, qg + m0 * p.q.row_stride, p.q.row_stride, len - m0, D, vec);
-  load_tile<T, DP>(ks, kN, kg, p.k.row_stride, len, D, vec);
+  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
-  load_tile<T, DP>(vs, kN, vg, p.v.row_stride, len, D, vec);
+  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
 
   float o[DP / 8][4] = {};                             // [16, DP] output rows, unnormalized
@@ -376,23 +218,23 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
   for (int t = 0; t < ntiles; ++t) {
     const int n0 = t * kN;  // first key position of the tile
     // Warps whose rows are all padding, or all before the tile (causal), skip the math.
-    const bool active = rows_active(p.causal, len, r0, n0);
+    const bool active = rows_active(p.causal, pg.len, r0, n0);
     float s[kNK][4];  // [16, kN] scores, then probabilities
     cp_async_wait<1>();
     __syncthreads();  // Q and K tile t landed
     if (active) {
-      tile_scores<T, DP, kNK>(s, qs + 16 * warp * kLd, ks, lane);
+      tile_scores<T, DP, kNK>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
       float safe_max[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = r0 + frag::score_row(g, h);
+        const int row = r0 + frag::score_row(pg.g, h);
         float tile_max = -kInf;
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = n0 + frag::score_col(j, tig, e);
-            s[j][2 * h + e] = visible(p.causal, len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
+            const int col = n0 + frag::score_col(j, pg.tig, e);
+            s[j][2 * h + e] = visible(p.causal, pg.len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
             tile_max = fmaxf(tile_max, s[j][2 * h + e]);
           }
         }
@@ -413,7 +255,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
             float pr = exp2f(s[j][2 * h + e] - safe_max[h]);
             row_sum[h] += pr;  // the LSE is of the undropped probabilities
             if (dropout) {
-              const int col = n0 + frag::score_col(j, tig, e);
+              const int col = n0 + frag::score_col(j, pg.tig, e);
               pr = dropout::keep(rh[h], col, p.keep_threshold) ? pr * p.dropout_scale : 0.f;
             }
             s[j][2 * h + e] = pr;
@@ -424,16 +266,16 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     cp_async_wait<0>();
     __syncthreads();  // V tile t landed; every warp is done with K tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(ks, kN, kg + (n0 + kN) * p.k.row_stride, p.k.row_stride, len - n0 - kN, D, vec);
+      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.D, vec);
     cp_async_commit();
-    if (active) tile_accumulate<T, DP, kNK>(o, s, vs, lane);
+    if (active) tile_accumulate<T, DP, kNK>(o, s, vs, pg.lane);
     __syncthreads();  // every warp is done with V tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(vs, kN, vg + (n0 + kN) * p.v.row_stride, p.v.row_stride, len - n0 - kN, D, vec);
+      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.D, vec);
     cp_async_commit();
   }
 
-  if (r0 >= len) return;
+  if (r0 >= pg.len) return;
   float inv_sum[2], lse[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -441,11 +283,12 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     inv_sum[h] = total > 0.f ? 1.f / total : 0.f;  // a row that sees no key keeps its zeros and -inf
     lse[h] = total > 0.f ? (row_max[h] + log2f(total)) * kLn2 : -kInf;
   }
-  store_rows<T, DP>(seq_rows<T>(p.out, sq) + r0 * p.out.row_stride, p.out.row_stride, o, inv_sum, len - r0, D, lane);
-  if (tig == 0) {
+  store_rows<T, DP>(seq_rows<T>(p.out, sq) + r0 * p.out.row_stride, p.out.row_stride, o, inv_sum, pg.len - r0, pg.D,
+                    pg.lane);
+  if (pg.tig == 0) {
     const i64 base = stat_base(p, sq) + r0;
-    if (g < len - r0) p.lse[base + g] = lse[0];
-    if (g + 8 < len - r0) p.lse[base + g + 8] = lse[1];
+    if (pg.g < pg.len - r0) p.lse[base + pg.g] = lse[0];
+    if (pg.g + 8 < pg.len - r0) p.lse[base + pg.g + 8] = lse[1];
   }
 }
 
@@ -462,105 +305,95 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   using Tiles = BwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const AttentionParams& p = bp.fwd;
-  const Seq sq = this_seq(p);
-  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
-  if (first >= sq.len) return;
-  const int m0 = static_cast<int>(first);  // first query position of the tile
-
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);  // [kM, kLd]
-  T* dos = qs + kM * kLd;              // [kM, kLd]
-  T* ks = dos + kM * kLd;              // [kN, kLd]
-  T* vs = ks + kN * kLd;               // [kN, kLd]
-  const T* qg = seq_rows<const T>(p.q, sq);
-  const T* kg = seq_rows<const T>(p.k, sq);
-  const T* vg = seq_rows<const T>(p.v, sq);
-  const T* dog = seq_rows<const T>(bp.dout, sq);
-  const int len = sq.len, D = p.head_dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
-  const int r0 = m0 + 16 * warp;  // first query position of this warp
-  const int ntiles = num_tiles(0, key_end(p.causal, len, m0, kM), kN);
+  const Seq sq = this_seq(p, kM);
+  if (sq.first >= sq.len) return;
+  // Shared tiles, row stride kLd: Q and dO [kM rows], K and V [kN rows].
+  T *qs = reinterpret_cast<T*>(dynamic_smem), *dos = qs + kM * kLd, *ks = dos + kM * kLd, *vs = ks + kN * kLd;
+  const Program<T> pg = this_program<T>(p, sq, &bp.dout);
+  const int r0 = pg.first + 16 * pg.warp;  // first query position of this warp
+  const int ntiles = num_tiles(0, key_end(p.causal, pg.len, pg.first, kM), kN);
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_seed != nullptr;
   const i64 stats = stat_base(p, sq);
 
   // Groups in flight: {Q, dO, V tile 0}, {K tile 0}; then V t+1 and K t+1 as each buffer frees.
-  load_tile<T, DP>(qs, kM, qg + m0 * p.q.row_stride, p.q.row_stride, len - m0, D, vec);
-  load_tile<T, DP>(dos, kM, dog + m0 * bp.dout.row_stride, bp.dout.row_stride, len - m0, D, vec);
-  load_tile<T, DP>(vs, kN, vg, p.v.row_stride, len, D, vec);
+  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(dos, kM, pg.dout + pg.first * bp.dout.row_stride, bp.dout.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
-  load_tile<T, DP>(ks, kN, kg, p.k.row_stride, len, D, vec);
+  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
 
   // Rows g, g + 8 of this warp: base-2 LSE, delta = dout . out (written to the workspace
   // for the dk/dv kernel), dropout row hashes. Two lanes per row (lane >> 1) for delta.
   float lse2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
   uint32_t rh[2] = {0u, 0u};
-  if (r0 < len) {
-    const int r = r0 + (lane >> 1);
+  if (r0 < pg.len) {
+    const int r = r0 + (pg.lane >> 1);
     float dot = 0.f;
-    if (r < len) {
+    if (r < pg.len) {
       const T* orow = seq_rows<const T>(p.out, sq) + r * p.out.row_stride;
-      const T* dorow = dog + r * bp.dout.row_stride;
-      for (int d = lane & 1; d < D; d += 2) dot = fmaf(to_f(dorow[d]), to_f(orow[d]), dot);
+      const T* dorow = pg.dout + r * bp.dout.row_stride;
+      for (int d = pg.lane & 1; d < pg.D; d += 2) dot = fmaf(to_f(dorow[d]), to_f(orow[d]), dot);
     }
     dot += __shfl_xor_sync(kFull, dot, 1);
-    if ((lane & 1) == 0 && r < len) bp.workspace[stats + r] = dot;
-    delta[0] = __shfl_sync(kFull, dot, 2 * g);       // row r0 + g
-    delta[1] = __shfl_sync(kFull, dot, 2 * g + 16);  // row r0 + g + 8
+    if ((pg.lane & 1) == 0 && r < pg.len) bp.workspace[stats + r] = dot;
+    delta[0] = __shfl_sync(kFull, dot, 2 * pg.g);       // row r0 + g
+    delta[1] = __shfl_sync(kFull, dot, 2 * pg.g + 16);  // row r0 + g + 8
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = r0 + g + 8 * h;
-      if (row < len) lse2[h] = p.lse[stats + row] * kLog2e;
+      const int row = r0 + pg.g + 8 * h;
+      if (row < pg.len) lse2[h] = p.lse[stats + row] * kLog2e;
     }
     if (dropout) {
       const i64 seed = *p.dropout_seed, key0 = dropout_key0(p, sq);
-      rh[0] = dropout::row_hash(seed, key0 + r0 + g);
-      rh[1] = dropout::row_hash(seed, key0 + r0 + g + 8);
+      rh[0] = dropout::row_hash(seed, key0 + r0 + pg.g);
+      rh[1] = dropout::row_hash(seed, key0 + r0 + pg.g + 8);
     }
   }
 
   float dq[DP / 8][4] = {};  // [16, DP]
   for (int t = 0; t < ntiles; ++t) {
     const int n0 = t * kN;  // first key position of the tile
-    const bool active = rows_active(p.causal, len, r0, n0);
+    const bool active = rows_active(p.causal, pg.len, r0, n0);
     float dp[kNK][4], s[kNK][4];  // [16, kN]: dP; scores, then dS
     cp_async_wait<1>();
     __syncthreads();  // Q, dO and V tile t landed
-    if (active) tile_scores<T, DP, kNK>(dp, dos + 16 * warp * kLd, vs, lane);
+    if (active) tile_scores<T, DP, kNK>(dp, dos + 16 * pg.warp * kLd, vs, pg.lane);
     cp_async_wait<0>();
     __syncthreads();  // K tile t landed; every warp is done with V tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(vs, kN, vg + (n0 + kN) * p.v.row_stride, p.v.row_stride, len - n0 - kN, D, vec);
+      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.D, vec);
     cp_async_commit();
     if (active) {
-      tile_scores<T, DP, kNK>(s, qs + 16 * warp * kLd, ks, lane);
+      tile_scores<T, DP, kNK>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = r0 + frag::score_row(g, h);
+        const int row = r0 + frag::score_row(pg.g, h);
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int col = n0 + frag::score_col(j, tig, e);
-            const float pr = visible(p.causal, len, row, col) ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
+            const int col = n0 + frag::score_col(j, pg.tig, e);
+            const float pr = visible(p.causal, pg.len, row, col) ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
             float dpr = dp[j][2 * h + e];
             if (dropout) dpr = dropout::keep(rh[h], col, p.keep_threshold) ? dpr * p.dropout_scale : 0.f;
             s[j][2 * h + e] = pr * (dpr - delta[h]);
           }
         }
       }
-      tile_accumulate<T, DP, kNK>(dq, s, ks, lane);
+      tile_accumulate<T, DP, kNK>(dq, s, ks, pg.lane);
     }
     __syncthreads();  // every warp is done with K tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(ks, kN, kg + (n0 + kN) * p.k.row_stride, p.k.row_stride, len - n0 - kN, D, vec);
+      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.D, vec);
     cp_async_commit();
   }
 
-  if (r0 >= len) return;
+  if (r0 >= pg.len) return;
   const float mul[2] = {p.scale, p.scale};
-  store_rows<T, DP>(seq_rows<T>(bp.dq, sq) + r0 * bp.dq.row_stride, bp.dq.row_stride, dq, mul, len - r0, D, lane);
+  store_rows<T, DP>(seq_rows<T>(bp.dq, sq) + r0 * bp.dq.row_stride, bp.dq.row_stride, dq, mul, pg.len - r0, pg.D,
+                    pg.lane);
 }
 
 // dk and/or dv (GRADS) of kM keys, streaming the query tiles that can see them; needs the
@@ -573,39 +406,28 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   constexpr bool kDv = (GRADS & kGradV) != 0, kDk = (GRADS & kGradK) != 0;
   const AttentionParams& p = bp.fwd;
-  const Seq sq = this_seq(p);
-  const i64 first = tile_first(blockIdx.y, blockIdx.z, kM);
-  if (first >= sq.len) return;
-  const int n0 = static_cast<int>(first);  // first key position of the tile
-
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);  // [kM, kLd]
-  T* vs = ks + kM * kLd;               // [kM, kLd]
-  T* qs = vs + kM * kLd;               // [kN, kLd]
-  T* dos = qs + kN * kLd;              // [kN, kLd]
+  const Seq sq = this_seq(p, kM);
+  if (sq.first >= sq.len) return;
+  // Shared tiles, row stride kLd: K and V [kM rows], Q and dO [kN rows]; then per streamed query:
+  T *ks = reinterpret_cast<T*>(dynamic_smem), *vs = ks + kM * kLd, *qs = vs + kM * kLd, *dos = qs + kN * kLd;
   float* lse_s = reinterpret_cast<float*>(dos + kN * kLd);  // [kN] LSE of the streamed queries
   float* delta_s = lse_s + kN;                               // [kN]
   uint32_t* rh_s = reinterpret_cast<uint32_t*>(delta_s + kN);  // [kN] their dropout row hashes
-  const T* qg = seq_rows<const T>(p.q, sq);
-  const T* kg = seq_rows<const T>(p.k, sq);
-  const T* vg = seq_rows<const T>(p.v, sq);
-  const T* dog = seq_rows<const T>(bp.dout, sq);
-  const int len = sq.len, D = p.head_dim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
-  const int k0 = n0 + 16 * warp;  // first key position of this warp
+  const Program<T> pg = this_program<T>(p, sq, &bp.dout);
+  const int k0 = pg.first + 16 * pg.warp;  // first key position of this warp
   const float scale_log2 = p.scale * kLog2e;
   const bool dropout = p.dropout_seed != nullptr;
   const i64 stats = stat_base(p, sq);
   const i64 seed = dropout ? *p.dropout_seed : 0, key0 = dropout_key0(p, sq);
   // Causal: queries before the key tile's query-tile boundary cannot see it.
-  const int q_begin = query_begin(p.causal, n0, kN);
-  const int ntiles = num_tiles(q_begin, len, kN);
+  const int q_begin = query_begin(p.causal, pg.first, kN);
+  const int ntiles = num_tiles(q_begin, pg.len, kN);
 
   // The query tile at m (Q rows, LSE, delta and dropout hashes): one cp.async group.
   auto load_queries = [&](int m) {
-    load_tile<T, DP>(qs, kN, qg + m * p.q.row_stride, p.q.row_stride, len - m, D, vec);
+    load_tile<T, DP>(qs, kN, pg.q + m * p.q.row_stride, p.q.row_stride, pg.len - m, pg.D, vec);
     for (int i = threadIdx.x; i < kN; i += blockDim.x) {
-      const bool ok = m + i < len;
+      const bool ok = m + i < pg.len;
       cp_async<4>(lse_s + i, p.lse + stats + (ok ? m + i : 0), ok);
       cp_async<4>(delta_s + i, bp.workspace + stats + (ok ? m + i : 0), ok);
       if (dropout) rh_s[i] = dropout::row_hash(seed, key0 + m + i);
@@ -614,35 +436,34 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 
   // Groups in flight: {K, V, query tile 0}, {dO tile 0}; then the next query tile and dO
   // tile as each buffer frees.
-  load_tile<T, DP>(ks, kM, kg + n0 * p.k.row_stride, p.k.row_stride, len - n0, D, vec);
-  load_tile<T, DP>(vs, kM, vg + n0 * p.v.row_stride, p.v.row_stride, len - n0, D, vec);
+  load_tile<T, DP>(ks, kM, pg.k + pg.first * p.k.row_stride, p.k.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(vs, kM, pg.v + pg.first * p.v.row_stride, p.v.row_stride, pg.len - pg.first, pg.D, vec);
   load_queries(q_begin);
   cp_async_commit();
-  load_tile<T, DP>(dos, kN, dog + q_begin * bp.dout.row_stride, bp.dout.row_stride, len - q_begin, D, vec);
+  load_tile<T, DP>(dos, kN, pg.dout + q_begin * bp.dout.row_stride, bp.dout.row_stride, pg.len - q_begin, pg.D, vec);
   cp_async_commit();
 
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};  // [16, DP] each
   for (int t = 0; t < ntiles; ++t) {
     const int m0 = q_begin + t * kN;  // first query position of the tile
     // Warps whose keys are all padding, or all after the tile's queries (causal), skip the math.
-    const bool active = keys_active(p.causal, len, k0, m0, kN);
+    const bool active = keys_active(p.causal, pg.len, k0, m0, kN);
     float s[kNK][4], dp[kNK][4];  // [16 keys, kN queries]: scores, then dropped P; dP, then dS
     cp_async_wait<1>();
     __syncthreads();  // query tile t landed
-    if (active) tile_scores<T, DP, kNK>(s, ks + 16 * warp * kLd, qs, lane);
+    if (active) tile_scores<T, DP, kNK>(s, ks + 16 * pg.warp * kLd, qs, pg.lane);
     cp_async_wait<0>();
     __syncthreads();  // dO tile t landed
     if (active) {
-      if (kDk) tile_scores<T, DP, kNK>(dp, vs + 16 * warp * kLd, dos, lane);
+      if (kDk) tile_scores<T, DP, kNK>(dp, vs + 16 * pg.warp * kLd, dos, pg.lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int key = k0 + frag::score_row(g, h);
 #pragma unroll
         for (int j = 0; j < kNK; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int c = frag::score_col(j, tig, e), query = m0 + c;
-            const bool seen = visible(p.causal, len, query, key);
+            const int c = frag::score_col(j, pg.tig, e), query = m0 + c, key = k0 + frag::score_row(pg.g, h);
+            const bool seen = visible(p.causal, pg.len, query, key);
             const float pr = seen ? exp2f(s[j][2 * h + e] * scale_log2 - lse_s[c] * kLog2e) : 0.f;
             const bool kept = !dropout || dropout::keep(rh_s[c], key, p.keep_threshold);
             const float mult = kept ? (dropout ? p.dropout_scale : 1.f) : 0.f;
@@ -651,45 +472,39 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
           }
         }
       }
-      if (kDk) tile_accumulate<T, DP, kNK>(dk, dp, qs, lane);
+      if (kDk) tile_accumulate<T, DP, kNK>(dk, dp, qs, pg.lane);
     }
     __syncthreads();  // every warp is done with query tile t
     if (t + 1 < ntiles) load_queries(m0 + kN);
     cp_async_commit();
-    if (active && kDv) tile_accumulate<T, DP, kNK>(dv, s, dos, lane);
+    if (active && kDv) tile_accumulate<T, DP, kNK>(dv, s, dos, pg.lane);
     __syncthreads();  // every warp is done with dO tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(dos, kN, dog + (m0 + kN) * bp.dout.row_stride, bp.dout.row_stride, len - m0 - kN, D, vec);
+      load_tile<T, DP>(dos, kN, pg.dout + (m0 + kN) * bp.dout.row_stride, bp.dout.row_stride, pg.len - m0 - kN, pg.D,
+                       vec);
     cp_async_commit();
   }
 
-  if (k0 >= len) return;
+  if (k0 >= pg.len) return;
   if (kDk) {
     const float mul[2] = {p.scale, p.scale};
-    store_rows<T, DP>(seq_rows<T>(bp.dk, sq) + k0 * bp.dk.row_stride, bp.dk.row_stride, dk, mul, len - k0, D, lane);
+    store_rows<T, DP>(seq_rows<T>(bp.dk, sq) + k0 * bp.dk.row_stride, bp.dk.row_stride, dk, mul, pg.len - k0, pg.D,
+                      pg.lane);
   }
   if (kDv) {
     const float mul[2] = {1.f, 1.f};
-    store_rows<T, DP>(seq_rows<T>(bp.dv, sq) + k0 * bp.dv.row_stride, bp.dv.row_stride, dv, mul, len - k0, D, lane);
+    store_rows<T, DP>(seq_rows<T>(bp.dv, sq) + k0 * bp.dv.row_stride, bp.dv.row_stride, dv, mul, pg.len - k0, pg.D,
+                      pg.lane);
   }
 }
 
 // ------------------------------------------------------------------ host side ------------
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-template <int V>
-struct IntTag {
-  static constexpr int value = V;
-};
-
 // f(TypeTag<T>, IntTag<DP>) for the dtype and the padded head dim; cudaErrorInvalidValue
-// for an unknown dtype or a head dim outside 1..256.
+// for an unknown dtype or a head dim outside 1..kMaxHeadDim.
 template <typename F>
 cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
-  auto with_dp = [&](auto tag) -> cudaError_t {
+  return with_dtype(dtype, [&](auto tag) -> cudaError_t {
     if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
     switch (padded_head_dim(head_dim)) {
       case 32:
@@ -701,31 +516,19 @@ cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
       default:
         return f(tag, IntTag<256>{});
     }
-  };
-  switch (dtype) {
-    case ScalarType::kFloat32:
-      return with_dp(TypeTag<float>{});
-    case ScalarType::kFloat16:
-      return with_dp(TypeTag<__half>{});
-    case ScalarType::kBFloat16:
-      return with_dp(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
-size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
-
-// The widest of 16 / 8 / 4 bytes that the start of every row of `t` (batch stride only
-// when there are several batch rows) and D * element size are multiples of; else 2.
-int copy_width(const Bhld& t, int batch, int head_dim, size_t esize) {
-  const i64 es = static_cast<i64>(esize);
-  const int widths[] = {16, 8, 4};
-  for (int v : widths) {
-    if (reinterpret_cast<uintptr_t>(t.data) % v == 0 && (batch <= 1 || (t.batch_stride * es) % v == 0) &&
-        (t.head_stride * es) % v == 0 && (t.row_stride * es) % v == 0 && (head_dim * es) % v == 0)
-      return v;
+// The copy width (common.cuh) that the rows of every [B, H, L, D] tensor in `ts` allow:
+// their starts (the batch stride only when there are several batch rows) and D elements.
+int bhld_copy_width(const AttentionParams& p, std::initializer_list<Bhld> ts) {
+  const i64 es = static_cast<i64>(element_size(p.dtype));
+  int vec = 16;
+  for (const Bhld& t : ts) {
+    const i64 batch_bytes = p.batch > 1 ? t.batch_stride * es : 0;
+    vec = min(vec, copy_width(t.data, {batch_bytes, t.head_stride * es, t.row_stride * es, p.head_dim * es}));
   }
-  return 2;
+  return vec;
 }
 
 // The grid of tile_plan.h's attention_grid, empty (x == 0) when there is nothing to do;
@@ -738,17 +541,6 @@ cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
   return cudaSuccess;
 }
 
-template <typename... KArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, threads, smem, stream>>>(args...);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
@@ -759,9 +551,7 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
     dim3 grid;
     const cudaError_t err = attention_grid(p, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    const size_t es = element_size(p.dtype);
-    const int vec = min(copy_width(p.q, p.batch, p.head_dim, es),
-                        min(copy_width(p.k, p.batch, p.head_dim, es), copy_width(p.v, p.batch, p.head_dim, es)));
+    const int vec = bhld_copy_width(p, {p.q, p.k, p.v});
     return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec);
   });
 }
@@ -779,9 +569,7 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
     dim3 grid;
     cudaError_t err = attention_grid(f, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    const size_t es = element_size(f.dtype);
-    const int vec = min(min(copy_width(f.q, f.batch, f.head_dim, es), copy_width(f.k, f.batch, f.head_dim, es)),
-                        min(copy_width(f.v, f.batch, f.head_dim, es), copy_width(p.dout, f.batch, f.head_dim, es)));
+    const int vec = bhld_copy_width(f, {f.q, f.k, f.v, p.dout});
     const int threads = Tiles::kWarps * 32;
     // dq first: it writes the delta that the dk/dv kernel reads.
     err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec);

@@ -24,137 +24,19 @@
 // Rows with few rows per group (per-row negatives) use one warp per row instead.
 // Deterministic sampled d weight: the (item -> sample slot) list is radix-sorted by item
 // (CUB, stable) and one CTA per item sums its slots' contributions in sorted order.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cub/device/device_radix_sort.cuh>
 
+#include "common.cuh"
 #include "kernels.h"
 #include "tile_plan.h"
 
 namespace seqrec::cuda {
 namespace {
 
-using i64 = int64_t;
 using namespace loss_plan;  // the engine's constants, plans and index expressions
 
-constexpr float kInf = __builtin_huge_valf();
 constexpr i64 kNoItem = -0x7fffffffffffffffLL - 1;  // id of an absent item line
 constexpr i64 kNoRow = kNoItem + 1;                 // id of an absent hidden line
-
-template <typename T>
-struct IsF32 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsF32<float> {
-  static constexpr bool value = true;
-};
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Two floats as one 16-bit pair register, the lower column in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// ------------------------------------------------------------------ PTX wrappers ---------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// BYTES from global to shared, or zeros when !valid (src-size 0 reads nothing).
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
-  const int src_bytes = valid ? BYTES : 0;
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)), "l"(src), "n"(BYTES),
-                 "r"(src_bytes)
-                 : "memory");
-  }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c[16x8] += a[16x16] b[16x8], float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-// Reductions over the 4 lanes (tig) that share a tile row.
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
 
 // ------------------------------------------------------------------ op arguments ---------
 
@@ -275,90 +157,39 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, int rows, int cols, co
 
 // ------------------------------------------------------------------ tile products --------
 
-// s[16, kTile] += x[16, kChunk] y[kTile, kChunk]^T for one warp: x points at its first
-// row (row stride xld), y at the stage buffer (row stride yld). Layout: s[j][e] is row g,
-// column 8j + 2*tig + e; s[j][2 + e] is row g + 8.
-template <typename T>
-__device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xld, const T* y, int yld, int lane) {
-  if constexpr (IsF32<T>::value) {
-    const int g = lane >> 2, tig = lane & 3;
-#pragma unroll 2
-    for (int k = 0; k < kChunk; k += 4) {
-      const float4 xa = *reinterpret_cast<const float4*>(x + frag::score_row(g, 0) * xld + k);
-      const float4 xb = *reinterpret_cast<const float4*>(x + frag::score_row(g, 1) * xld + k);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float4 yv = *reinterpret_cast<const float4*>(y + frag::score_col(j, tig, e) * yld + k);
-          s[j][e] = fmaf(xa.x, yv.x, fmaf(xa.y, yv.y, fmaf(xa.z, yv.z, fmaf(xa.w, yv.w, s[j][e]))));
-          s[j][2 + e] = fmaf(xb.x, yv.x, fmaf(xb.y, yv.y, fmaf(xb.z, yv.z, fmaf(xb.w, yv.w, s[j][2 + e]))));
-        }
-      }
-    }
-  } else {
-#pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk) {
-      uint32_t af[4];  // rows 0-7 / 8-15 x k 0-7 / 8-15
-      ldsm_x4(af, x + frag::ldsm_a_row(lane) * xld + kk * 16 + frag::ldsm_a_col(lane));
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) {
-        uint32_t bf[4];  // (n tile 2jp, k lo), (2jp, k hi), (2jp + 1, k lo), (2jp + 1, k hi)
-        ldsm_x4(bf, y + (16 * jp + frag::ldsm_b_row(lane)) * yld + kk * 16 + frag::ldsm_b_col(lane));
-        mma_16816<T>(s[2 * jp], af, bf[0], bf[1]);
-        mma_16816<T>(s[2 * jp + 1], af, bf[2], bf[3]);
-      }
-    }
-  }
-}
-
 // Column of acc[j][e] (and acc[j][2 + e]) within the output chunk.
 template <typename T>
 __device__ __forceinline__ int acc_col(int j, int e, int tig) {
   return chunk_col(IsF32<T>::value, j, e, tig);
 }
 
-// acc[16, kChunk] += p[16, kTile] y[kTile, kChunk] for one warp (p in the layout of s).
+// f(j, e, d) for the accumulator entries acc[j][e] (row g) / acc[j][2 + e] (row g + 8) whose
+// column d of output chunk oc is inside D.
+template <typename T, typename F>
+__device__ __forceinline__ void for_chunk_cols(int oc, i64 D, int tig, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int d = oc * kChunk + acc_col<T>(j, e, tig);
+      if (d >= D) continue;
+      f(j, e, d);
+    }
+  }
+}
+
+// The engine's warp tile products (common.cuh): s[16, kTile] += x[16, kChunk] y[kTile,
+// kChunk]^T, x at the warp's first row; acc[16, kChunk] += p[16, kTile] y[kTile, kChunk],
+// acc's float32 columns those of chunk_col.
+template <typename T>
+__device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xld, const T* y, int yld, int lane) {
+  warp_scores<T, kChunk, kTile / 8>(s, x, xld, y, yld, lane);
+}
 template <typename T>
 __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float (&p)[8][4], const T* y, int yld,
                                                 int lane) {
-  if constexpr (IsF32<T>::value) {
-    const int tig = lane & 3;
-#pragma unroll
-    for (int c = 0; c < kTile; ++c) {
-      // Column c of p (rows g, g + 8): lane col_lane, entries [col_tile][col_entry], [col_tile][2 + col_entry].
-      const int src = frag::col_lane(lane, c);
-      const float p0 = __shfl_sync(0xffffffffu, p[frag::col_tile(c)][frag::col_entry(c)], src);
-      const float p1 = __shfl_sync(0xffffffffu, p[frag::col_tile(c)][2 + frag::col_entry(c)], src);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {  // acc[2q][0..1], acc[2q + 1][0..1]: one float4
-        const float4 yv = *reinterpret_cast<const float4*>(y + c * yld + chunk_col(true, 2 * q, 0, tig));
-        acc[2 * q][0] = fmaf(p0, yv.x, acc[2 * q][0]);
-        acc[2 * q][1] = fmaf(p0, yv.y, acc[2 * q][1]);
-        acc[2 * q + 1][0] = fmaf(p0, yv.z, acc[2 * q + 1][0]);
-        acc[2 * q + 1][1] = fmaf(p0, yv.w, acc[2 * q + 1][1]);
-        acc[2 * q][2] = fmaf(p1, yv.x, acc[2 * q][2]);
-        acc[2 * q][3] = fmaf(p1, yv.y, acc[2 * q][3]);
-        acc[2 * q + 1][2] = fmaf(p1, yv.z, acc[2 * q + 1][2]);
-        acc[2 * q + 1][3] = fmaf(p1, yv.w, acc[2 * q + 1][3]);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      // The accumulator layout of two n tiles is the A layout of one k step.
-      const uint32_t af[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-                              pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                              pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) {
-        uint32_t bf[4];  // y is [k = line, n = column]: transposed loads give the "col" B layout
-        ldsm_x4_trans(bf, y + (kk * 16 + frag::ldsm_a_row(lane)) * yld + 16 * jp + frag::ldsm_a_col(lane));
-        mma_16816<T>(acc[2 * jp], af, bf[0], bf[1]);
-        mma_16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
-      }
-    }
-  }
+  warp_accumulate<T, kTile / 8, kChunk / 8>(acc, p, y, yld, lane,
+                                            [](int q, int tig) { return chunk_col(true, 2 * q, 0, tig); });
 }
 
 // ------------------------------------------------------------------ tile engine ----------
@@ -384,11 +215,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
   constexpr bool kBwd = KIND != kFwd;
   constexpr int kPad = smem_pad(sizeof(T));
   constexpr int yld = kChunk + kPad;
-  extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, tig = lane & 3;
   const int rows_x = blockDim.x / 2;  // 16 per warp
   const int xld = p.dpad + kPad;
-  T* xs = reinterpret_cast<T*>(smem);                                  // [rows_x, xld]
+  T* xs = reinterpret_cast<T*>(dynamic_smem);                                           // [rows_x, xld]
   T* ys = xs + rows_x * xld;                                           // [2, kTile, yld]
   Line* xlines = reinterpret_cast<Line*>(ys + 2 * kTile * yld);        // [rows_x]
   Line* ylines = xlines + rows_x;                                      // [2, kTile]
@@ -605,30 +435,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
         const i64 pos = imin(imax(xr.id, i64{0}), a.N - 1);
         const float coef = __expf(xlogit[r] - xr.a) - 1.f;
         const bool scatter = o.atomic_dw && scale != 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int d = oc * kChunk + acc_col<T>(j, e, tig);
-            if (d >= a.D) continue;
-            acc[j][2 * rr + e] = fmaf(coef, to_f(weight[pos * a.ws + d]), acc[j][2 * rr + e]);
-            if (scatter) atomicAdd(dw + pos * a.D + d, coef * scale * to_f(xs[r * xld + d]));
-          }
-        }
+        for_chunk_cols<T>(oc, a.D, tig, [&](int j, int e, int d) {
+          acc[j][2 * rr + e] = fmaf(coef, to_f(weight[pos * a.ws + d]), acc[j][2 * rr + e]);
+          if (scatter) atomicAdd(dw + pos * a.D + d, coef * scale * to_f(xs[r * xld + d]));
+        });
       }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int d = oc * kChunk + acc_col<T>(j, e, tig);
-          if (d >= a.D) continue;
-          const float v = scale != 0.f ? acc[j][2 * rr + e] * scale : 0.f;
-          if (p.splits == 1)
-            dh[t * a.D + d] = from_f<T>(v);
-          else
-            o.part[bwd_part_index(split, a.T, t, a.D, d)] = v;
-        }
-      }
+      for_chunk_cols<T>(oc, a.D, tig, [&](int j, int e, int d) {
+        const float v = scale != 0.f ? acc[j][2 * rr + e] * scale : 0.f;
+        if (p.splits == 1)
+          dh[t * a.D + d] = from_f<T>(v);
+        else
+          o.part[bwd_part_index(split, a.T, t, a.D, d)] = v;
+      });
     }
   } else {
 #pragma unroll
@@ -636,21 +454,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
       const int r = r0 + frag::score_row(g, rr);
       if (r >= x_count || xlines[r].id == kNoItem) continue;  // an absent negative has no d weight row
       const i64 item = xlines[r].id;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int d = oc * kChunk + acc_col<T>(j, e, tig);
-          if (d >= a.D) continue;
-          const float v = acc[j][2 * rr + e] * scale_max;
-          if (a.sampled)
-            atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
-          else if (p.splits == 1)
-            o.d_weight[item * a.D + d] = v;
-          else
-            o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
-        }
-      }
+      for_chunk_cols<T>(oc, a.D, tig, [&](int j, int e, int d) {
+        const float v = acc[j][2 * rr + e] * scale_max;
+        if (a.sampled)
+          atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
+        else if (p.splits == 1)
+          o.d_weight[item * a.D + d] = v;
+        else
+          o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
+      });
     }
   }
 }
@@ -693,7 +505,7 @@ __global__ void grad_scale_max(const LossArgs a, float* out) {
   for (i64 t = threadIdx.x; t < a.T; t += blockDim.x)
     if (valid_row(a, a.pos[t])) v = fmaxf(v, fabsf(a.grad[t]));
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -724,7 +536,7 @@ __device__ __forceinline__ void warp_sums(float (&v)[N]) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-    for (int u = 0; u < N; ++u) v[u] += __shfl_xor_sync(0xffffffffu, v[u], o);
+    for (int u = 0; u < N; ++u) v[u] += __shfl_xor_sync(kFull, v[u], o);
   }
 }
 
@@ -924,29 +736,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
 
 // ------------------------------------------------------------------ host side ------------
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-template <int V>
-struct IntTag {
-  static constexpr int value = V;
-};
-
-// f(TypeTag<T>) for the op's element type; cudaErrorInvalidValue for an unknown one.
-template <typename F>
-cudaError_t with_dtype(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::kFloat32:
-      return f(TypeTag<float>{});
-    case ScalarType::kFloat16:
-      return f(TypeTag<__half>{});
-    case ScalarType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // f(IntTag<VPL>) with VPL * 32 >= D for the warp-per-row kernels.
 template <typename F>
 cudaError_t with_vpl(i64 dim, F&& f) {
@@ -962,38 +751,18 @@ cudaError_t with_vpl(i64 dim, F&& f) {
   }
 }
 
-size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }
-
-// The widest of 16 / 8 / 4 bytes that every row start and D * element size is a multiple of; else 2.
-int copy_width(const void* ptr, i64 row_stride, i64 dim, size_t esize) {
-  const int widths[] = {16, 8, 4};
-  for (int v : widths) {
-    if (reinterpret_cast<uintptr_t>(ptr) % v == 0 && (row_stride * static_cast<i64>(esize)) % v == 0 &&
-        (dim * static_cast<i64>(esize)) % v == 0)
-      return v;
-  }
-  return 2;
-}
-
 cudaError_t common_args(const LossInputs& in, LossArgs* a) {
   const bool known =
       in.dtype == ScalarType::kFloat32 || in.dtype == ScalarType::kFloat16 || in.dtype == ScalarType::kBFloat16;
-  if (!known || in.dim < 1 || in.dim > kMaxDim || in.num_rows < 0 || in.num_items < 1 || in.num_items >= 0xffffffffLL ||
-      !(in.temperature > 0.f) || in.hidden == nullptr || in.weight == nullptr)
+  if (!known || in.dim < 1 || in.dim > kMaxKernelHiddenDim || in.num_rows < 0 || in.num_items < 1 ||
+      in.num_items >= 0xffffffffLL || !(in.temperature > 0.f) || in.hidden == nullptr || in.weight == nullptr)
     return cudaErrorInvalidValue;
-  *a = LossArgs{};
-  a->hidden = in.hidden;
-  a->weight = in.weight;
-  a->hs = in.hidden_row_stride;
-  a->ws = in.weight_row_stride;
-  a->T = in.num_rows;
-  a->N = in.num_items;
-  a->D = in.dim;
-  a->inv_temp = 1.f / in.temperature;
-  a->ignore = in.ignore_index;
-  const size_t esize = element_size(in.dtype);
-  a->vec_h = copy_width(in.hidden, in.hidden_row_stride, in.dim, esize);
-  a->vec_w = copy_width(in.weight, in.weight_row_stride, in.dim, esize);
+  // The fields up to `ignore`, in their order; the op's own ones are set by the caller.
+  *a = LossArgs{in.hidden,    in.weight, in.hidden_row_stride, in.weight_row_stride, in.num_rows,
+                in.num_items, in.dim,    1.f / in.temperature, in.ignore_index};
+  const i64 es = static_cast<i64>(element_size(in.dtype));
+  a->vec_h = copy_width(in.hidden, {in.hidden_row_stride * es, in.dim * es});
+  a->vec_w = copy_width(in.weight, {in.weight_row_stride * es, in.dim * es});
   return cudaSuccess;
 }
 
@@ -1048,13 +817,8 @@ cudaError_t launch_engine(const LossArgs& a, const EnginePlan& p, const EngineOu
   const EngineGrid grid = engine_grid(p, KIND);
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto kernel = engine_kernel<T, KIND>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
-    if (err != cudaSuccess) return err;
-    kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), p.warps * 32, p.smem, stream>>>(a, p,
-                                                                                                                 o);
-    return cudaGetLastError();
+    const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
+    return launch(engine_kernel<T, KIND>, blocks, p.warps * 32, p.smem, stream, a, p, o);
   });
 }
 
@@ -1086,8 +850,8 @@ cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, flo
   o.row_logit = scratch != nullptr ? scratch + 2 * plan.splits * a.T : nullptr;  // [T]
   err = launch_engine<kFwd>(a, plan, o, dtype, dev, stream);
   if (err == cudaSuccess && scratch != nullptr) {
-    combine_forward<<<elementwise_blocks(a.T), 256, 0, stream>>>(a, o.part, o.row_logit, plan.splits, loss, lse);
-    err = cudaGetLastError();
+    err = launch(combine_forward, elementwise_blocks(a.T), 256, 0, stream, a, o.part, o.row_logit, plan.splits, loss,
+                 lse);
   }
   if (scratch != nullptr) {
     const cudaError_t free_err = cudaFreeAsync(scratch, stream);
@@ -1130,9 +894,9 @@ cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtyp
   cudaError_t err = sort_layout(a, &s);
   if (err != cudaSuccess) return err;
   uint32_t* words = reinterpret_cast<uint32_t*>(g.workspace);
-  sampled_slot_keys<<<elementwise_blocks(s.num_slots), 256, 0, stream>>>(a, words + s.keys0, words + s.slots0,
-                                                                         s.num_slots);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch(sampled_slot_keys, elementwise_blocks(s.num_slots), 256, 0, stream, a, words + s.keys0, words + s.slots0,
+               s.num_slots);
+  if (err != cudaSuccess) return err;
   cub::DoubleBuffer<uint32_t> keys(words + s.keys0, words + s.keys1), slots(words + s.slots0, words + s.slots1);
   size_t temp_bytes = s.temp_bytes;
   err = cub::DeviceRadixSort::SortPairs(words + s.temp, temp_bytes, keys, slots, static_cast<int>(s.num_slots), 0,
@@ -1141,10 +905,8 @@ cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtyp
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
-      sampled_weight_grad_sorted<T, decltype(vpl)::value>
-          <<<static_cast<unsigned>(s.num_slots), kRowWarps * 32, 0, stream>>>(a, keys.Current(), slots.Current(),
-                                                                              s.num_slots, g.d_weight);
-      return cudaGetLastError();
+      return launch(sampled_weight_grad_sorted<T, decltype(vpl)::value>, static_cast<unsigned>(s.num_slots),
+                    kRowWarps * 32, 0, stream, a, keys.Current(), slots.Current(), s.num_slots, g.d_weight);
     });
   });
 }
@@ -1163,8 +925,8 @@ cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, 
   return with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
-      sampled_rows_forward<T, decltype(vpl)::value><<<row_blocks(a.T), kRowWarps * 32, 0, stream>>>(a, loss, lse);
-      return cudaGetLastError();
+      return launch(sampled_rows_forward<T, decltype(vpl)::value>, row_blocks(a.T), kRowWarps * 32, 0, stream, a, loss,
+                    lse);
     });
   });
 }
@@ -1195,17 +957,15 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
     err = launch_engine<kBwdRows>(a, engine_plan(shape_of(a), kBwdRows, esize), o, p.in.dtype, dev, stream);
     if (err != cudaSuccess) return err;
     if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
-    grad_scale_max<<<1, 1024, 0, stream>>>(a, g.workspace);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch(grad_scale_max, 1, 1024, 0, stream, a, g.workspace)) != cudaSuccess) return err;
     a.scale_max = g.workspace;
     return launch_engine<kBwdItems>(a, engine_plan(shape_of(a), kBwdItems, esize), o, p.in.dtype, dev, stream);
   }
   err = with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
-      sampled_rows_backward<T, decltype(vpl)::value><<<row_blocks(a.T), kRowWarps * 32, 0, stream>>>(
-          a, static_cast<T*>(g.d_hidden), deterministic ? nullptr : g.d_weight);
-      return cudaGetLastError();
+      return launch(sampled_rows_backward<T, decltype(vpl)::value>, row_blocks(a.T), kRowWarps * 32, 0, stream, a,
+                    static_cast<T*>(g.d_hidden), deterministic ? nullptr : g.d_weight);
     });
   });
   if (err != cudaSuccess || !deterministic) return err;
@@ -1247,22 +1007,19 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
   if (plan.rows.splits > 1) {
     err = with_dtype(p.in.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      reduce_splits<T><<<elementwise_blocks(a.T * a.D), 256, 0, stream>>>(part, plan.rows.splits, a.T * a.D,
-                                                                          static_cast<T*>(g.d_hidden));
-      return cudaGetLastError();
+      return launch(reduce_splits<T>, elementwise_blocks(a.T * a.D), 256, 0, stream, part, plan.rows.splits, a.T * a.D,
+                    static_cast<T*>(g.d_hidden));
     });
     if (err != cudaSuccess) return err;
   }
 
   // d weight: items stationary, rows streamed.
-  grad_scale_max<<<1, 1024, 0, stream>>>(a, g.workspace);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = launch(grad_scale_max, 1, 1024, 0, stream, a, g.workspace)) != cudaSuccess) return err;
   a.scale_max = g.workspace;
   if ((err = launch_engine<kBwdItems>(a, plan.items, o, p.in.dtype, dev, stream)) != cudaSuccess) return err;
   if (plan.items.splits > 1) {
-    reduce_splits<float>
-        <<<elementwise_blocks(a.N * a.D), 256, 0, stream>>>(part, plan.items.splits, a.N * a.D, g.d_weight);
-    err = cudaGetLastError();
+    err = launch(reduce_splits<float>, elementwise_blocks(a.N * a.D), 256, 0, stream, part, plan.items.splits,
+                 a.N * a.D, g.d_weight);
   }
   return err;
 }

@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../op_limits.h"
+
 #ifdef __CUDACC__
 #define SEQREC_HD __host__ __device__
 #else
@@ -59,15 +61,16 @@ SEQREC_HD constexpr int ldsm_b_col(int lane) { return 8 * ((lane >> 3) & 1); }
 // ------------------------------------------------------------------ attention ----------
 namespace attn_plan {
 
-constexpr int kMaxHeadDim = 256;
+using seqrec::kMaxHeadDim;  // csrc/op_limits.h
 constexpr size_t kSmemBudget = 112 * 1024;  // per CTA: fits A100 (163 KB), two CTAs per SM on H100
 // Positions are ints: the largest max_seqlen keeps every position + tile rows below 2**31.
 constexpr int kMaxSeqLen = 0x7fffffff - 1024;
 
-// Head dims 1..256 are padded with zero columns to DP = 32, 64, 128 or 256.
+// Head dims 1..kMaxHeadDim are padded with zero columns to DP = 32, 64, 128 or 256.
 SEQREC_HD constexpr int padded_head_dim(int head_dim) {
   return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
 }
+static_assert(padded_head_dim(kMaxHeadDim) >= kMaxHeadDim, "the kernels have no tiles for kMaxHeadDim");
 
 // Shared tiles are [rows, DP + pad] (ES = element bytes: 4 float32, 2 float16/bfloat16): the
 // pad makes ldmatrix rows (16-bit) and float4 rows (float32) of consecutive tile rows fall
@@ -183,7 +186,7 @@ using i64 = int64_t;
 constexpr int kTile = 64;          // streamed lines per tile
 constexpr int kChunk = 64;         // D columns per pipeline stage and per backward output chunk
 constexpr int kMaxWarps = 8;       // 16 stationary lines per warp: at most 128 per CTA
-constexpr int kMaxDim = 1024;
+using seqrec::kMaxKernelHiddenDim;  // csrc/op_limits.h
 constexpr size_t kStationaryBudget = 96 * 1024;  // shared-memory bytes for the X block
 constexpr i64 kEngineMinRows = 16;  // sampled: rows per group from which the tile engine runs
 constexpr int kRowWarps = 8;        // warp-per-row kernels: rows per CTA

@@ -12,7 +12,7 @@ checkpoints load both ways and RecBole's Trainer, evaluation and `predict` /
   RecBole's CrossEntropyLoss does) without materializing the [B, N] logits; BPR is RecBole's.
 Outputs at the positions RecBole reads (each sequence's last real item) equal RecBole's:
 there a query sees only real keys, where RecBole's -10000 mask terms vanish. The optional
-config key `seqrec_backend` ("auto", "reference", "triton", "cuda"; default "auto")
+config key `seqrec_backend` ("auto", "reference", "triton", "cuda", "cpp"; default "auto")
 chooses the backend, as does `model.set_backend(...)`.
 
 Needs RecBole (`pip install "seqrec_kernels[recbole]"`); tested with RecBole 1.2.1, which

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_bool, check_choice, values_checkable
+from .._limits import MAX_HEAD_DIM
 from ..backends import Backend
-from ..ops.attention import MAX_HEAD_DIM, fused_attention
+from ..ops.attention import fused_attention
 
 logger = logging.getLogger("seqrec_kernels")
 
@@ -164,7 +165,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     key_padding_mask pads that side). While torch.compile traces or a CUDA graph is
     captured masks cannot be read, so only these hints work there.
 
-    Extra keyword-only options: `backend` ("auto", "reference", "triton", "cuda"),
+    Extra keyword-only options: `backend` ("auto", "reference", "triton", "cuda", "cpp"),
     `fallback`, `strict`, `assume_causal`, `assume_padding_side`.
     """
 

@@ -3,8 +3,9 @@
 Every backend implements one op pair with the same schema, `seqrec::attention_fwd_<backend>`
 and `seqrec::attention_bwd_<backend>`, over a [B, H, L, D] view and per-sequence
 (start, length) rows, which covers both the padded and the packed form (see
-`seqrec_kernels/reference/attention.py` for the exact contract). This module registers
-their fake impls and autograd, so opcheck and torch.compile(fullgraph=True) work.
+`seqrec_kernels/reference/attention.py` for the exact contract). `_library.define_ops`
+defines them with their fake impls and autograd, so opcheck and
+torch.compile(fullgraph=True) work.
 """
 
 from __future__ import annotations
@@ -19,82 +20,31 @@ from .._checks import (
     INDEX_DTYPES,
     check_bool,
     check_choice,
-    check_kernel_dtype,
     check_real,
     check_same,
     check_tensor,
     value_checks_enabled,
 )
-from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
-from ..reference import attention as reference_attention
-from ..triton import implementation
+from .._limits import check_head_dim
+from ..backends import Backend, resolve_for
+from ._library import define_ops, empty_stats
 
-MAX_HEAD_DIM = 256
-
-_FWD_SCHEMA = (
+_SCHEMAS = (
     "(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_len, int max_seqlen, bool causal,"
-    " float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
+    " float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor seq_start,"
     " Tensor seq_len, int max_seqlen, bool causal, float scale, float dropout_p,"
-    " Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)"
+    " Tensor? dropout_seed) -> (Tensor, Tensor, Tensor)",
 )
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _fake_forward(q, *_):
+    return torch.empty_like(q), empty_stats(q, q.shape[:3])
 
 
-def _define_ops(backend: Backend, forward=None, backward=None):
-    """Registers the fake impls and autograd of one backend's op pair (defining the ops
-    from `forward`/`backward`, or taking the C++ ones when they are None) and returns
-    the differentiable forward op."""
-    fwd_name, bwd_name = f"seqrec::attention_fwd_{backend.value}", f"seqrec::attention_bwd_{backend.value}"
-    if forward is None:  # defined by the seqrec_kernels._C extension
-        fwd, bwd = cpp_op(fwd_name), cpp_op(bwd_name)
-    else:
-        fwd = torch.library.custom_op(fwd_name, forward, mutates_args=(), schema=_FWD_SCHEMA)
-        bwd = torch.library.custom_op(bwd_name, backward, mutates_args=(), schema=_BWD_SCHEMA)
-
-    @torch.library.register_fake(fwd_name)
-    def _(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
-
-    @torch.library.register_fake(bwd_name)
-    def _(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, seq_start, seq_len, dropout_seed)
-        ctx.options = (max_seqlen, causal, scale, dropout_p)
-        ctx.mark_non_differentiable(lse)
-
-    def backward_rule(ctx, dout, _dlse):
-        q, k, v, out, lse, seq_start, seq_len, dropout_seed = ctx.saved_tensors
-        max_seqlen, causal, scale, dropout_p = ctx.options
-        grads = bwd(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed)
-        num_non_differentiable = 7  # seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed
-        return (*grads, *([None] * num_non_differentiable))
-
-    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
-    return fwd
-
-
-_FORWARD_OPS = {
-    Backend.REFERENCE: _define_ops(
-        Backend.REFERENCE, reference_attention.attention_forward, reference_attention.attention_backward
-    ),
-    Backend.TRITON: _define_ops(
-        Backend.TRITON,
-        implementation("attention", "attention_forward"),
-        implementation("attention", "attention_backward"),
-    ),
-}
-if EXTENSION_ERROR is None:
-    _FORWARD_OPS[Backend.CUDA] = _define_ops(Backend.CUDA)
+_FORWARD_OPS = define_ops(
+    "attention", _SCHEMAS, implementations=("attention", "attention"), outputs=("out", "lse"), fake=_fake_forward
+)
 
 
 def _check_qkv(q, k, v, layout: str) -> None:
@@ -103,9 +53,7 @@ def _check_qkv(q, k, v, layout: str) -> None:
     check_tensor("v", v)
     check_same("k", k, "q", q)
     check_same("v", v, "q", q)
-    head_dim = q.shape[-1]
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim (the last dimension of {layout}) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    check_head_dim(q.shape[-1], layout)
 
 
 def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
@@ -118,8 +66,7 @@ def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
 
 def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, backend, op_name):
     """Resolves the backend and runs its op on the [B, H, L, D] views."""
-    chosen = resolve(backend, q.device, op_name)
-    check_kernel_dtype(chosen.value, "q", q)
+    chosen = resolve_for(backend, op_name, "q", q)
     # Kernels need unit stride along the head dim; anything else is copied once here.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # Every backend gets contiguous index tensors: the C++ ops read them through raw pointers.

@@ -8,6 +8,7 @@ here in plain PyTorch. Gradients flow to hidden and item_weight only.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -19,120 +20,46 @@ from .._checks import (
     INDEX_DTYPES,
     check_bool,
     check_choice,
-    check_kernel_dtype,
     check_real,
     check_tensor,
     value_checks_enabled,
 )
-from ..backends import EXTENSION_ERROR, Backend, cpp_op, resolve
-from ..reference import softmax_loss as reference
-from ..triton import implementation
-
-
-def _triton(function):
-    return implementation("softmax_loss", function)
-
+from .._limits import check_kernel_hidden_dim
+from ..backends import Backend, resolve_for
+from ._library import define_ops, empty_stats
 
 REDUCTIONS = ("mean", "sum", "none")
-# The Triton and CUDA kernels' largest hidden size (kMaxLossDim in csrc/checks.h); the
-# reference has none.
-MAX_KERNEL_HIDDEN_DIM = 1024
 
-_SAMPLED_FWD_SCHEMA = (
+_SAMPLED_SCHEMAS = (
     "(Tensor hidden, Tensor weight, Tensor pos_ids, Tensor neg_ids, Tensor? pos_log_q, Tensor? neg_log_q,"
-    " int rows_per_group, bool remove_hits, float temperature, int ignore_index) -> (Tensor, Tensor)"
-)
-_SAMPLED_BWD_SCHEMA = (
+    " int rows_per_group, bool remove_hits, float temperature, int ignore_index) -> (Tensor, Tensor)",
     "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor pos_ids, Tensor neg_ids, Tensor? pos_log_q,"
     " Tensor? neg_log_q, Tensor lse, int rows_per_group, bool remove_hits, float temperature,"
-    " int ignore_index, bool deterministic) -> (Tensor, Tensor)"
+    " int ignore_index, bool deterministic) -> (Tensor, Tensor)",
 )
-_FULL_FWD_SCHEMA = (
+_FULL_SCHEMAS = (
     "(Tensor hidden, Tensor weight, Tensor targets, Tensor excluded_ids, float temperature,"
-    " int ignore_index) -> (Tensor, Tensor)"
-)
-_FULL_BWD_SCHEMA = (
+    " int ignore_index) -> (Tensor, Tensor)",
     "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, Tensor excluded_ids, Tensor lse,"
-    " float temperature, int ignore_index) -> (Tensor, Tensor)"
+    " float temperature, int ignore_index) -> (Tensor, Tensor)",
 )
 
 
-def _row_outputs_fake(hidden):
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return hidden.new_empty(hidden.shape[0], dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype)
+def _fake_row_outputs(hidden, *_):
+    """Per-row loss and LSE [T]."""
+    return empty_stats(hidden, hidden.shape[0]), empty_stats(hidden, hidden.shape[0])
 
 
-def _op_pair(name: str, forward, backward, fwd_schema: str, bwd_schema: str):
-    """The fwd/bwd ops `name.format("fwd"|"bwd")`: defined from Python functions, or the C++
-    ones of seqrec_kernels._C when `forward` is None; with their fake impls registered."""
-    fwd_name, bwd_name = name.format("fwd"), name.format("bwd")
-    if forward is None:
-        fwd, bwd = cpp_op(fwd_name), cpp_op(bwd_name)
-    else:
-        fwd = torch.library.custom_op(fwd_name, forward, mutates_args=(), schema=fwd_schema)
-        bwd = torch.library.custom_op(bwd_name, backward, mutates_args=(), schema=bwd_schema)
-    torch.library.register_fake(fwd_name, lambda hidden, *_: _row_outputs_fake(hidden))
-    torch.library.register_fake(
-        bwd_name, lambda grad, hidden, weight, *_: (torch.empty_like(hidden), torch.empty_like(weight))
-    )
-    return fwd_name, fwd, bwd
-
-
-def _define_sampled_ops(backend: Backend, forward=None, backward=None):
-    fwd_name, fwd, bwd = _op_pair(
-        f"seqrec::sampled_softmax_{{}}_{backend.value}", forward, backward, _SAMPLED_FWD_SCHEMA, _SAMPLED_BWD_SCHEMA
-    )
-
-    def setup_context(ctx, inputs, output):
-        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore = (
-            inputs
-        )
-        ctx.save_for_backward(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, output[1])
-        ctx.options = (rows_per_group, remove_hits, temperature, ignore)
-        ctx.mark_non_differentiable(output[1])
-
-    def backward_rule(ctx, grad_loss, _grad_lse):
-        # Deterministic when torch.use_deterministic_algorithms(True) is in effect.
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        grads = bwd(grad_loss, *ctx.saved_tensors, *ctx.options, deterministic)
-        num_non_differentiable = 8  # pos_ids, neg_ids, both log_q, rows_per_group, remove_hits, temperature, ignore
-        return (*grads, *([None] * num_non_differentiable))
-
-    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
-    return fwd
-
-
-def _define_full_ops(backend: Backend, forward=None, backward=None):
-    fwd_name, fwd, bwd = _op_pair(
-        f"seqrec::full_softmax_{{}}_{backend.value}", forward, backward, _FULL_FWD_SCHEMA, _FULL_BWD_SCHEMA
-    )
-
-    def setup_context(ctx, inputs, output):
-        hidden, weight, targets, excluded_ids, temperature, ignore_index = inputs
-        ctx.save_for_backward(hidden, weight, targets, excluded_ids, output[1])
-        ctx.options = (temperature, ignore_index)
-        ctx.mark_non_differentiable(output[1])
-
-    def backward_rule(ctx, grad_loss, _grad_lse):
-        grads = bwd(grad_loss, *ctx.saved_tensors, *ctx.options)
-        num_non_differentiable = 4  # targets, excluded_ids, temperature, ignore_index
-        return (*grads, *([None] * num_non_differentiable))
-
-    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
-    return fwd
-
-
-_SAMPLED_OPS = {
-    Backend.REFERENCE: _define_sampled_ops(Backend.REFERENCE, reference.sampled_forward, reference.sampled_backward),
-    Backend.TRITON: _define_sampled_ops(Backend.TRITON, _triton("sampled_forward"), _triton("sampled_backward")),
-}
-_FULL_OPS = {
-    Backend.REFERENCE: _define_full_ops(Backend.REFERENCE, reference.full_forward, reference.full_backward),
-    Backend.TRITON: _define_full_ops(Backend.TRITON, _triton("full_forward"), _triton("full_backward")),
-}
-if EXTENSION_ERROR is None:
-    _SAMPLED_OPS[Backend.CUDA] = _define_sampled_ops(Backend.CUDA)
-    _FULL_OPS[Backend.CUDA] = _define_full_ops(Backend.CUDA)
+# Both losses' ops return the per-row loss and LSE, and run `<kind>_forward` / `<kind>_backward`.
+_define_loss_ops = functools.partial(define_ops, outputs=("loss", "lse"), fake=_fake_row_outputs)
+_SAMPLED_OPS = _define_loss_ops(
+    "sampled_softmax",
+    _SAMPLED_SCHEMAS,
+    implementations=("softmax_loss", "sampled"),
+    # Deterministic when torch.use_deterministic_algorithms(True) is in effect.
+    backward_options={"deterministic": torch.are_deterministic_algorithms_enabled},
+)
+_FULL_OPS = _define_loss_ops("full_softmax", _FULL_SCHEMAS, implementations=("softmax_loss", "full"))
 
 
 def _check_hidden_and_weight(hidden, item_weight):
@@ -186,13 +113,11 @@ def _check_common(temperature, ignore_index, reduction):
     return temperature
 
 
-def _check_kernel_hidden_dim(backend: Backend, hidden: torch.Tensor) -> None:
-    dim = hidden.shape[-1]
-    if backend is not Backend.REFERENCE and dim > MAX_KERNEL_HIDDEN_DIM:
-        raise ValueError(
-            f"hidden: expected D <= {MAX_KERNEL_HIDDEN_DIM} (the {backend.value!r} backend's kernel limit; "
-            f"backend='reference' has none), got D={dim}"
-        )
+def _resolve(backend, hidden, op_name) -> Backend:
+    """The backend that runs `op_name`, once it is known to take hidden's dtype and size."""
+    chosen = resolve_for(backend, op_name, "hidden", hidden)
+    check_kernel_hidden_dim(chosen.value, hidden.shape[-1])
+    return chosen
 
 
 def _valid_rows(ids, ignore_index, num_items):
@@ -259,9 +184,7 @@ def sampled_softmax_loss(
     pos_log_q = _check_log_q("pos_log_q", pos_log_q, "pos_ids", pos_ids)
     neg_log_q = _check_log_q("neg_log_q", neg_log_q, "neg_ids", neg_ids)
 
-    chosen = resolve(backend, hidden.device, "sampled_softmax_loss")
-    check_kernel_dtype(chosen.value, "hidden", hidden)
-    _check_kernel_hidden_dim(chosen, hidden)
+    chosen = _resolve(backend, hidden, "sampled_softmax_loss")
     # Every backend gets contiguous ids (the C++ ops read them through raw pointers).
     pos_flat = pos_ids.reshape(-1).contiguous()
     row_loss, _ = _SAMPLED_OPS[chosen](
@@ -309,9 +232,7 @@ def full_softmax_loss(
                 f"targets: a non-ignored target is an excluded item ({excluded}); excluded items are never classes"
             )
 
-    chosen = resolve(backend, hidden.device, "full_softmax_loss")
-    check_kernel_dtype(chosen.value, "hidden", hidden)
-    _check_kernel_hidden_dim(chosen, hidden)
+    chosen = _resolve(backend, hidden, "full_softmax_loss")
     targets_flat = targets.reshape(-1).contiguous()
     row_loss, lse = _FULL_OPS[chosen](
         hidden.reshape(-1, hidden.shape[-1]), item_weight, targets_flat, excluded_ids, temperature, ignore_index

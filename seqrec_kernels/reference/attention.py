@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import accumulation_dtype
 from .dropout import keep_mask, row_hash
 
 
@@ -123,10 +124,6 @@ def _probabilities(q, k, seq_id, position, causal, scale):
     return probs, lse
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _like(template, value):
     """`value` in the dtype and memory layout of `template` (the op contract for outputs)."""
     return torch.empty_like(template).copy_(value)
@@ -134,7 +131,7 @@ def _like(template, value):
 
 def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
     """Returns out [B, H, L, D] (dtype of q) and lse [B, H, L] (float32; float64 for float64)."""
-    compute = _compute_dtype(q.dtype)
+    compute = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
     lse = torch.full(q.shape[:3], -math.inf, dtype=compute, device=q.device)
     for block in _blocks(seq_start, seq_len, q.shape[0], q.shape[2], max_seqlen):
@@ -153,7 +150,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
 def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
     """Gradients (dq, dk, dv); the probabilities are recomputed from q and k (the saved
     out and lse are part of the op signature for the kernels, not needed here)."""
-    compute = _compute_dtype(q.dtype)
+    compute = accumulation_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(q.shape, dtype=compute, device=q.device) for _ in range(3))
     for block in _blocks(seq_start, seq_len, q.shape[0], q.shape[2], max_seqlen):
         qb, kb, vb, dob = (block.gather(t).to(compute) for t in (q, k, v, dout))  # [N, H, L_b, D]

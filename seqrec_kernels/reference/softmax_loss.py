@@ -15,9 +15,7 @@ import math
 
 import torch
 
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._checks import accumulation_dtype
 
 
 def _sampled_logits(hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature):
@@ -41,7 +39,7 @@ def sampled_forward(
     hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore_index
 ):
     """Per-row loss [T] (0 at ignored rows) and LSE [T]."""
-    compute = _compute_dtype(hidden.dtype)
+    compute = accumulation_dtype(hidden.dtype)
     pos_logits, neg_logits = _sampled_logits(
         hidden.to(compute), weight.to(compute), pos_ids, neg_ids,
         None if pos_log_q is None else pos_log_q.to(compute),
@@ -59,7 +57,7 @@ def sampled_backward(
 ):  # fmt: skip
     """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed. The
     reference follows torch.use_deterministic_algorithms; `deterministic` is for kernels."""
-    compute = _compute_dtype(hidden.dtype)
+    compute = accumulation_dtype(hidden.dtype)
     h, w = hidden.to(compute), weight.to(compute)
     pos_logits, neg_logits = _sampled_logits(
         h, w, pos_ids, neg_ids,
@@ -90,7 +88,7 @@ def _full_logits(hidden, weight, excluded_ids, temperature):
 
 def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
     """Per-row loss [T] (0 at ignored rows) and LSE [T] over the items not excluded."""
-    compute = _compute_dtype(hidden.dtype)
+    compute = accumulation_dtype(hidden.dtype)
     logits = _full_logits(hidden.to(compute), weight.to(compute), excluded_ids, temperature)
     lse = torch.logsumexp(logits, dim=1)
     valid = targets != ignore_index
@@ -100,7 +98,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
 
 def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
     """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed."""
-    compute = _compute_dtype(hidden.dtype)
+    compute = accumulation_dtype(hidden.dtype)
     h, w = hidden.to(compute), weight.to(compute)
     probs = _full_logits(h, w, excluded_ids, temperature).sub_(lse[:, None]).exp_()  # [T, N]
     valid = targets != ignore_index

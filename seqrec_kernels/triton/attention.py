@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._limits import check_head_dim
 from ..backends import triton_interpreter_enabled
 from ..reference.dropout import keep_threshold
 from .dropout import keep_mask, row_hash
@@ -319,6 +320,7 @@ def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
 
 def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
     """Returns out (zeros at padding rows; the layout of q) and lse [B, H, L] float32."""
+    check_head_dim(q.shape[3])
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or max_seqlen == 0:
@@ -338,6 +340,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
 
 def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
     """Gradients (dq, dk, dv), each zero at padding rows and laid out like its input."""
+    check_head_dim(q.shape[3])
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q.numel() == 0 or max_seqlen == 0:
         return dq, dk, dv

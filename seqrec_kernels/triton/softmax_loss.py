@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
 from .attention import MAX_REGISTERS, _dot_dtype
-
-MAX_HIDDEN_DIM = 1024
 
 
 def _blocks(hidden_dim, dtype):
@@ -58,11 +57,6 @@ def _item_rows_block(block_d):
     """Rows per step of the deterministic item-gradient kernel: a [BLOCK_T, BLOCK_D] float32
     tile of at most 4,096 elements (64 x 1024 spilled kilobytes per thread)."""
     return 16 if triton_interpreter_enabled() else max(1, min(64, 4096 // block_d))
-
-
-def _check_hidden_dim(hidden_dim):
-    if hidden_dim > MAX_HIDDEN_DIM:
-        raise ValueError(f"hidden: the 'triton' backend takes D <= {MAX_HIDDEN_DIM}, got {hidden_dim}")
 
 
 def _dot_meta(dtype):
@@ -334,7 +328,7 @@ def _contiguous_rows(*tensors):
 def sampled_forward(
     hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, rows_per_group, remove_hits, temperature, ignore_index
 ):
-    _check_hidden_dim(hidden.shape[1])
+    check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
     pos_ids, pos_log_q = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q))
     num_rows = hidden.shape[0]
@@ -369,6 +363,7 @@ def sampled_backward(
     grad_loss, hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse,
     rows_per_group, remove_hits, temperature, ignore_index, deterministic,
 ):  # fmt: skip
+    check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
     pos_ids, pos_log_q, grad_loss = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q, grad_loss))
     num_rows, num_items = hidden.shape[0], weight.shape[0]
@@ -515,7 +510,7 @@ def _full_bwd_weight_kernel(
 
 
 def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
-    _check_hidden_dim(hidden.shape[1])
+    check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight = _contiguous_rows(hidden, weight)
     targets = targets.contiguous()
     num_rows = hidden.shape[0]
@@ -533,6 +528,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
 
 
 def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
+    check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight = _contiguous_rows(hidden, weight)
     targets, grad_loss = targets.contiguous(), grad_loss.contiguous()
     d_hidden, d_weight = torch.zeros_like(hidden), torch.zeros_like(weight)

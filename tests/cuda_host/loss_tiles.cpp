@@ -241,7 +241,7 @@ void check_sorted_rows() {
 // element sizes, with as many stationary lines as a CTA takes.
 void check_smem_limits() {
   for (int es : {4, 2})
-    for (i64 d = 1; d <= kMaxDim; ++d)
+    for (i64 d = 1; d <= kMaxKernelHiddenDim; ++d)
       for (int kind : {kFwd, kBwdRows, kBwdItems})
         for (bool sampled : {false, true}) {
           const LossShape s{sampled ? 4096 : 100000, 100000, d, 4096, sampled ? 256 : 1, sampled};
@@ -342,6 +342,7 @@ int main() {
     CHECK(!uses_engine(s), "rpg=%lld runs the warp-per-row kernels", (long long)s.rpg);
     check_row_kernels(s);
   }
-  for (i64 d = 1; d <= kMaxDim; ++d) CHECK(vpl_for_dim(d) * 32 >= d, "D=%lld: VPL %d", (long long)d, vpl_for_dim(d));
+  for (i64 d = 1; d <= kMaxKernelHiddenDim; ++d)
+    CHECK(vpl_for_dim(d) * 32 >= d, "D=%lld: VPL %d", (long long)d, vpl_for_dim(d));
   return host_check::report("loss tiles");
 }
