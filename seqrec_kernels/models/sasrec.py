@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal, NamedTuple
 
 import torch
@@ -25,7 +26,9 @@ from ..data.samplers import PopularitySampler, UniformSampler, UnseenSampler
 from ..ops.attention import fused_attention, fused_attention_varlen
 from ..ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
 
-LOSSES = ("bce", "sampled_softmax", "full_softmax", "gbce")
+Loss = Literal["bce", "sampled_softmax", "full_softmax", "gbce"]
+Sampler = Literal["uniform", "popularity"]
+LOSSES, SAMPLERS = typing.get_args(Loss), typing.get_args(Sampler)  # the choices, spelled once
 
 
 @dataclasses.dataclass
@@ -37,9 +40,9 @@ class SASRecConfig:
     heads: int = 1
     dropout: float = 0.5
     norm_first: bool = False
-    loss: Literal["bce", "sampled_softmax", "full_softmax", "gbce"] = "bce"
+    loss: Loss = "bce"
     num_negatives: int = 256  # sampled_softmax: shared per batch; gbce: per position
-    sampler: Literal["uniform", "popularity"] = "uniform"  # sampled_softmax's negatives
+    sampler: Sampler = "uniform"  # sampled_softmax's negatives
     gbce_t: float = 0.75  # gSASRec's calibration
 
     def __post_init__(self):
@@ -47,8 +50,8 @@ class SASRecConfig:
             raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden: expected a multiple of heads ({self.heads}), got {self.hidden}")
-        if self.sampler not in ("uniform", "popularity"):
-            raise ValueError(f"sampler: expected 'uniform' or 'popularity', got {self.sampler!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
 
 Negatives = tuple[torch.Tensor, torch.Tensor] | None  # (ids, log_q) from a sampler; None for full_softmax
