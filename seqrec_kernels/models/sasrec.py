@@ -206,7 +206,7 @@ class SASRec(nn.Module):
         if isinstance(histories, PackedBatch):
             targets = histories.targets if targets is None else targets
         if targets is None:
-            raise ValueError("targets: expected the next items (a PackedBatch without targets was given)")
+            raise ValueError("targets: expected the next items ([B, L], or a PackedBatch that holds them), got None")
         return self.loss_from_hidden(self(histories), targets, negatives)
 
     def loss_from_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, negatives: Negatives = None):
