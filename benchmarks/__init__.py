@@ -1,10 +1,10 @@
 """The benchmark suite (a folder of the checkout, not part of the installed package).
 
-    python -m benchmarks {attention,softmax_loss,sasrec,all,plot} [options]
+    python -m benchmarks {attention,softmax_loss,sasrec,retrieval,all,plot} [options]
     python -m benchmarks.<name> [options]        # the same, one benchmark
     pytest benchmarks/ --benchmark-only          # pytest-benchmark: each backend vs the reference
 
-`all` runs the three benchmarks with the same options, then draws the charts.
+`all` runs the four benchmarks with the same options, then draws the charts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("attention", "softmax_loss", "sasrec")
+BENCHMARKS = ("attention", "softmax_loss", "sasrec", "retrieval")
 
 
 def main(argv=None) -> None:

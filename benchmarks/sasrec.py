@@ -20,7 +20,7 @@ the reference of the same batching; the packed reference against the padded refe
 (the same function: the same weights and negatives, no dropout), so its max_rel_error is
 packed vs padded.
 
-The grid: on a GPU, all setups, losses and precisions (--quick: bce, sampled_softmax and
+The grid: on a GPU, all setups, losses and precisions (--quick: sampled_softmax and
 full_softmax in bf16); on a CPU, fp32 on Games and ML-1M with every loss (--quick: a
 batch of 16 on Games, bce and sampled_softmax), each in both batchings. Peak memory is
 counted on a GPU only.
@@ -79,7 +79,8 @@ def grid(args, device):
         setups = CPU_QUICK_SETUPS if args.quick else SETUPS[:2]
         losses, precisions = (["bce", "sampled_softmax"] if args.quick else list(LOSSES)), ["float32"]
     elif args.quick:
-        setups, losses, precisions = SETUPS, ["bce", "sampled_softmax", "full_softmax"], ["bf16-autocast"]
+        # 200 s did not cover bce too within make gpu-check's limit (H200)
+        setups, losses, precisions = SETUPS, ["sampled_softmax", "full_softmax"], ["bf16-autocast"]
     else:
         setups, losses, precisions = SETUPS, list(LOSSES), list(PRECISIONS)
     names = common.selected(args.shapes, [s.name for s in setups], "--shapes", substrings=True)

@@ -16,8 +16,9 @@ import torch
 
 from benchmarks import attention as attention_benchmark
 from benchmarks import common
+from benchmarks import retrieval as retrieval_benchmark
 from benchmarks import softmax_loss as loss_benchmark
-from seqrec_kernels import available, full_softmax_loss, fused_attention, sampled_softmax_loss
+from seqrec_kernels import available, full_softmax_loss, fused_attention, sampled_softmax_loss, target_ranks, topk_items
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -28,6 +29,8 @@ _QUICK_ATTENTION = {name for name, _ in attention_benchmark.QUICK_CONFIGS}
 _GPU_ATTENTION = [s for s in attention_benchmark.SHAPES if s.name in _QUICK_ATTENTION]
 ATTENTION_SHAPES = {s.name: s for s in (_GPU_ATTENTION if _GPU else attention_benchmark.CPU_QUICK_SHAPES)}
 LOSS_SHAPES = {s.name: s for s in (loss_benchmark.QUICK_SHAPES if _GPU else loss_benchmark.CPU_QUICK_SHAPES)}
+_RETRIEVAL = retrieval_benchmark.QUICK_SHAPES if _GPU else retrieval_benchmark.CPU_QUICK_SHAPES
+RETRIEVAL_SHAPES = {s.name: s for s in _RETRIEVAL}
 
 
 def usable(backend: str) -> None:
@@ -105,3 +108,22 @@ def test_softmax_loss(benchmark, shape, backend):
             assert error <= common.TOLERANCE[DTYPE], f"{backend}: relative error {error:.2e} vs the reference"
         del truth
     timed(benchmark, step, f"softmax_loss {shape.name} {DTYPE} forward+backward")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # the extension has no retrieval kernels
+@pytest.mark.parametrize("shape", list(RETRIEVAL_SHAPES))
+def test_retrieval(benchmark, shape, backend):
+    usable(backend)
+    shape = RETRIEVAL_SHAPES[shape]
+    torch.manual_seed(0)
+    hidden, weight, exclude, targets = retrieval_benchmark.input_sets(shape, DTYPE, 1, DEVICE)[0]
+
+    def step(backend=backend):  # the top-k scores [B, k] (ids may differ between near-equal scores), or the ranks
+        if shape.op == "topk":
+            return topk_items(hidden, weight, shape.k, exclude=exclude, backend=backend)[0]
+        return target_ranks(hidden, weight, targets, exclude=exclude, backend=backend).float()
+
+    if backend != "reference":
+        error = common.max_rel_error([step()], [step("reference")])
+        assert error <= common.TOLERANCE[DTYPE], f"{backend}: relative error {error:.2e} vs the reference"
+    timed(benchmark, step, f"retrieval {shape.name} {DTYPE} forward")

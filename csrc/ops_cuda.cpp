@@ -33,8 +33,12 @@ cuda::ScalarType kernel_dtype(const Tensor& t) {
 
 cuda::Bhld bhld(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Kernel scratch from torch's caching allocator (visible to it and to CUDA-graph pools).
 Tensor float_workspace(size_t floats, const Tensor& like) {
   return at::zeros({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
+}
+Tensor scratch(size_t floats, const Tensor& like) {  // not initialized: the kernels write it before reading
+  return at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
 }
 
 cuda::AttentionParams attention_params(const AttentionArgs& a, const Tensor& out, const Tensor& lse) {
@@ -167,8 +171,9 @@ std::tuple<Tensor, Tensor> impl::sampled_softmax_fwd<c10::DispatchKey::CUDA>(con
   SampledArguments args(a);
   auto [loss, lse] = row_outputs(a.hidden);
   if (a.hidden.size(0) == 0) return {loss, lse};
+  auto workspace = scratch(cuda::sampled_softmax_forward_workspace_floats(args.params), a.hidden);
   C10_CUDA_CHECK(cuda::sampled_softmax_forward(args.params, loss.data_ptr<float>(), lse.data_ptr<float>(),
-                                               c10::cuda::getCurrentCUDAStream()));
+                                               workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return {loss, lse};
 }
 
@@ -193,8 +198,10 @@ std::tuple<Tensor, Tensor> impl::full_softmax_fwd<c10::DispatchKey::CUDA>(const 
   auto excluded = a.excluded_ids.to(at::kInt).contiguous();
   auto [loss, lse] = row_outputs(a.hidden);
   if (a.hidden.size(0) == 0) return {loss, lse};
-  C10_CUDA_CHECK(cuda::full_softmax_forward(full_params(a, target, excluded), loss.data_ptr<float>(),
-                                            lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
+  auto params = full_params(a, target, excluded);
+  auto workspace = scratch(cuda::full_softmax_forward_workspace_floats(params), a.hidden);
+  C10_CUDA_CHECK(cuda::full_softmax_forward(params, loss.data_ptr<float>(), lse.data_ptr<float>(),
+                                            workspace.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return {loss, lse};
 }
 

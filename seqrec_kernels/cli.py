@@ -189,6 +189,8 @@ def _recommend(args) -> None:
         raise ValueError(f"items: expected ids in 1..{model.config.num_items}, got {args.items}")
     ids, scores = model.recommend(history[None], k=args.k, exclude_seen=not args.include_seen)
     for rank, (item, score) in enumerate(zip(ids[0].tolist(), scores[0].tolist()), 1):
+        if item < 0:  # fewer than k items the history has not seen
+            break
         print(f"{rank:>3}. item {item:<8} score {score:.4f}")
 
 

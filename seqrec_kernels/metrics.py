@@ -9,8 +9,6 @@ A rank is the number of candidates scored strictly above the target (0 = top).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .data.packed import PackedBatch
@@ -35,7 +33,8 @@ def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, seed: int = 0) -> dict[str, float]:
     """Metrics of `model` on the "valid" or "test" targets of a LeaveOneOutSplit. The
-    histories go to model.score() packed (a PackedBatch): work on real tokens only."""
+    histories go to model.score() ("sampled") or model.target_ranks() ("full") packed (a
+    PackedBatch): work on real tokens only."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     was_training = model.training
@@ -55,12 +54,8 @@ def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, see
             scores = model.score(packed, candidates).float()
             ranks.append((scores[:, 1:] > scores[:, :1]).sum(1))
         else:
-            scores = model.score(packed).float()  # [B, N + 1]
-            target_scores = scores.gather(1, targets[:, None])
             ends = split.train_lengths[users] + (1 if stage == "test" else 0)
-            seen = data.windows(users, ends, int(ends.max())).to(device)  # every earlier item
-            scores = scores.scatter(1, seen, -math.inf)
-            scores[:, 0] = -math.inf
-            ranks.append((scores > target_scores).sum(1))
+            seen = data.windows(users, ends, int(ends.max())).to(device)  # [B, W] every earlier item, 0 = padding
+            ranks.append(model.target_ranks(packed, targets, exclude=seen))  # streamed: no [B, N + 1] scores
     model.train(was_training)
     return ranking_metrics(torch.cat(ranks).cpu())

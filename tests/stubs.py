@@ -2,6 +2,7 @@
 
 from torch import nn
 
+from seqrec_kernels import target_ranks
 from seqrec_kernels.data.packed import PackedBatch
 
 
@@ -17,3 +18,8 @@ class FixedScores(nn.Module):
         batch = histories.num_sequences if isinstance(histories, PackedBatch) else histories.shape[0]
         scores = self.item_scores.expand(batch, -1)
         return scores if items is None else scores.gather(1, items)
+
+    def target_ranks(self, histories, targets, exclude):
+        """SASRec.target_ranks: the item scores as 1-d embeddings of items, scored by a hidden state of 1."""
+        hidden = self.item_scores.new_ones(targets.shape[0], 1)
+        return target_ranks(hidden, self.item_scores[:, None], targets, exclude=exclude)

@@ -123,3 +123,18 @@ def test_python_m_benchmarks_runs_a_benchmark(tmp_path, capsys):
     assert "rows upserted" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="benchmark: expected one of"):
         load().main(["nonsense"])
+
+
+def test_retrieval_quick_run_checks_the_score_matrix_path(tmp_path):
+    """The retrieval benchmark (not in `results`: its compiled provider would compile for
+    tens of seconds more) times the reference against torch's [B, N] path and checks it."""
+    path = tmp_path / "results.csv"
+    threads = torch.get_num_threads()
+    try:
+        load("retrieval").main(["--quick", "--device", "cpu", "--providers", "reference,torch", "--csv", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = read(path)
+    assert {r["variant"] for r in rows} == {"topk", "ranks"}
+    assert {(r["provider"], r["status"]) for r in rows} == {("reference", "ok"), ("torch", "ok")}
+    assert all(float(r["max_rel_error"]) < 1e-5 for r in rows if r["provider"] == "torch")

@@ -7,13 +7,14 @@ import pytest
 
 pytest.importorskip("triton")
 
-from offline_compile import TARGETS, describe, expects_tensor_cores, is_16bit, run_targets, violations  # noqa: E402
+from offline_compile import TARGETS, describe, expects_tensor_cores, must_not_spill, run_targets, violations  # noqa: E402
 
 # Every @triton.jit kernel with a launcher; the grid must reach each on each target.
 LAUNCHED_KERNELS = {
     "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
     "_sampled_fwd_kernel", "_sampled_bwd_kernel", "_sampled_dw_by_item_kernel",
-    "_full_fwd_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel",
+    "_full_fwd_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel", "_compact_rows_kernel",
+    "_topk_kernel", "_ranks_kernel",
 }  # fmt: skip
 
 
@@ -39,10 +40,14 @@ def test_every_kernel_compiles(rows):
     assert not failing, _report(failing)
 
 
-def test_16bit_kernels_spill_nothing_and_use_tensor_cores(rows):
-    failing = [r for r in rows if "error" not in r and is_16bit(r) and violations(r)]
+def test_kernels_spill_nothing_and_use_tensor_cores(rows):
+    """16-bit and float32 (D <= 64) kernels spill nothing; tile products run on tensor cores
+    at 16-bit and at float32 under the "high" (3xTF32) and "medium" matmul precisions."""
+    failing = [r for r in rows if "error" not in r and (must_not_spill(r) or expects_tensor_cores(r)) and violations(r)]
     assert not failing, _report(failing)
-    assert any(expects_tensor_cores(r) for r in rows)
+    for precision in ("highest", "high"):  # the ci grid's float32 modes are reached
+        assert any(r["dtype"] == "float32" and r.get("precision") == precision and must_not_spill(r) for r in rows)
+    assert any(expects_tensor_cores(r) and r.get("precision") == "high" for r in rows)
 
 
 def test_shared_memory_and_grids_within_limits(rows):
@@ -55,6 +60,18 @@ def test_violations_names_each_defect():
     row = dict(cc=80, kernel="_full_fwd_kernel", dtype="bfloat16", D=64, grid=(1, 70_000, 1), local_bytes=96,
                mma_count=0, shared=170_000)  # fmt: skip
     problems = " | ".join(violations(row))
-    for words in ("grid", "spills at 16-bit", "no tensor-core MMA", "shared memory 170000 B > sm_80"):
+    for words in ("grid", "spills: 96 B", "no tensor-core MMA", "shared memory 170000 B > sm_80"):
         assert words in problems
+    float32 = dict(row, dtype="float32", grid=(1, 1, 1), shared=0)
+    assert violations(dict(float32, precision="high")) == [
+        "spills: 96 B of local memory per thread",
+        "no tensor-core MMA in a tile-product kernel at 16-bit or TF32",
+    ]
+    assert violations(dict(float32, precision="highest")) == ["spills: 96 B of local memory per thread"]
+    assert violations(dict(float32, precision="highest", D=1024)) == []  # recorded, not asserted
+    clean = dict(float32, D=1024)
+    assert violations(dict(clean, atomics=4, atomic_sem=["relaxed"])) == []
+    assert violations(dict(clean, atomics=4, atomic_sem=["acq_rel"])) == [
+        "atomics not relaxed (acq_rel): a fence per add"
+    ]
     assert violations(dict(row, error="CompilationError: x")) == ["does not compile: CompilationError: x"]

@@ -194,6 +194,9 @@ def test_reductions_and_all_ignored_batch(backend):
     torch.testing.assert_close(mean, rows.sum() / 8)
     full_rows, lse = full_softmax_loss(hidden, weight, pos, reduction="none", backend=backend, return_lse=True)
     assert full_rows.shape == lse.shape == (2, 5) and lse.dtype == torch.float32
+    assert (lse[pos == 0] == 0).all()  # ignored rows: LSE 0 on every backend
+    truth = torch.logsumexp(hidden.detach().double() @ weight.detach()[1:].double().T, -1)  # item 0 excluded
+    torch.testing.assert_close(lse[pos != 0].double(), truth[pos != 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full_softmax_loss(hidden, weight, pos, backend=backend), full_rows.sum() / 8)
 
     ignored = torch.zeros(2, 5, dtype=torch.long)

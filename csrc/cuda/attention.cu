@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     const int n0 = t * kN;  // first key position of the tile
     // Warps whose rows are all padding, or all before the tile (causal), skip the math.
     const bool active = rows_active(p.causal, pg.len, r0, n0);
+    const bool unmasked = tile_unmasked(p.causal, pg.len, r0, 16, n0, kN);
     float s[kNK][4];  // [16, kN] scores, then probabilities
     cp_async_wait<1>();
     __syncthreads();  // Q and K tile t landed
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = n0 + frag::score_col(j, pg.tig, e);
-            s[j][2 * h + e] = visible(p.causal, pg.len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
+            s[j][2 * h + e] = unmasked || visible(p.causal, pg.len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
             tile_max = fmaxf(tile_max, s[j][2 * h + e]);
           }
         }
@@ -356,6 +357,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   for (int t = 0; t < ntiles; ++t) {
     const int n0 = t * kN;  // first key position of the tile
     const bool active = rows_active(p.causal, pg.len, r0, n0);
+    const bool unmasked = tile_unmasked(p.causal, pg.len, r0, 16, n0, kN);
     float dp[kNK][4], s[kNK][4];  // [16, kN]: dP; scores, then dS
     cp_async_wait<1>();
     __syncthreads();  // Q, dO and V tile t landed
@@ -375,7 +377,8 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = n0 + frag::score_col(j, pg.tig, e);
-            const float pr = visible(p.causal, pg.len, row, col) ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
+            const bool seen = unmasked || visible(p.causal, pg.len, row, col);
+            const float pr = seen ? exp2f(s[j][2 * h + e] * scale_log2 - lse2[h]) : 0.f;
             float dpr = dp[j][2 * h + e];
             if (dropout) dpr = dropout::keep(rh[h], col, p.keep_threshold) ? dpr * p.dropout_scale : 0.f;
             s[j][2 * h + e] = pr * (dpr - delta[h]);
@@ -448,6 +451,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     const int m0 = q_begin + t * kN;  // first query position of the tile
     // Warps whose keys are all padding, or all after the tile's queries (causal), skip the math.
     const bool active = keys_active(p.causal, pg.len, k0, m0, kN);
+    const bool unmasked = tile_unmasked(p.causal, pg.len, m0, kN, k0, 16);
     float s[kNK][4], dp[kNK][4];  // [16 keys, kN queries]: scores, then dropped P; dP, then dS
     cp_async_wait<1>();
     __syncthreads();  // query tile t landed
@@ -463,7 +467,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int c = frag::score_col(j, pg.tig, e), query = m0 + c, key = k0 + frag::score_row(pg.g, h);
-            const bool seen = visible(p.causal, pg.len, query, key);
+            const bool seen = unmasked || visible(p.causal, pg.len, query, key);
             const float pr = seen ? exp2f(s[j][2 * h + e] * scale_log2 - lse_s[c] * kLog2e) : 0.f;
             const bool kept = !dropout || dropout::keep(rh_s[c], key, p.keep_threshold);
             const float mult = kept ? (dropout ? p.dropout_scale : 1.f) : 0.f;

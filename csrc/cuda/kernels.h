@@ -90,7 +90,11 @@ struct SampledSoftmaxParams {
   bool remove_hits;            // a negative equal to the row's positive is left out
 };
 
-cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream);
+// The forwards' scratch (split-stream partials) comes from the caller's allocator:
+// *_forward_workspace_floats(p) floats (0 when the stream is not split), not initialized.
+size_t sampled_softmax_forward_workspace_floats(const SampledSoftmaxParams& p);
+cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, float* workspace,
+                                    cudaStream_t stream);
 // deterministic: d_weight is bitwise reproducible run to run (no float atomics order).
 size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic);
 cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g, bool deterministic,
@@ -104,7 +108,9 @@ struct FullSoftmaxParams {
   int64_t num_excluded;
 };
 
-cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream);
+size_t full_softmax_forward_workspace_floats(const FullSoftmaxParams& p);
+cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, float* workspace,
+                                 cudaStream_t stream);
 size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p);
 cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradients& g, cudaStream_t stream);
 

@@ -797,16 +797,13 @@ cudaError_t full_args(const FullSoftmaxParams& p, LossArgs* a) {
 
 struct DeviceInfo {
   int sms, smem_optin;
-  bool pools;
 };
 
 cudaError_t device_info(DeviceInfo* info) {
-  int dev = 0, pools = 0;
+  int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info->sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev);
-  info->pools = pools != 0;
   return err;
 }
 
@@ -827,37 +824,39 @@ unsigned elementwise_blocks(i64 count) {
   return static_cast<unsigned>(imax<i64>(1, imin<i64>(ceil_div(count, 256), 65535)));
 }
 
-// Tile-engine forward (full, or sampled with shared negatives). With a split stream, the
-// partials go to a stream-ordered allocation (the forward has no workspace argument).
-cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, float* lse, cudaStream_t stream) {
+// The tile-engine forward's plan on the current device: the item stream split across
+// programs when T alone leaves SMs idle. The workspace size and the launch both use it.
+cudaError_t forward_plan(const LossArgs& a, ScalarType dtype, DeviceInfo* dev, EnginePlan* plan) {
+  const cudaError_t err = device_info(dev);
+  *plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
+  split_stream(plan, shape_of(a), kFwd, 2 * static_cast<i64>(dev->sms), 2);
+  return err;
+}
+
+size_t engine_forward_workspace_floats(const LossArgs& a, ScalarType dtype) {
   DeviceInfo dev{};
-  cudaError_t err = device_info(&dev);
+  EnginePlan plan{};
+  if (forward_plan(a, dtype, &dev, &plan) != cudaSuccess || plan.splits == 1) return 0;
+  return forward_scratch_floats(plan.splits, a.T);
+}
+
+// Tile-engine forward (full, or sampled with shared negatives). With a split stream, the
+// partials go to `workspace` (engine_forward_workspace_floats, from the caller's allocator).
+cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, float* lse, float* workspace,
+                           cudaStream_t stream) {
+  DeviceInfo dev{};
+  EnginePlan plan{};
+  cudaError_t err = forward_plan(a, dtype, &dev, &plan);
   if (err != cudaSuccess) return err;
-  EnginePlan plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
-  if (dev.pools) split_stream(&plan, shape_of(a), kFwd, 2 * static_cast<i64>(dev.sms), 2);
-  float* scratch = nullptr;
-  if (plan.splits > 1 &&
-      cudaMallocAsync(reinterpret_cast<void**>(&scratch), forward_scratch_floats(plan.splits, a.T) * sizeof(float),
-                      stream) != cudaSuccess) {
-    (void)cudaGetLastError();  // no memory for partials: one split
-    plan = engine_plan(shape_of(a), kFwd, element_size(dtype));
-    scratch = nullptr;
-  }
   EngineOut o{};
   o.loss = loss;
   o.lse = lse;
-  o.part = scratch;                                               // [splits, T, 2]
-  o.row_logit = scratch != nullptr ? scratch + 2 * plan.splits * a.T : nullptr;  // [T]
+  o.part = plan.splits > 1 ? workspace : nullptr;                             // [splits, T, 2]
+  o.row_logit = plan.splits > 1 ? workspace + 2 * plan.splits * a.T : nullptr;  // [T]
   err = launch_engine<kFwd>(a, plan, o, dtype, dev, stream);
-  if (err == cudaSuccess && scratch != nullptr) {
-    err = launch(combine_forward, elementwise_blocks(a.T), 256, 0, stream, a, o.part, o.row_logit, plan.splits, loss,
-                 lse);
-  }
-  if (scratch != nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(scratch, stream);
-    if (err == cudaSuccess) err = free_err;
-  }
-  return err;
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  return launch(combine_forward, elementwise_blocks(a.T), 256, 0, stream, a, o.part, o.row_logit, plan.splits, loss,
+                lse);
 }
 
 // Deterministic sampled d weight: workspace words (4 bytes) for keys, slots and CUB.
@@ -917,11 +916,18 @@ unsigned row_blocks(i64 rows) { return static_cast<unsigned>(ceil_div(rows, kRow
 
 // ------------------------------------------------------------------ launchers ------------
 
-cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream) {
+size_t sampled_softmax_forward_workspace_floats(const SampledSoftmaxParams& p) {
+  LossArgs a;
+  if (sampled_args(p, &a) != cudaSuccess || a.T == 0 || !uses_engine(shape_of(a))) return 0;
+  return engine_forward_workspace_floats(a, p.in.dtype);
+}
+
+cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, float* workspace,
+                                    cudaStream_t stream) {
   LossArgs a;
   const cudaError_t err = sampled_args(p, &a);
   if (err != cudaSuccess || a.T == 0) return err;
-  if (uses_engine(shape_of(a))) return engine_forward(a, p.in.dtype, loss, lse, stream);
+  if (uses_engine(shape_of(a))) return engine_forward(a, p.in.dtype, loss, lse, workspace, stream);
   return with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
@@ -972,11 +978,18 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
   return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
 }
 
-cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, cudaStream_t stream) {
+size_t full_softmax_forward_workspace_floats(const FullSoftmaxParams& p) {
+  LossArgs a;
+  if (full_args(p, &a) != cudaSuccess || a.T == 0) return 0;
+  return engine_forward_workspace_floats(a, p.in.dtype);
+}
+
+cudaError_t full_softmax_forward(const FullSoftmaxParams& p, float* loss, float* lse, float* workspace,
+                                 cudaStream_t stream) {
   LossArgs a;
   const cudaError_t err = full_args(p, &a);
   if (err != cudaSuccess || a.T == 0) return err;
-  return engine_forward(a, p.in.dtype, loss, lse, stream);
+  return engine_forward(a, p.in.dtype, loss, lse, workspace, stream);
 }
 
 size_t full_softmax_backward_workspace_floats(const FullSoftmaxParams& p) {

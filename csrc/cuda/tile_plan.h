@@ -175,6 +175,11 @@ SEQREC_HD constexpr bool keys_active(bool causal, int len, int k0, int m0, int k
 SEQREC_HD constexpr bool visible(bool causal, int len, int query, int key) {
   return query < len && key < len && (!causal || key <= query);
 }
+// Every query of [q0, q0 + nq) sees every key of [k0, k0 + nk): a tile the kernels compute
+// without the per-element mask (as FlashAttention-2, which masks boundary tiles only).
+SEQREC_HD constexpr bool tile_unmasked(bool causal, int len, int q0, int nq, int k0, int nk) {
+  return q0 + nq <= len && k0 + nk <= len && (!causal || k0 + nk - 1 <= q0);
+}
 
 }  // namespace attn_plan
 

@@ -24,6 +24,7 @@ from ..backends import Backend
 from ..data.packed import PackedBatch
 from ..data.samplers import PopularitySampler, UniformSampler, UnseenSampler
 from ..ops.attention import fused_attention, fused_attention_varlen
+from ..ops.retrieval import target_ranks, topk_items
 from ..ops.softmax_loss import full_softmax_loss, sampled_softmax_loss
 
 Loss = Literal["bce", "sampled_softmax", "full_softmax", "gbce"]
@@ -163,9 +164,13 @@ class SASRec(nn.Module):
             self.item_embedding.weight[0].zero_()
 
     def set_backend(self, backend: str | Backend) -> SASRec:
-        """Every fused op of the model (attention and losses) runs on `backend`."""
+        """Every fused op of the model (attention, losses, retrieval) runs on `backend`; the
+        extension has no retrieval kernels, so with 'cuda' or 'cpp' retrieval runs on 'auto'."""
         self.backend = Backend.parse(backend)
         return self
+
+    def _retrieval_backend(self) -> Backend:
+        return Backend.AUTO if self.backend in (Backend.CUDA, Backend.CPP) else self.backend
 
     def forward(self, histories: torch.Tensor | PackedBatch) -> torch.Tensor:
         """Hidden states of histories: left-padded item ids [B, L] (0 = padding) -> [B, L, d],
@@ -258,13 +263,24 @@ class SASRec(nn.Module):
 
     @torch.no_grad()
     def recommend(self, histories: torch.Tensor | PackedBatch, k: int = 10, exclude_seen: bool = True):
-        """Top-k next items for each history (padded [B, L] or packed): (ids [B, k], scores [B, k])."""
-        scores = self.score(histories)
-        scores[:, 0] = -math.inf  # padding is never recommended
+        """Top-k next items for each history (padded [B, L] or packed): (ids [B, k], scores [B, k]),
+        k at most num_items; never the padding item, nor (exclude_seen) an item of the history.
+        Scored by topk_items, without a [B, N + 1] score matrix: past the last candidate, id -1
+        and score -inf."""
+        seen = None
         if exclude_seen:
-            if isinstance(histories, PackedBatch):  # the tail's (row 0, item 0) is padding, already excluded
-                scores.index_put_((histories.rows, histories.items), scores.new_tensor(-math.inf))
-            else:
-                scores.scatter_(1, histories, -math.inf)
-        top = scores.topk(min(k, self.config.num_items), dim=1)
-        return top.indices, top.values
+            seen = histories
+            if isinstance(histories, PackedBatch):  # [B, max_len], 0 = padding; the tail adds item 0 to (0, 0)
+                seen = histories.items.new_zeros(histories.num_sequences, self.config.max_len)
+                seen.index_put_((histories.rows, histories.positions), histories.items, accumulate=True)
+        hidden, k = self.last_hidden(histories), min(k, self.config.num_items)
+        scores, ids = topk_items(hidden, self.item_embedding.weight, k, exclude=seen, backend=self._retrieval_backend())
+        return ids, scores
+
+    @torch.no_grad()
+    def target_ranks(self, histories: torch.Tensor | PackedBatch, targets: torch.Tensor, exclude: torch.Tensor):
+        """[B] 0-based ranks of targets [B] among all items after each history (padded [B, L] or
+        packed), without the padding item and the items of exclude [B, M] (0 = padding; the
+        target itself is always ranked): the number of those scoring strictly higher."""
+        return target_ranks(self.last_hidden(histories), self.item_embedding.weight, targets, exclude=exclude,
+                            backend=self._retrieval_backend())  # fmt: skip

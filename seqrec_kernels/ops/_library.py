@@ -15,6 +15,11 @@ autograd formula, both derived from the ops' schemas by one convention:
   a forward argument or output of the same name, or an option read when it runs;
 - the backward returns the gradients of the forward's leading arguments, in order, each
   like its input; every later forward argument gets none.
+
+Under torch.autocast those leading (differentiable) arguments are the ones cast to the
+autocast dtype: the matmul operands (q, k, v; hidden, item_weight), as torch casts a
+linear layer's. Everything else (ids, log-q corrections, the float32 losses and LSE the
+kernels return) keeps its dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import torch
 from .._checks import accumulation_dtype
 from ..backends import EXTENSION_ERROR, Backend, cpp_op
 from ..triton import implementation
+
+# The dispatch key of each device type's autocast, where the cast rule is registered.
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_LIBRARY = torch.library.Library("seqrec", "FRAGMENT")
 
 # The Python schemas of each family, name -> (forward, backward) (tests/test_op_schemas.py).
 SCHEMAS: dict[str, tuple[str, str]] = {}
@@ -117,4 +126,65 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options):
         return (*grads, *([None] * num_non_differentiable))
 
     torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
+    for device_type in _AUTOCAST_KEYS:
+        _register_autocast(fwd, device_type, len(differentiable))
+        _register_autocast(bwd, device_type, 0)  # a backward inside the region runs on what the forward saved
     return fwd
+
+
+def _register_autocast(op, device_type: str, num_operands: int) -> None:
+    """Under torch.autocast(device_type), `op` runs on its first `num_operands` arguments
+    cast to the autocast dtype (float16 or bfloat16; float64 and non-float tensors are left
+    as they are, as torch's own autocast does), with autocast off inside (the reference's
+    own matmuls stay in the dtype they are given). What
+    torch.library.register_autocast does, except that the dtype is the autocast region's,
+    not one fixed when the rule is registered."""
+    key = _AUTOCAST_KEYS[device_type]
+    exclude_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast(arg):
+        eligible = isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dtype != torch.float64
+        if not eligible or arg.device.type != device_type:
+            return arg
+        return arg.to(torch.get_autocast_dtype(device_type))
+
+    def rule(*args):
+        args = [cast(arg) for arg in args[:num_operands]] + list(args[num_operands:])
+        with torch._C._ExcludeDispatchKeyGuard(exclude_autocast):
+            return op(*args)
+
+    op.py_impl(getattr(torch._C.DispatchKey, key))(rule)  # what tracing (torch.compile) calls
+    _LIBRARY.impl(op.__name__.split(".")[0], lambda _keyset, *args: rule(*args), key, with_keyset=True)
+
+
+# Forward-only families (retrieval returns ids, ranks and scores nobody differentiates):
+# one op per backend, seqrec::<family>_<backend>, with no C++ twin; name -> schema.
+FORWARD_SCHEMAS: dict[str, str] = {}
+
+
+def define_forward_ops(
+    family: str, schema: str, *, functions: tuple[str, str], fake: Callable
+) -> dict[Backend, Callable]:
+    """Defines op family `family` on the reference and Triton backends and returns its op per
+    backend. The ops have fake impls (opcheck, torch.compile) and no autograd formula: the
+    public function hands them detached inputs. Under torch.autocast their first two
+    arguments, the matmul operands (hidden, weight), are cast as the other ops' are.
+
+    schema: without the op name, "(Tensor hidden, Tensor weight, ...) -> (Tensor, Tensor)".
+    functions: (module, name): the ops run `name` of seqrec_kernels.reference.<module> and
+        seqrec_kernels.triton.<module>.
+    fake: the op's fake impl: its arguments -> outputs of the right shapes and dtypes.
+    """
+    FORWARD_SCHEMAS[family] = schema
+    module, name = functions
+    reference = importlib.import_module(f"seqrec_kernels.reference.{module}")
+    python_impls = {Backend.REFERENCE: getattr(reference, name), Backend.TRITON: implementation(module, name)}
+    ops = {}
+    for backend, function in python_impls.items():
+        op_name = f"seqrec::{family}_{backend.value}"
+        torch.library.custom_op(op_name, function, mutates_args=(), schema=schema)
+        torch.library.register_fake(op_name, fake)
+        ops[backend] = cpp_op(op_name)
+        for device_type in _AUTOCAST_KEYS:
+            _register_autocast(ops[backend], device_type, 2)
+    return ops

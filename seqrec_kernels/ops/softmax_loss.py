@@ -237,5 +237,10 @@ def full_softmax_loss(
     row_loss, lse = _FULL_OPS[chosen](
         hidden.reshape(-1, hidden.shape[-1]), item_weight, targets_flat, excluded_ids, temperature, ignore_index
     )
-    loss = _reduce(row_loss, _valid_rows(targets_flat, ignore_index, num_items), reduction, row_shape)
-    return (loss, lse.view(row_shape)) if return_lse else loss
+    valid = _valid_rows(targets_flat, ignore_index, num_items)
+    loss = _reduce(row_loss, valid, reduction, row_shape)
+    if not return_lse:
+        return loss
+    # Ignored rows: LSE 0 on every backend (the reference and Triton skip them; cpp and cuda
+    # compute it, and their backward reads it, so the op's own output keeps it).
+    return loss, torch.where(valid, lse, 0.0).view(row_shape)

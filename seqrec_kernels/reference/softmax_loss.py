@@ -2,8 +2,9 @@
 
 Op-level contract shared by all backends (see `seqrec_kernels/ops/softmax_loss.py`):
 hidden [T, D], weight [N, D]; logit(row, item) = <hidden[row], weight[item]> / temperature
-- log_q(item). Rows whose positive/target equals ignore_index have loss 0 and no
-gradient. Losses and LSEs are float32 (float64 for float64 inputs), per row [T].
+- log_q(item). Rows whose positive/target equals ignore_index have loss 0, LSE 0 and no
+gradient (the kernels skip them). Losses and LSEs are float32 (float64 for float64
+inputs), per row [T].
 
 Sampled: negatives neg_ids [G, K]; row t uses group t // rows_per_group (G = 1: shared
 by all rows; G = B: one list per sequence; G = T: one per row).
@@ -46,9 +47,11 @@ def sampled_forward(
         None if neg_log_q is None else neg_log_q.to(compute),
         rows_per_group, remove_hits, temperature,
     )  # fmt: skip
+    # Every row is computed: the grouped product shares each list's gathered weights, which a
+    # ragged subset of rows would not.
     lse = torch.logsumexp(torch.cat([pos_logits[:, None], neg_logits], dim=1), dim=1)
-    loss = torch.where(pos_ids != ignore_index, lse - pos_logits, 0.0)
-    return loss, lse
+    valid = pos_ids != ignore_index
+    return torch.where(valid, lse - pos_logits, 0.0), torch.where(valid, lse, 0.0)
 
 
 def sampled_backward(
@@ -66,9 +69,11 @@ def sampled_backward(
         rows_per_group, remove_hits, temperature,
     )  # fmt: skip
     # d loss / d logit = softmax - onehot(positive), scaled by the row's upstream gradient.
-    row_scale = torch.where(pos_ids != ignore_index, grad_loss.to(compute), 0.0) / temperature
-    pos_coef = (torch.exp(pos_logits - lse) - 1.0) * row_scale  # [T]
-    neg_coef = torch.exp(neg_logits - lse[:, None]) * row_scale[:, None]  # [T, K]
+    # Ignored rows (LSE 0) are masked before the scale: exp(logit - 0) may overflow, and inf * 0 is NaN.
+    valid = pos_ids != ignore_index
+    row_scale = torch.where(valid, grad_loss.to(compute), 0.0) / temperature
+    pos_coef = torch.where(valid, torch.exp(pos_logits - lse) - 1.0, 0.0) * row_scale  # [T]
+    neg_coef = torch.where(valid[:, None], torch.exp(neg_logits - lse[:, None]), 0.0) * row_scale[:, None]  # [T, K]
     groups, num_neg = neg_ids.shape
     safe_pos = pos_ids.clamp(0, w.shape[0] - 1)
     grouped_coef = neg_coef.view(groups, rows_per_group, num_neg)  # [G, R, K]
@@ -86,23 +91,31 @@ def _full_logits(hidden, weight, excluded_ids, temperature):
     return logits.index_fill_(1, excluded_ids.long(), -math.inf)
 
 
+def _counted_rows(targets, ignore_index):
+    """Indices [V] of the rows whose target is not ignore_index. nonzero() reads V on the
+    host (a sync): this CPU-first reference accepts it to compute no logits for ignored rows."""
+    return (targets != ignore_index).nonzero()[:, 0]
+
+
 def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_index):
-    """Per-row loss [T] (0 at ignored rows) and LSE [T] over the items not excluded."""
+    """Per-row loss [T] and LSE [T] over the items not excluded (both 0 at ignored rows)."""
     compute = accumulation_dtype(hidden.dtype)
-    logits = _full_logits(hidden.to(compute), weight.to(compute), excluded_ids, temperature)
+    rows = _counted_rows(targets, ignore_index)
+    logits = _full_logits(hidden[rows].to(compute), weight.to(compute), excluded_ids, temperature)  # [V, N]
     lse = torch.logsumexp(logits, dim=1)
-    valid = targets != ignore_index
-    target_logits = logits.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
-    return torch.where(valid, lse - target_logits, 0.0), lse
+    target_logits = logits.gather(1, targets[rows].long()[:, None])[:, 0]
+    zeros = hidden.new_zeros(hidden.shape[0], dtype=compute)
+    return zeros.index_copy(0, rows, lse - target_logits), zeros.index_copy(0, rows, lse)
 
 
 def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
     """Gradients (d hidden [T, D], d weight [N, D]); the logits are recomputed."""
     compute = accumulation_dtype(hidden.dtype)
-    h, w = hidden.to(compute), weight.to(compute)
-    probs = _full_logits(h, w, excluded_ids, temperature).sub_(lse[:, None]).exp_()  # [T, N]
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0).long()[:, None]
-    probs.scatter_add_(1, safe_targets, -valid[:, None].to(compute))  # softmax - onehot(target)
-    coef = probs.mul_((torch.where(valid, grad_loss.to(compute), 0.0) / temperature)[:, None])
-    return (coef @ w).to(hidden.dtype), (coef.T @ h).to(weight.dtype)
+    rows = _counted_rows(targets, ignore_index)
+    h, w = hidden[rows].to(compute), weight.to(compute)  # [V, D], [N, D]
+    probs = _full_logits(h, w, excluded_ids, temperature).sub_(lse[rows, None]).exp_()  # [V, N]
+    target_ids = targets[rows].long()[:, None]
+    probs.scatter_add_(1, target_ids, probs.new_full(target_ids.shape, -1.0))  # softmax - onehot(target)
+    coef = probs.mul_((grad_loss[rows].to(compute) / temperature)[:, None])
+    d_hidden = hidden.new_zeros(hidden.shape, dtype=compute).index_copy_(0, rows, coef @ w)
+    return d_hidden.to(hidden.dtype), (coef.T @ h).to(weight.dtype)

@@ -4,8 +4,11 @@ Same op-level contract as `seqrec_kernels/reference/attention.py`. One program h
 one block of query rows (forward, dq) or key rows (dk/dv) of one (sequence, head); rows
 are addressed relative to the sequence's first token, so padding is never loaded, tiles
 above the causal diagonal are never visited, and a program whose rows are all padding
-exits at once. Softmax runs in base 2 with float32 statistics; the backward recomputes
-the probabilities from the saved LSE instead of storing the L x L matrix.
+exits at once. Outputs start uninitialized: the programs of each (sequence, head) first
+write the rows of its batch row that no sequence holds (out and gradients 0, LSE -inf),
+so that no fill launches precede the kernels. Softmax runs in base 2 with float32 statistics;
+the backward recomputes the probabilities from the saved LSE instead of storing the
+L x L matrix.
 """
 
 import math
@@ -38,6 +41,34 @@ def _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK: tl.c
     start = tl.minimum(tl.maximum(tl.load(SeqStart + seq), 0), num_rows)
     length = tl.minimum(tl.maximum(tl.load(SeqLen + seq), 0), tl.minimum(num_rows - start, max_seqlen))
     return seq, head, start, length, tl.program_id(1) * BLOCK
+
+
+@triton.jit
+def _padding_rows(seq, start, length, num_rows, seqs_per_row):
+    """The rows of this sequence's batch row that no sequence holds and that its programs
+    write: [0, lead_end) before the row's first sequence and [tail_start, num_rows) after
+    its last (both empty for a sequence in between). A padded batch row holds one
+    sequence; the packed form's one row holds all of them end to end (seqs_per_row = B)."""
+    lead_end = tl.where(seq % seqs_per_row == 0, start, 0)
+    tail_start = tl.where(seq % seqs_per_row == seqs_per_row - 1, start + length, num_rows)
+    return lead_end, tail_start
+
+
+@triton.jit
+def _write_padding(Ptr, seq, head, stride_b, stride_h, stride_l, lead_end, tail_start, num_rows, value, width,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Writes `value` to columns [0, width) of the padding rows (_padding_rows) of (seq,
+    head): the outputs start uninitialized. Program j of the G on grid axis 1 takes blocks
+    j, j + G, ... of those rows: at most one in the padded form (L rows, G * BLOCK >= L),
+    a loop over a packed tail longer than max_seqlen."""
+    base = Ptr + seq.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    offs_d = tl.arange(0, BLOCK_D)
+    num_padding = lead_end + (num_rows - tail_start)
+    for first in range(tl.program_id(1) * BLOCK, num_padding, tl.num_programs(1) * BLOCK):
+        i = first + tl.arange(0, BLOCK)
+        rows = tl.where(i < lead_end, i, i - lead_end + tail_start)
+        mask = (i[:, None] < num_padding) & (offs_d[None, :] < width)
+        tl.store(base + rows[:, None].to(tl.int64) * stride_l + offs_d[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -77,13 +108,18 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
     qk_scale_log2, drop_threshold, drop_scale,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
+    lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
+    _write_padding(Out, seq, head, stride_ob, stride_oh, stride_ol, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_M, BLOCK_D)  # fmt: skip
+    _write_padding(Lse, seq, head, stride_lb, stride_lh, 1, lead_end, tail_start, num_rows, -float("inf"), 1,
+                   BLOCK_M, 1)  # fmt: skip
     if block_start >= length:  # every row of this block is padding
         return
 
@@ -159,7 +195,7 @@ def _attention_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
     scale, qk_scale_log2, drop_threshold, drop_scale,
     stride_dkb, stride_dkh, stride_dkl,
     stride_dvb, stride_dvh, stride_dvl,
@@ -169,6 +205,11 @@ def _attention_bwd_dkdv_kernel(
 ):  # fmt: skip
     """dK, dV for one block of keys, streaming the query blocks that can see them."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_N)
+    lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
+    _write_padding(DK, seq, head, stride_dkb, stride_dkh, stride_dkl, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_N, BLOCK_D)  # fmt: skip
+    _write_padding(DV, seq, head, stride_dvb, stride_dvh, stride_dvl, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_N, BLOCK_D)  # fmt: skip
     if block_start >= length:
         return
 
@@ -224,7 +265,7 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
     scale, qk_scale_log2, drop_threshold, drop_scale,
     stride_dqb, stride_dqh, stride_dql,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -233,6 +274,9 @@ def _attention_bwd_dq_kernel(
 ):  # fmt: skip
     """dQ for one block of queries, streaming the keys it sees."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
+    lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
+    _write_padding(DQ, seq, head, stride_dqb, stride_dqh, stride_dql, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_M, BLOCK_D)  # fmt: skip
     if block_start >= length:
         return
 
@@ -279,22 +323,51 @@ def _launch_config(head_dim, dtype, backward):
     block_d = max(16, triton.next_power_of_2(head_dim))
     if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
         return 32, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
-    wide = block_d > 128 or (dtype == torch.float32 and block_d > 64)
+    # float32 operand tiles take twice the registers: the narrow tiles at any D (64-row tiles
+    # spilled kilobytes at D=50 in every float32 precision mode).
+    wide = block_d > 128 or dtype == torch.float32
     if backward:
         block_m, block_n, num_warps, num_stages = (16, 32, 8, 1) if wide else (32, 64, 4 if block_d <= 64 else 8, 2)
         # 8 warps at D=128: else dk/dv spilled at 16-bit (D=128 with dropout).
         return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
     block_m, block_n, num_stages = (32, 32, 1) if wide else (64, 64 if block_d <= 64 else 32, 2)
-    return block_m, block_n, block_d, dict(num_warps=4, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+    num_warps = 8 if dtype == torch.float32 else 4  # 4 spilled at float32 (IEEE, D=50, no causal mask)
+    return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
 
-def _dot_dtype(dtype):
-    """The dtype tl.dot multiplies in: the input's, except bfloat16 under the interpreter,
-    which multiplies bfloat16 bit patterns (triton-lang/triton#11584); there float32 gives
-    the same products (bf16 * bf16 is exact in float32) with float32 accumulation."""
-    if dtype == torch.bfloat16 and triton_interpreter_enabled():
-        return tl.float32
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+# float32 tile products by torch.get_float32_matmul_precision() (torch.backends.cuda.matmul.
+# allow_tf32 sets it too): "highest" IEEE float32 on CUDA cores; "high" 3xTF32 on tensor
+# cores (float32 accuracy; each operand split into a TF32 value and its remainder); "medium"
+# bfloat16 operands. Products accumulate in float32 in every mode.
+FLOAT32_DOT = {"highest": (tl.float32, "ieee"), "high": (tl.float32, "tf32x3"), "medium": (tl.bfloat16, "tf32")}
+
+
+def _dot_options(dtype, head_dim: int) -> dict:
+    """DOT_DTYPE (what tl.dot multiplies) and DOT_PRECISION (its float32 input precision)
+    for inputs of `dtype` and a head (hidden) dim of `head_dim`. 3xTF32 only up to D=256:
+    beyond, its split operands spilled kilobytes and overflowed shared memory; IEEE there.
+    Under the interpreter: float32 products, since it multiplies bfloat16 bit patterns
+    (triton-lang/triton#11584) and ignores input_precision; for 16-bit inputs float32 gives
+    the same products (a 16-bit product is exact in float32)."""
+    if triton_interpreter_enabled():
+        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+    if dtype == torch.float32:
+        dot_dtype, precision = FLOAT32_DOT[torch.get_float32_matmul_precision()]
+        if precision == "tf32x3" and head_dim > 256:
+            precision = "ieee"
+        return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
+    return dict(DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], DOT_PRECISION="tf32")
+
+
+def _row_blocks(max_seqlen, block):
+    """Programs per (sequence, head) on grid axis 1: one at least, so that the padding rows
+    are written even where no sequence has a row (max_seqlen = 0)."""
+    return triton.cdiv(max(max_seqlen, 1), block)
+
+
+def _seqs_per_row(seq_len, packed):
+    """Sequences per batch row of the [B, H, L, D] view: all of them when packed, else one."""
+    return seq_len.shape[0] if packed else 1
 
 
 def _strides(t, packed):
@@ -304,14 +377,12 @@ def _strides(t, packed):
 
 def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
     num_heads, num_rows, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    dot_dtype = _dot_dtype(q.dtype)
     return dict(
         sizes=(num_heads, num_rows, max_seqlen, head_dim),
         meta=dict(
             CAUSAL=causal,
             DROPOUT=dropout_p > 0.0,
-            DOT_DTYPE=dot_dtype,
-            DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
+            **_dot_options(q.dtype, head_dim),
         ),
         drop=(keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
         packed=q.shape[0] != seq_len.shape[0],
@@ -319,30 +390,32 @@ def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
 
 
 def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
-    """Returns out (zeros at padding rows; the layout of q) and lse [B, H, L] float32."""
+    """Returns out (zeros at padding rows; the layout of q) and lse [B, H, L] float32
+    (-inf at padding rows), every element written by the kernel."""
     check_head_dim(q.shape[3])
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or max_seqlen == 0:
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
         return out, lse
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
     block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=False)
-    grid = (seq_len.shape[0] * q.shape[1], triton.cdiv(max_seqlen, block_m))
+    grid = (seq_len.shape[0] * q.shape[1], _row_blocks(max_seqlen, block_m))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, seq_start, seq_len, dropout_seed,
         *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
         *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
-        *c["sizes"], scale * math.log2(math.e), *c["drop"],
+        *c["sizes"], _seqs_per_row(seq_len, c["packed"]), scale * math.log2(math.e), *c["drop"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"],
     )  # fmt: skip
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
-    """Gradients (dq, dk, dv), each zero at padding rows and laid out like its input."""
+    """Gradients (dq, dk, dv), each zero at padding rows (written by the kernels) and laid
+    out like its input."""
     check_head_dim(q.shape[3])
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if q.numel() == 0 or max_seqlen == 0:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
         return dq, dk, dv
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -351,22 +424,22 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     lse_strides = _strides(lse, packed)[:2]
     block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=True)
 
-    delta = torch.zeros_like(lse)  # [B, H, L]: rowsum(dout * out)
-    _attention_bwd_delta_kernel[(num_pairs, triton.cdiv(max_seqlen, block_m))](
+    delta = torch.empty_like(lse)  # [B, H, L]: rowsum(dout * out), read at rows of sequences only
+    _attention_bwd_delta_kernel[(num_pairs, _row_blocks(max_seqlen, block_m))](
         out, dout, delta, seq_start, seq_len,
         *_strides(out, packed), *_strides(dout, packed), *lse_strides,
         *c["sizes"], BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
     shared = (
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed),
-        *lse_strides, *c["sizes"], scale, scale * math.log2(math.e), *c["drop"],
+        *lse_strides, *c["sizes"], _seqs_per_row(seq_len, packed), scale, scale * math.log2(math.e), *c["drop"],
     )  # fmt: skip
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
-    _attention_bwd_dkdv_kernel[(num_pairs, triton.cdiv(max_seqlen, block_n))](
+    _attention_bwd_dkdv_kernel[(num_pairs, _row_blocks(max_seqlen, block_n))](
         q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
         *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,
     )  # fmt: skip
-    _attention_bwd_dq_kernel[(num_pairs, triton.cdiv(max_seqlen, block_m))](
+    _attention_bwd_dq_kernel[(num_pairs, _row_blocks(max_seqlen, block_m))](
         q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed), **launch
     )
     return dq, dk, dv

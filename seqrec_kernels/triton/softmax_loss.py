@@ -3,20 +3,24 @@
 Same op-level contract as `seqrec_kernels/reference/softmax_loss.py`. Forward: each
 program streams the item rows (negatives or the whole catalog) of a block of hidden rows
 through an online log-sum-exp in float32 and writes the per-row loss and LSE. Backward
-recomputes logit tiles from the LSE. Extra memory is O(T + N) beyond the gradients
-(plus O(T + G*K) sort indices in deterministic mode).
+recomputes logit tiles from the LSE. Ignored rows (see "ignored rows" below) cost no
+logits: the blocks hold only rows that count. The kernels write every element of their
+outputs (0 at ignored rows), except the float32 item gradient the atomics accumulate.
+Extra memory is O(T + N) beyond the gradients (plus O(T + G*K) sort indices in
+deterministic mode).
 
 Sampled, two layouts of negatives [G, K]:
 - shared (rows_per_group > 1): a program's rows use the same list, so logits are a
   [BLOCK_T, BLOCK_K] tile product on tensor cores;
 - per row (rows_per_group == 1): each row gathers its own [BLOCK_K, D] rows, logits are
   row-wise dot products.
-d item_weight is a float32 scatter-add (atomics) by default; under
+d item_weight is a float32 scatter-add (relaxed atomics: each add needs no ordering with
+any other memory access, so no fence or L1 invalidation per add) by default; under
 torch.use_deterministic_algorithms(True) it is computed item by item over the sorted
 sample ids instead, in a fixed order.
 
-Full: d hidden streams item tiles per row block; d item_weight streams row tiles per item
-block (no atomics, deterministic).
+Full: d hidden streams item tiles per row block; d item_weight streams the blocks of rows
+that count per item block (no atomics, deterministic).
 """
 
 import torch
@@ -25,7 +29,7 @@ import triton.language as tl
 
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
-from .attention import MAX_REGISTERS, _dot_dtype
+from .attention import MAX_REGISTERS, _dot_options
 
 
 def _blocks(hidden_dim, dtype):
@@ -34,6 +38,8 @@ def _blocks(hidden_dim, dtype):
     if triton_interpreter_enabled():
         return 16, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
     block_t = block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
+    if dtype == torch.float32:  # operand tiles of twice the registers: 64 rows spilled KBs (IEEE or 3xTF32)
+        block_t = block_n = max(16, block_t // 2)
     # 8 warps: with 4, the backward kernels (two [BT, BD] float32 tiles more, a gradient and
     # its update, and the addresses of the item-gradient atomics) and the D=50 forward spilled.
     num_warps = 8
@@ -41,6 +47,8 @@ def _blocks(hidden_dim, dtype):
     # (float32, D=1024: 3 x 64 KB is over the A100's 163 KB per block).
     tile_bytes = block_n * block_d * torch.empty((), dtype=dtype).element_size()
     num_stages = max(1, min(3, (64 * 1024) // tile_bytes))
+    if _dot_options(dtype, hidden_dim)["DOT_PRECISION"] == "ieee" and dtype == torch.float32:
+        num_stages = 1  # IEEE products wait on the FMA units, not on loads; 3 stages spilled 8 B at D=50 (sm_90)
     return block_t, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
 
@@ -59,30 +67,94 @@ def _item_rows_block(block_d):
     return 16 if triton_interpreter_enabled() else max(1, min(64, 4096 // block_d))
 
 
-def _dot_meta(dtype):
-    dot_dtype = _dot_dtype(dtype)
-    return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
+# ------------------------------------------------------------------------ ignored rows
+
+# Rows whose positive/target is ignore_index (or outside [0, N)) cost nothing: a first
+# kernel compacts each segment of rows (consecutive rows of one group that shares
+# negatives, at most MAX_SEGMENT_ROWS) so that its rows that count come first, and the
+# loss kernels read rows through that order: tiles are dense over rows that count, and a
+# program whose slots hold only ignored rows writes their zeros and exits. All on the
+# device (no host sync); the backward compacts again (the ops save no order).
+MAX_SEGMENT_ROWS = 1024
+
+
+def _row_segments(rows_per_group, block_t):
+    """How rows are compacted and tiled. Each group of `rows_per_group` rows is cut into
+    segments of SEGMENT rows (a power of two), each segment into blocks of BLOCK_T slots,
+    one program per block: program = (group * segments_per_group + segment) *
+    blocks_per_segment + block, on one grid axis (millions of rows fit CUDA's limits).
+    Returns (rows_per_group, segments_per_group, blocks_per_segment, SEGMENT)."""
+    segment = min(MAX_SEGMENT_ROWS, triton.next_power_of_2(rows_per_group))
+    blocks_per_segment = triton.cdiv(min(rows_per_group, segment), block_t)
+    return rows_per_group, triton.cdiv(rows_per_group, segment), blocks_per_segment, segment
+
+
+def _compact(ids, num_items, ignore_index, segments):
+    """(order [T] int32, count [S] int32) from _compact_rows_kernel, ids [T] the positives/targets."""
+    rows_per_group, segments_per_group, _, segment = segments
+    num_segments = triton.cdiv(ids.shape[0], rows_per_group) * segments_per_group
+    order = torch.empty(ids.shape[0], dtype=torch.int32, device=ids.device)
+    count = torch.empty(num_segments, dtype=torch.int32, device=ids.device)
+    _compact_rows_kernel[(num_segments,)](
+        ids, order, count, ids.shape[0], num_items, rows_per_group, segments_per_group, ignore_index,
+        SEGMENT=segment, num_warps=4,
+    )  # fmt: skip
+    return order, count
+
+
+@triton.jit
+def _compact_rows_kernel(
+    Ids, Order, Count, num_rows, num_items, rows_per_group, segments_per_group, ignore_index, SEGMENT: tl.constexpr
+):
+    """One program per segment: Order holds the segment's rows that count (id not
+    ignore_index, in [0, N)) in their order, then its ignored rows; Count how many count."""
+    segment = tl.program_id(0)
+    first_local = (segment % segments_per_group) * SEGMENT
+    first = (segment // segments_per_group) * rows_per_group + first_local
+    local = tl.arange(0, SEGMENT)
+    in_segment = (local < rows_per_group - first_local) & (first + local < num_rows)
+    ids = tl.load(Ids + first + local, mask=in_segment, other=ignore_index)
+    counts = in_segment & (ids != ignore_index) & (ids >= 0) & (ids < num_items)
+    ignored = in_segment & (counts == 0)
+    num_counted = tl.sum(counts.to(tl.int32), 0)
+    slot = tl.where(counts, tl.cumsum(counts.to(tl.int32), 0), num_counted + tl.cumsum(ignored.to(tl.int32), 0)) - 1
+    tl.store(Order + first + slot, first + local, mask=in_segment)
+    tl.store(Count + segment, num_counted)
+
+
+@triton.jit
+def _compacted_rows(Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
+                    BLOCK_T: tl.constexpr):  # fmt: skip
+    """This program's rows [BT] (read through Order), which of them count (its slots below
+    the segment's Count), which are ignored (its other slots in the segment), the group,
+    and whether no row counts (the program only writes zeros)."""
+    segment = tl.program_id(0) // blocks_per_segment
+    group = segment // segments_per_group
+    first_local = (segment % segments_per_group) * segment_rows
+    first = group * rows_per_group + first_local
+    block_start = (tl.program_id(0) % blocks_per_segment) * BLOCK_T
+    slots = block_start + tl.arange(0, BLOCK_T)
+    in_segment = (slots < rows_per_group - first_local) & (first + slots < num_rows)
+    rows = tl.load(Order + first + slots, mask=in_segment, other=0)
+    count = tl.load(Count + segment)
+    return rows, in_segment & (slots < count), in_segment & (slots >= count), group, block_start >= count
 
 
 # ------------------------------------------------------------------------ sampled
 
 
 @triton.jit
-def _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
-    """This program's rows, their validity, and the group whose negatives they use ([BT]
-    per row, a scalar when shared). One grid axis: program = group * blocks_per_group +
-    block, so that a single group of millions of rows stays within grid limits. One
-    return statement: Triton's compiler rejects branches that return different types."""
+def _sampled_rows(Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
+                  PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """_compacted_rows, with the group whose negatives each row uses: a scalar when shared,
+    the rows themselves [BT] per row (there all rows form one group of compaction, each
+    row carrying its own list)."""
+    rows, counted, ignored, group, idle = _compacted_rows(
+        Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, BLOCK_T
+    )
     if PER_ROW:
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_mask = rows < num_rows
         group = rows
-    else:
-        group = tl.program_id(0) // blocks_per_group
-        local = (tl.program_id(0) % blocks_per_group) * BLOCK_T + tl.arange(0, BLOCK_T)
-        rows = group * rows_per_group + local
-        row_mask = (local < rows_per_group) & (rows < num_rows)
-    return rows, row_mask, group
+    return rows, counted, ignored, group, idle
 
 
 @triton.jit
@@ -149,15 +221,20 @@ def _negative_logits(
 
 @triton.jit
 def _sampled_fwd_kernel(
-    H, W, Pos, Neg, PosLogQ, NegLogQ, Loss, Lse,
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Loss, Lse, Order, Count,
     stride_h, stride_w, stride_neg,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, blocks_per_group, inv_temp, ignore_index,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
+    inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW, BLOCK_T)
-    if tl.max(row_mask.to(tl.int32), 0) == 0:
+    rows, row_mask, ignored, group, idle = _sampled_rows(
+        Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, PER_ROW, BLOCK_T
+    )
+    tl.store(Loss + rows, 0.0, mask=ignored)
+    tl.store(Lse + rows, 0.0, mask=ignored)
+    if idle:
         return
     offs_d = tl.arange(0, BLOCK_D)
     # Distinct names for unused results: a name re-bound inside the loop below would be a
@@ -184,32 +261,38 @@ def _sampled_fwd_kernel(
 
 @triton.jit
 def _sampled_bwd_kernel(
-    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DH, DW,
-    stride_h, stride_w, stride_neg, stride_dh, stride_dw,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, blocks_per_group, inv_temp, ignore_index,
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DH, DW, Order, Count,
+    stride_h, stride_w, stride_neg, stride_grad, stride_dh, stride_dw,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
+    inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     SCATTER_DW: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics."""
-    rows, row_mask, group = _sampled_rows(num_rows, rows_per_group, blocks_per_group, PER_ROW, BLOCK_T)
-    if tl.max(row_mask.to(tl.int32), 0) == 0:
-        return
+    rows, row_mask, ignored, group, idle = _sampled_rows(
+        Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, PER_ROW, BLOCK_T
+    )
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < hidden_dim
+    if idle:  # only ignored rows: d hidden 0
+        tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0, mask=ignored[:, None] & d_mask)
+        return
     h, pos, valid, w_pos, pos_logits = _positive_logits(
         H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
         ignore_index, HAS_POS_LOGQ,
     )  # fmt: skip
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     # d loss / d logit = softmax - onehot(positive), times upstream gradient / temperature.
-    row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
+    row_scale = tl.where(valid, tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0) * inv_temp, 0.0)
     pos_coef = (tl.exp(pos_logits - lse) - 1.0) * row_scale  # [BT]
     dh = pos_coef[:, None] * w_pos
     if SCATTER_DW:
         dw_pos_ptr = DW + tl.where(valid, pos, 0)[:, None].to(tl.int64) * stride_dw + offs_d[None, :]
-        tl.atomic_add(dw_pos_ptr, pos_coef[:, None] * h.to(tl.float32), mask=valid[:, None] & d_mask[None, :])
+        tl.atomic_add(
+            dw_pos_ptr, pos_coef[:, None] * h.to(tl.float32), mask=valid[:, None] & d_mask[None, :], sem="relaxed"
+        )
     for k_start in range(0, num_neg, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         logits, ids, w = _negative_logits(
@@ -223,7 +306,7 @@ def _sampled_bwd_kernel(
             if SCATTER_DW:
                 dw_ptr = DW + tl.where(present, ids, 0)[:, :, None].to(tl.int64) * stride_dw + offs_d[None, None, :]
                 contribution = coef[:, :, None] * h.to(tl.float32)[:, None, :]  # [BT, BK, BD]
-                tl.atomic_add(dw_ptr, contribution, mask=present[:, :, None] & d_mask[None, None, :])
+                tl.atomic_add(dw_ptr, contribution, mask=present[:, :, None] & d_mask[None, None, :], sem="relaxed")
         else:
             dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if SCATTER_DW:
@@ -236,7 +319,7 @@ def _sampled_bwd_kernel(
                 if D_CHUNK == BLOCK_D:
                     dw_tile = tl.dot(coef_t, h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
                     dw_mask = present_k[:, None] & d_mask[None, :]
-                    tl.atomic_add(dw_rows[:, None] + offs_d[None, :], dw_tile, mask=dw_mask)
+                    tl.atomic_add(dw_rows[:, None] + offs_d[None, :], dw_tile, mask=dw_mask, sem="relaxed")
                 else:
                     for d_start in tl.static_range(0, BLOCK_D, D_CHUNK):
                         offs_c = d_start + tl.arange(0, D_CHUNK)
@@ -244,22 +327,28 @@ def _sampled_bwd_kernel(
                         h_c = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_c[None, :],
                                       mask=row_mask[:, None] & c_mask, other=0.0)  # fmt: skip
                         dw_c = tl.dot(coef_t, h_c.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # [BK, DC]
-                        tl.atomic_add(dw_rows[:, None] + offs_c[None, :], dw_c, mask=present_k[:, None] & c_mask)
+                        tl.atomic_add(
+                            dw_rows[:, None] + offs_c[None, :], dw_c, mask=present_k[:, None] & c_mask, sem="relaxed"
+                        )
+    # The rows that count, and 0 at this block's ignored ones (a pointer tile made here, not
+    # live through the loop).
     dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
-    tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    dh = tl.where(row_mask[:, None], dh, 0.0)
+    tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=(row_mask | ignored)[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _sampled_dw_by_item_kernel(
-    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DW, SlotOrder, SegmentStart,
-    stride_h, stride_w, stride_neg, stride_dw,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, inv_temp, ignore_index,
+    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DW, SlotOrder, SegmentStart, Order, Count,
+    stride_h, stride_w, stride_neg, stride_grad, stride_dw,
+    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, segment_rows, inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Deterministic d weight: one program per item sums, in sorted-slot order, the
     contributions of every sample slot holding that item. Slot s < T is row s's
-    positive; slot T + g * K + k is negative k of group g."""
+    positive; slot T + g * K + k is negative k of group g. A shared list's slot walks the
+    rows of its group that count, segment by segment through the compacted Order."""
     item = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < hidden_dim
@@ -272,8 +361,8 @@ def _sampled_dw_by_item_kernel(
         is_positive = slot < num_rows
         neg_slot = tl.maximum(slot - num_rows, 0)
         group = neg_slot // num_neg
-        first_row = tl.where(is_positive, slot, group * rows_per_group)
-        row_count = tl.where(is_positive, 1, rows_per_group)
+        one_row = is_positive | (rows_per_group == 1)  # else the group's segments
+        first_segment = tl.where(one_row, 0, group * segments_per_group)
         log_q = tl.zeros([], tl.float32)
         if HAS_POS_LOGQ:
             pos_log_q = tl.load(PosLogQ + tl.minimum(slot, num_rows - 1)).to(tl.float32)
@@ -281,43 +370,50 @@ def _sampled_dw_by_item_kernel(
         if HAS_NEG_LOGQ:
             neg_log_q = tl.load(NegLogQ + group * stride_neg + neg_slot % num_neg).to(tl.float32)
             log_q = tl.where(is_positive, log_q, neg_log_q)
-        for block in range(0, row_count, BLOCK_T):
-            local = block + tl.arange(0, BLOCK_T)
-            rows = first_row + local
-            row_mask = local < row_count
-            h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
-            keep = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)  # out of range: ignored
-            if REMOVE_HITS:
-                keep &= is_positive | (pos != item)
-            logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
-            lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
-            grad = tl.load(GradLoss + rows, mask=row_mask, other=0.0)
-            coef = tl.exp(tl.where(keep, logits - lse, -float("inf"))) - is_positive.to(tl.float32)
-            acc += tl.sum(tl.where(keep, coef * grad * inv_temp, 0.0)[:, None] * h, 0)
+        for segment in range(first_segment, first_segment + tl.where(one_row, 1, segments_per_group)):
+            first_local = (segment - first_segment) * segment_rows
+            first = tl.where(one_row, tl.where(is_positive, slot, group), group * rows_per_group + first_local)
+            count = tl.where(one_row, 1, tl.load(Count + segment))
+            for block in range(0, count, BLOCK_T):
+                local = block + tl.arange(0, BLOCK_T)
+                row_mask = local < count
+                rows = tl.where(one_row, first + local, tl.load(Order + first + local, mask=row_mask, other=0))
+                h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                            mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
+                keep = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)  # out of range: ignored
+                if REMOVE_HITS:
+                    keep &= is_positive | (pos != item)
+                logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
+                lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+                grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
+                coef = tl.exp(tl.where(keep, logits - lse, -float("inf"))) - is_positive.to(tl.float32)
+                acc += tl.sum(tl.where(keep, coef * grad * inv_temp, 0.0)[:, None] * h, 0)
     tl.store(DW + item.to(tl.int64) * stride_dw + offs_d, acc.to(DW.dtype.element_ty), mask=d_mask)
 
 
 def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward):
-    """(grid, blocks per group, meta) of the sampled forward/backward kernels."""
+    """(grid, row segments (see _row_segments), meta) of the sampled forward/backward kernels."""
     per_row = rows_per_group == 1
     if per_row:
         block_t, block_k, block_d = _per_row_blocks(hidden.shape[1])
         launch = dict(num_warps=8, maxnreg=MAX_REGISTERS)  # 4 warps spilled at D=50 under Triton 3.6
-        blocks_per_group = 1
-        grid = (triton.cdiv(hidden.shape[0], block_t),)
+        groups, segments = 1, _row_segments(hidden.shape[0], block_t)  # compacted together: each row has its list
     else:
         block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
-        if backward:  # the item-gradient tile [BK, BD] and its atomics' addresses: 16 negatives (32 spilled)
+        # 16 negatives per step in the backward (the item-gradient tile [BK, BD] and its atomics'
+        # addresses: 32 spilled) and in the float32 forward (32 spilled 8 B at D=50, IEEE products).
+        if backward or hidden.dtype == torch.float32:
             block_k = 16
-        blocks_per_group = triton.cdiv(rows_per_group, block_t)
-        grid = (neg_ids.shape[0] * blocks_per_group,)
+        groups, segments = neg_ids.shape[0], _row_segments(rows_per_group, block_t)
+    _, segments_per_group, blocks_per_segment, _ = segments
+    grid = (groups * segments_per_group * blocks_per_segment,)
     meta = dict(
         HAS_POS_LOGQ=pos_log_q is not None, HAS_NEG_LOGQ=neg_log_q is not None, REMOVE_HITS=remove_hits,
-        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch,
+        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **launch,
+        **_dot_options(hidden.dtype, hidden.shape[1]),
     )  # fmt: skip
-    return grid, blocks_per_group, meta
+    return grid, segments, meta
 
 
 def _contiguous_rows(*tensors):
@@ -332,28 +428,29 @@ def sampled_forward(
     hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
     pos_ids, pos_log_q = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q))
     num_rows = hidden.shape[0]
-    loss = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros_like(loss)
+    loss = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)  # every row written (0 where ignored)
+    lse = torch.empty_like(loss)
     if num_rows == 0:
         return loss, lse
-    grid, blocks_per_group, meta = _sampled_launch(
-        hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward=False
-    )
+    grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, False)
+    order, count = _compact(pos_ids, weight.shape[0], ignore_index, segments)
     _sampled_fwd_kernel[grid](
-        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse,
+        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse, order, count,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0),
-        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], rows_per_group, blocks_per_group,
+        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], *segments,
         1.0 / temperature, ignore_index, **meta,
     )  # fmt: skip
     return loss, lse
 
 
-def _sample_slots(pos_ids, neg_ids, num_items, ignore_index):
-    """Sample slots sorted by item (stable) and each item's first sorted position [N + 1]."""
+def _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group):
+    """Sample slots sorted by item (stable) and each item's first sorted position [N + 1].
+    Ignored rows own no slot, nor do the negatives of a list whose rows are all ignored."""
     out_of_range = num_items  # sorts after every real item: slots nobody owns
-    pos = torch.where((pos_ids != ignore_index) & (pos_ids >= 0) & (pos_ids < num_items), pos_ids, out_of_range)
-    neg = neg_ids.reshape(-1)
-    neg = torch.where((neg >= 0) & (neg < num_items), neg, out_of_range)
+    valid = (pos_ids != ignore_index) & (pos_ids >= 0) & (pos_ids < num_items)  # [T]
+    pos = torch.where(valid, pos_ids, out_of_range)
+    used = valid.view(-1, rows_per_group).any(1)[:, None] & (neg_ids >= 0) & (neg_ids < num_items)  # [G, K]
+    neg = torch.where(used, neg_ids, out_of_range).reshape(-1)
     sorted_items, order = torch.sort(torch.cat([pos.long(), neg.long()]), stable=True)
     starts = torch.searchsorted(sorted_items, torch.arange(num_items + 1, device=pos_ids.device))
     return order, starts
@@ -365,30 +462,32 @@ def sampled_backward(
 ):  # fmt: skip
     check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight, neg_ids, neg_log_q = _contiguous_rows(hidden, weight, neg_ids, neg_log_q)
-    pos_ids, pos_log_q, grad_loss = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q, grad_loss))
+    pos_ids, pos_log_q = (t if t is None else t.contiguous() for t in (pos_ids, pos_log_q))
     num_rows, num_items = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.zeros_like(hidden)
-    scatter = not deterministic
-    # Atomics accumulate in float32; the deterministic path writes each row once.
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32 if scatter else weight.dtype, device=weight.device)
+    d_hidden = torch.empty_like(hidden)  # every row written (0 where ignored)
     if num_rows == 0:
-        return d_hidden, d_weight.to(weight.dtype)
-    grid, blocks_per_group, meta = _sampled_launch(
-        hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward=True
-    )
-    sizes = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1], rows_per_group)
+        return d_hidden, torch.zeros_like(weight)
+    scatter = not deterministic
+    # Float32 atomics accumulate the scattered item gradient: the one output that must start
+    # at zero. The deterministic path writes each item row once.
+    d_weight = torch.zeros_like(weight, dtype=torch.float32) if scatter else torch.empty_like(weight)
+    grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, True)
+    order, count = _compact(pos_ids, num_items, ignore_index, segments)
+    sizes = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1])
     _sampled_bwd_kernel[grid](
-        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight,
-        hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_hidden.stride(0), d_weight.stride(0),
-        *sizes, blocks_per_group, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
+        hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight, order, count,
+        hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0), d_hidden.stride(0),
+        d_weight.stride(0), *sizes, *segments, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
         D_CHUNK=min(meta["BLOCK_D"], 256), **meta,
     )  # fmt: skip
     if deterministic:
-        order, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index)
+        slots, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group)
+        _, segments_per_group, _, segment_rows = segments
         _sampled_dw_by_item_kernel[(num_items,)](
-            hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, order, starts,
-            hidden.stride(0), weight.stride(0), neg_ids.stride(0), d_weight.stride(0),
-            *sizes, 1.0 / temperature, ignore_index,
+            hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, slots, starts,
+            order, count, hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0),
+            d_weight.stride(0), *sizes, rows_per_group, segments_per_group, segment_rows, 1.0 / temperature,
+            ignore_index,
             HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
             BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"],
             num_warps=8, maxnreg=MAX_REGISTERS,  # 4 warps spilled at D=50 under Triton 3.6
@@ -416,14 +515,20 @@ def _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp
 
 @triton.jit
 def _full_fwd_kernel(
-    H, W, Targets, Excluded, Loss, Lse,
+    H, W, Targets, Excluded, Loss, Lse, Order, Count,
     stride_h, stride_w,
     num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_segments, blocks_per_segment, segment_rows,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < num_rows
+    rows, row_mask, ignored, _group, idle = _compacted_rows(
+        Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
+    )  # all rows form one group
+    tl.store(Loss + rows, 0.0, mask=ignored)
+    tl.store(Lse + rows, 0.0, mask=ignored)
+    if idle:
+        return
     offs_d = tl.arange(0, BLOCK_D)
     h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
                 mask=row_mask[:, None] & (offs_d[None, :] < hidden_dim), other=0.0)  # fmt: skip
@@ -452,21 +557,27 @@ def _full_fwd_kernel(
 
 @triton.jit
 def _full_bwd_hidden_kernel(
-    H, W, Targets, Excluded, Lse, GradLoss, DH,
-    stride_h, stride_w, stride_dh,
+    H, W, Targets, Excluded, Lse, GradLoss, DH, Order, Count,
+    stride_h, stride_w, stride_grad, stride_dh,
     num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_segments, blocks_per_segment, segment_rows,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < num_rows
+    rows, row_mask, ignored, _group, idle = _compacted_rows(
+        Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
+    )  # all rows form one group
     offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < hidden_dim
+    if idle:  # only ignored rows: d hidden 0
+        tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0, mask=ignored[:, None] & d_mask)
+        return
     h, _, valid, w_target, _ = _positive_logits(
         H, W, Targets, Targets, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
         ignore_index, False,
     )  # fmt: skip
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
-    row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
+    row_scale = tl.where(valid, tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0) * inv_temp, 0.0)
     dh = -row_scale[:, None] * w_target  # the onehot(target) part of softmax - onehot
     for n_start in range(0, num_items, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -474,37 +585,44 @@ def _full_bwd_hidden_kernel(
                                  num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
         coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BN]
         dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    dh_mask = row_mask[:, None] & (offs_d[None, :] < hidden_dim)
-    tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], dh.to(DH.dtype.element_ty), mask=dh_mask)
+    dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
+    dh = tl.where(row_mask[:, None], dh, 0.0)  # 0 at this block's ignored rows
+    tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=(row_mask | ignored)[:, None] & d_mask)
 
 
 @triton.jit
 def _full_bwd_weight_kernel(
-    H, W, Targets, Excluded, Lse, GradLoss, DW,
-    stride_h, stride_w, stride_dw,
+    H, W, Targets, Excluded, Lse, GradLoss, DW, Order, Count,
+    stride_h, stride_w, stride_grad, stride_dw,
     num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_segments, segment_rows,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """d weight for a block of items, streaming row blocks: no atomics."""
+    """d weight for a block of items, streaming the blocks of compacted rows that count, segment
+    by segment: no atomics. Every item row is written."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < hidden_dim
     dw = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for t_start in range(0, num_rows, BLOCK_T):
-        rows = t_start + tl.arange(0, BLOCK_T)
-        row_mask = rows < num_rows
-        h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask,
-                    other=0.0)  # fmt: skip
-        target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
-        valid = row_mask & (target != ignore_index) & (target >= 0) & (target < num_items)
-        lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
-        row_scale = tl.where(valid, tl.load(GradLoss + rows, mask=row_mask, other=0.0) * inv_temp, 0.0)
-        logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
-                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
-        is_target = target[:, None] == offs_n[None, :]
-        coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
-        dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    for segment in range(0, num_segments):
+        count = tl.load(Count + segment)
+        for t_start in range(0, count, BLOCK_T):
+            slots = t_start + tl.arange(0, BLOCK_T)
+            row_mask = slots < count
+            rows = tl.load(Order + segment * segment_rows + slots, mask=row_mask, other=0)
+            h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                        mask=row_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+            target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+            valid = row_mask & (target != ignore_index) & (target >= 0) & (target < num_items)
+            lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+            grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
+            row_scale = tl.where(valid, grad * inv_temp, 0.0)
+            logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
+                                     num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+            is_target = target[:, None] == offs_n[None, :]
+            coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
+            dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     dw_mask = (offs_n[:, None] < num_items) & d_mask
     tl.store(DW + offs_n[:, None].to(tl.int64) * stride_dw + offs_d[None, :], dw.to(DW.dtype.element_ty), mask=dw_mask)
 
@@ -514,15 +632,19 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     hidden, weight = _contiguous_rows(hidden, weight)
     targets = targets.contiguous()
     num_rows = hidden.shape[0]
-    loss = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros_like(loss)
+    loss = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)  # every row written (0 where ignored)
+    lse = torch.empty_like(loss)
     if num_rows == 0:
         return loss, lse
     block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
-    _full_fwd_kernel[(triton.cdiv(num_rows, block_t),)](
-        hidden, weight, targets, excluded_ids, loss, lse, hidden.stride(0), weight.stride(0),
+    segments = _row_segments(num_rows, block_t)  # one group: every row against every item
+    order, count = _compact(targets, weight.shape[0], ignore_index, segments)
+    _, num_segments, blocks_per_segment, segment_rows = segments
+    _full_fwd_kernel[(num_segments * blocks_per_segment,)](
+        hidden, weight, targets, excluded_ids, loss, lse, order, count, hidden.stride(0), weight.stride(0),
         num_rows, weight.shape[0], hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch,
+        num_segments, blocks_per_segment, segment_rows,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]), **launch,
     )  # fmt: skip
     return loss, lse
 
@@ -530,20 +652,27 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
 def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
     check_kernel_hidden_dim("triton", hidden.shape[1])
     hidden, weight = _contiguous_rows(hidden, weight)
-    targets, grad_loss = targets.contiguous(), grad_loss.contiguous()
-    d_hidden, d_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+    targets = targets.contiguous()
     num_rows, num_items = hidden.shape[0], weight.shape[0]
     if num_rows == 0:
-        return d_hidden, d_weight
+        return torch.empty_like(hidden), torch.zeros_like(weight)
+    d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)  # the kernels write every row
     block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
+    segments = _row_segments(num_rows, block_t)
+    order, count = _compact(targets, num_items, ignore_index, segments)
+    _, num_segments, blocks_per_segment, segment_rows = segments
     scalars = (num_rows, num_items, hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index)
-    meta = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_meta(hidden.dtype), **launch)
-    _full_bwd_hidden_kernel[(triton.cdiv(num_rows, block_t),)](
-        hidden, weight, targets, excluded_ids, lse, grad_loss, d_hidden,
-        hidden.stride(0), weight.stride(0), d_hidden.stride(0), *scalars, **meta,
+    meta = dict(
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]), **launch
+    )
+    _full_bwd_hidden_kernel[(num_segments * blocks_per_segment,)](
+        hidden, weight, targets, excluded_ids, lse, grad_loss, d_hidden, order, count,
+        hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
+        num_segments, blocks_per_segment, segment_rows, **meta,
     )  # fmt: skip
     _full_bwd_weight_kernel[(triton.cdiv(num_items, block_n),)](
-        hidden, weight, targets, excluded_ids, lse, grad_loss, d_weight,
-        hidden.stride(0), weight.stride(0), d_weight.stride(0), *scalars, **meta,
+        hidden, weight, targets, excluded_ids, lse, grad_loss, d_weight, order, count,
+        hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_weight.stride(0), *scalars,
+        num_segments, segment_rows, **meta,
     )  # fmt: skip
     return d_hidden, d_weight

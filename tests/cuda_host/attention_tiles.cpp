@@ -132,12 +132,15 @@ void query_tiles(const Case& c, Counts& n, long* idle) {
       for (int t = 0; t < ntiles; ++t) {
         const int n0 = t * kN;
         if (!rows_active(c.causal, len, r0, n0)) continue;
+        const bool unmasked = tile_unmasked(c.causal, len, r0, 16, n0, kN);
         bool any = false;
         for (int lane = 0; lane < 32; ++lane)
           for (int hh = 0; hh < 2; ++hh)
             for (int j = 0; j < kN / 8; ++j)
               for (int e = 0; e < 2; ++e) {
                 const int row = r0 + frag::score_row(lane >> 2, hh), col = n0 + frag::score_col(j, lane & 3, e);
+                CHECK(!unmasked || visible(c.causal, len, row, col), "unmasked tile at rows %d, keys %d hides a pair",
+                      r0, n0);
                 if (!visible(c.causal, len, row, col)) continue;
                 ++n.pair(b, h, seq.start + row, seq.start + col);
                 any = true;
@@ -177,12 +180,15 @@ void key_tiles(const Case& c, Counts& n, long* idle) {
       for (int t = 0; t < ntiles; ++t) {
         const int m0 = q_begin + t * kN;
         if (!keys_active(c.causal, len, k0, m0, kN)) continue;
+        const bool unmasked = tile_unmasked(c.causal, len, m0, kN, k0, 16);
         bool any = false;
         for (int lane = 0; lane < 32; ++lane)
           for (int hh = 0; hh < 2; ++hh)
             for (int j = 0; j < kN / 8; ++j)
               for (int e = 0; e < 2; ++e) {
                 const int key = k0 + frag::score_row(lane >> 2, hh), query = m0 + frag::score_col(j, lane & 3, e);
+                CHECK(!unmasked || visible(c.causal, len, query, key),
+                      "unmasked tile at keys %d, queries %d hides a pair", k0, m0);
                 if (!visible(c.causal, len, query, key)) continue;
                 ++n.pair(b, h, seq.start + query, seq.start + key);
                 any = true;

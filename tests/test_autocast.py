@@ -1,0 +1,93 @@
+"""torch.autocast: every fused op computes on 16-bit operands (its autocast rule casts the
+matmul operands; losses and LSE stay float32), exactly as if the caller had cast them,
+and a SASRec training step under autocast feeds 16-bit operands to every fused op."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import seqrec_kernels as sk
+from backends_under_test import ALL
+from seqrec_kernels.data.packed import PackedBatch
+from seqrec_kernels.models import SASRec, SASRecConfig
+from seqrec_kernels.models.sasrec import negative_sampler, sample_negatives
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def attention(q, k, v, backend):
+    return sk.fused_attention(q, k, v, seq_lens=torch.tensor([7, 3]), dropout_p=0.2, backend=backend)
+
+
+def sampled(hidden, weight, backend):
+    return sk.sampled_softmax_loss(hidden, weight, torch.tensor([3, 0, 9, 1, 12]), torch.tensor([2, 5, 11]),
+                                   backend=backend)  # fmt: skip
+
+
+def full(hidden, weight, backend):
+    return sk.full_softmax_loss(hidden, weight, torch.tensor([3, 0, 9, 1, 12]), backend=backend)
+
+
+CASES = {
+    "attention": (attention, [(2, 2, 7, 8)] * 3),  # q, k, v [B, H, L, D]
+    "sampled": (sampled, [(5, 8), (13, 8)]),  # hidden [T, D], item_weight [N, D]
+    "full": (full, [(5, 8), (13, 8)]),
+}
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_autocast_is_the_same_op_on_cast_operands(case, dtype, backend):
+    op, shapes = CASES[case]
+    inputs = [torch.randn(shape) for shape in shapes]
+
+    def run(autocast):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(0)  # the same dropout seed
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            out = op(*(leaves if autocast else [t.to(dtype) for t in leaves]), backend)
+            out.float().square().sum().backward()  # inside the region, as training loops do
+        return out, [t.grad for t in leaves]
+
+    (out, grads), (expected, expected_grads) = run(autocast=True), run(autocast=False)
+    assert out.dtype == (dtype if case == "attention" else torch.float32)
+    assert torch.equal(out, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.float32 and torch.equal(grad, expected_grad)
+
+
+class OperandDtypes(TorchDispatchMode):
+    """The dtypes of the matmul operands of every seqrec forward op called (q, k, v; hidden, item_weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("seqrec::") and "_fwd_" in name:
+            operands = 3 if name.startswith("seqrec::attention") else 2
+            self.seen.setdefault(name, set()).update(a.dtype for a in args[:operands])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+@pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
+def test_sasrec_step_under_autocast_feeds_16bit_operands_to_every_fused_op(loss, batching):
+    config = SASRecConfig(num_items=30, max_len=9, hidden=16, heads=2, loss=loss, num_negatives=6)
+    model = SASRec(config).train()
+    histories = torch.randint(1, 31, (3, 9))
+    histories[1, :4] = 0  # left padding
+    targets = torch.where(histories != 0, torch.randint(1, 31, histories.shape), 0)
+    if batching == "packed":
+        batch = PackedBatch.from_padded(histories, targets, max_len=9, bucket=1)
+        histories, targets = batch, batch.targets
+    negatives = sample_negatives(config, negative_sampler(config), tuple(targets.shape))
+    dtypes = OperandDtypes()
+    with dtypes, torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(histories, targets, negatives).backward()
+    loss_op = "sampled_softmax" if loss == "sampled_softmax" else "full_softmax"
+    assert {name.split("_fwd_")[0] for name in dtypes.seen} == {"seqrec::attention", f"seqrec::{loss_op}"}
+    assert all(seen == {torch.bfloat16} for seen in dtypes.seen.values()), dtypes.seen
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
