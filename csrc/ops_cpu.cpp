@@ -234,10 +234,10 @@ struct SampledInputs {
 // Full softmax: rows are processed in blocks whose [rows, N] logits fit in memory.
 constexpr int64_t kFullRowBlock = 32;
 
-// logits[r * N + n] of rows begin..begin+count-1; -inf at excluded items.
+// logits[r * N + n] of rows rows[0..count-1]; -inf at excluded items.
 template <typename scalar_t>
 void full_logits_block(const Tensor& hidden, const Tensor& weight, const std::vector<bool>& excluded, float inv_temp,
-                       int64_t begin, int64_t count, std::vector<float>& logits) {
+                       const int64_t* rows, int64_t count, std::vector<float>& logits) {
   auto num_items = weight.size(0), dim = hidden.size(1);
   const auto* h = static_cast<const scalar_t*>(hidden.data_ptr());
   const auto* w = static_cast<const scalar_t*>(weight.data_ptr());
@@ -245,7 +245,7 @@ void full_logits_block(const Tensor& hidden, const Tensor& weight, const std::ve
     for (int64_t idx = lo; idx < hi; ++idx) {
       int64_t r = idx / num_items, n = idx % num_items;
       logits[idx] =
-          excluded[n] ? kNegInf : dot(h + (begin + r) * hidden.stride(0), w + n * weight.stride(0), dim) * inv_temp;
+          excluded[n] ? kNegInf : dot(h + rows[r] * hidden.stride(0), w + n * weight.stride(0), dim) * inv_temp;
     }
   });
 }
@@ -263,6 +263,14 @@ std::vector<bool> excluded_mask(const Tensor& excluded_ids, int64_t num_items) {
 // A target that is not ignore_index and in [0, N) (an out-of-range one counts as ignored).
 bool valid_target(int64_t target, int64_t ignore_index, int64_t num_items) {
   return target != ignore_index && target >= 0 && target < num_items;
+}
+
+// The rows with a valid target, in order: the only ones whose logits are computed.
+std::vector<int64_t> counted_rows(const int64_t* targets, int64_t rows, int64_t ignore_index, int64_t num_items) {
+  std::vector<int64_t> counted;
+  for (int64_t t = 0; t < rows; ++t)
+    if (valid_target(targets[t], ignore_index, num_items)) counted.push_back(t);
+  return counted;
 }
 
 // Sets item_id_checks (checks.h); returns the previous setting.
@@ -310,9 +318,13 @@ std::tuple<Tensor, Tensor> impl::sampled_softmax_fwd<c10::DispatchKey::CPU>(cons
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> logits(1 + logits_of.num_neg);
       for (int64_t t = begin; t < end; ++t) {
+        if (!logits_of.valid(t)) {  // ignored: no logits computed, loss 0 and LSE 0
+          loss_data[t] = lse_data[t] = 0.0f;
+          continue;
+        }
         logits_of(t, logits);
         lse_data[t] = logsumexp(logits);
-        loss_data[t] = logits_of.valid(t) ? lse_data[t] - logits[0] : 0.0f;
+        loss_data[t] = lse_data[t] - logits[0];
       }
     });
   });
@@ -338,8 +350,12 @@ std::tuple<Tensor, Tensor> impl::sampled_softmax_bwd<c10::DispatchKey::CPU>(cons
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> logits(1 + num_neg), row_grad(dim);
       for (int64_t t = begin; t < end; ++t) {
+        if (!logits_of.valid(t)) {  // ignored: no gradient, no logits computed
+          std::fill(dh + t * dim, dh + (t + 1) * dim, static_cast<scalar_t>(0));
+          continue;
+        }
         float* c = &coef[t * (1 + num_neg)];
-        float row_scale = logits_of.valid(t) ? grad_data[t] * logits_of.inv_temperature : 0.0f;
+        float row_scale = grad_data[t] * logits_of.inv_temperature;
         logits_of(t, logits);
         for (int64_t k = 0; k <= num_neg; ++k) c[k] = std::exp(logits[k] - lse_data[t]) * row_scale;
         c[0] -= row_scale;
@@ -375,20 +391,21 @@ std::tuple<Tensor, Tensor> impl::full_softmax_fwd<c10::DispatchKey::CPU>(const F
   auto rows = a.hidden.size(0), num_items = a.weight.size(0);
   auto target = a.targets.to(at::kLong).contiguous();
   const int64_t* target_data = target.data_ptr<int64_t>();
-  auto loss = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
-  auto lse = at::empty({rows}, a.hidden.options().dtype(at::kFloat));
+  auto loss = at::zeros({rows}, a.hidden.options().dtype(at::kFloat));  // ignored rows: loss 0, LSE 0
+  auto lse = at::zeros({rows}, a.hidden.options().dtype(at::kFloat));
   auto excluded = excluded_mask(a.excluded_ids, num_items);
+  auto counted = counted_rows(target_data, rows, a.ignore_index, num_items);
+  auto num_counted = static_cast<int64_t>(counted.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "full_softmax_fwd_cpu", [&] {
     std::vector<float> logits(kFullRowBlock * num_items), row(num_items);
-    for (int64_t begin = 0; begin < rows; begin += kFullRowBlock) {
-      int64_t count = std::min(kFullRowBlock, rows - begin);
-      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, 1.0f / a.temperature, begin, count, logits);
+    for (int64_t begin = 0; begin < num_counted; begin += kFullRowBlock) {
+      int64_t count = std::min(kFullRowBlock, num_counted - begin);
+      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, 1.0f / a.temperature, &counted[begin], count, logits);
       for (int64_t r = 0; r < count; ++r) {
-        int64_t t = begin + r;
+        int64_t t = counted[begin + r];
         row.assign(logits.begin() + r * num_items, logits.begin() + (r + 1) * num_items);
         lse.data_ptr<float>()[t] = logsumexp(row);
-        bool valid = valid_target(target_data[t], a.ignore_index, num_items);
-        loss.data_ptr<float>()[t] = valid ? lse.data_ptr<float>()[t] - row[target_data[t]] : 0.0f;
+        loss.data_ptr<float>()[t] = lse.data_ptr<float>()[t] - row[target_data[t]];
       }
     }
   });
@@ -401,9 +418,11 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CPU>(const F
   auto rows = a.hidden.size(0), num_items = a.weight.size(0), dim = a.hidden.size(1);
   auto target = a.targets.to(at::kLong).contiguous();
   auto grad = grad_loss.to(at::kFloat).contiguous(), lse_f = lse.to(at::kFloat).contiguous();
-  auto d_hidden = at::empty({rows, dim}, a.hidden.options());
+  auto d_hidden = at::zeros({rows, dim}, a.hidden.options());  // ignored rows: no gradient
   auto d_weight = at::zeros({num_items, dim}, a.weight.options().dtype(at::kFloat));
   auto excluded = excluded_mask(a.excluded_ids, num_items);
+  auto counted = counted_rows(target.data_ptr<int64_t>(), rows, a.ignore_index, num_items);
+  auto num_counted = static_cast<int64_t>(counted.size());
   float inv_temp = static_cast<float>(1.0 / a.temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.hidden.scalar_type(), "full_softmax_bwd_cpu", [&] {
     const auto* h = static_cast<const scalar_t*>(a.hidden.data_ptr());
@@ -411,16 +430,16 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CPU>(const F
     auto* dh = d_hidden.data_ptr<scalar_t>();
     float* dw = d_weight.data_ptr<float>();
     std::vector<float> coef(kFullRowBlock * num_items);  // [rows of the block, N], then the coefficients
-    for (int64_t begin = 0; begin < rows; begin += kFullRowBlock) {
-      int64_t count = std::min(kFullRowBlock, rows - begin);
-      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, inv_temp, begin, count, coef);
+    for (int64_t begin = 0; begin < num_counted; begin += kFullRowBlock) {
+      int64_t count = std::min(kFullRowBlock, num_counted - begin);
+      const int64_t* block_rows = &counted[begin];
+      full_logits_block<scalar_t>(a.hidden, a.weight, excluded, inv_temp, block_rows, count, coef);
       for (int64_t r = 0; r < count; ++r) {
-        int64_t t = begin + r, target_id = target.data_ptr<int64_t>()[t];
-        bool valid = valid_target(target_id, a.ignore_index, num_items);
-        float row_scale = valid ? grad.data_ptr<float>()[t] * inv_temp : 0.0f;
+        int64_t t = block_rows[r], target_id = target.data_ptr<int64_t>()[t];
+        float row_scale = grad.data_ptr<float>()[t] * inv_temp;
         float* c = &coef[r * num_items];
         for (int64_t n = 0; n < num_items; ++n) c[n] = std::exp(c[n] - lse_f.data_ptr<float>()[t]) * row_scale;
-        if (valid) c[target_id] -= row_scale;  // softmax - onehot(target)
+        c[target_id] -= row_scale;  // softmax - onehot(target)
       }
       at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {  // d_hidden of the block's rows
         std::vector<float> row_grad(dim);
@@ -430,13 +449,13 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CPU>(const F
             const scalar_t* w_n = w + n * a.weight.stride(0);
             for (int64_t d = 0; d < dim; ++d) row_grad[d] += coef[r * num_items + n] * static_cast<float>(w_n[d]);
           }
-          for (int64_t d = 0; d < dim; ++d) dh[(begin + r) * dim + d] = static_cast<scalar_t>(row_grad[d]);
+          for (int64_t d = 0; d < dim; ++d) dh[block_rows[r] * dim + d] = static_cast<scalar_t>(row_grad[d]);
         }
       });
       at::parallel_for(0, num_items, 256, [&](int64_t lo, int64_t hi) {  // d_weight: items split, rows in order
         for (int64_t n = lo; n < hi; ++n)
           for (int64_t r = 0; r < count; ++r) {
-            const scalar_t* h_t = h + (begin + r) * a.hidden.stride(0);
+            const scalar_t* h_t = h + block_rows[r] * a.hidden.stride(0);
             for (int64_t d = 0; d < dim; ++d) dw[n * dim + d] += coef[r * num_items + n] * static_cast<float>(h_t[d]);
           }
       });

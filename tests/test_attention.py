@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from attention_helpers import check_against_truth, make_qkv
 from backends_under_test import ALL, GPU_ALL, GPU_CUDA, KERNELS
+from seqrec_kernels.triton import attention as triton_attention
 
 HEAD_DIMS = [16, 32, 50, 64, 40, 59, 111, 128]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -92,17 +93,37 @@ def test_extreme_head_dims(backend, head_dim):
     run_case(case, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal, dropout_p", [(True, 0.0), (False, 0.3)])
+@pytest.mark.parametrize("form", ["strided", "packed"])
+@pytest.mark.parametrize("head_dim", [50, 100])
+def test_triton_pads_head_dims_off_16_over_several_tiles(head_dim, form, causal, dropout_p, dtype, monkeypatch):
+    """D % 16 != 0 and L = 70 over several tiles (of 32 in the interpreter): the forward reads
+    q, k, v and the backward q, k, v, dout from zero-padded copies (rows 64 or 112 wide), and
+    every output still matches the truth. Strided: SASRec's [B, L, H, D] views."""
+    padded = []  # operands per _pad_rows call
+    pad_rows = triton_attention._pad_rows
+    monkeypatch.setattr(triton_attention, "_pad_rows", lambda *args: padded.append(len(args) - 2) or pad_rows(*args))
+    q, k, v = make_qkv(3, 2, 70, head_dim, dtype, strided=form == "strided")
+    check_against_truth(
+        q, k, v, torch.tensor([70, 41, 0]), "left", causal, "triton", dropout_p=dropout_p, varlen=form == "packed",
+        tail=5 * (form == "packed"),
+    )  # fmt: skip
+    assert padded == [3, 4]
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_large_logits_stay_finite(backend):
-    """Scaled scores near 1e3: the online softmax must rescale, never overflow. The
-    backward recomputes probabilities from the float32 LSE (as FlashAttention does), whose
-    rounding is relative to the logits' magnitude, so the gradients' floor scales with it."""
+    """Scaled scores near 1e3: the online softmax must rescale, never overflow. A float32
+    logit's rounding is relative to its magnitude, and the backward recomputes probabilities
+    from the float32 LSE (as FlashAttention does), so the floor of out and of the gradients
+    scales with it."""
     q, k, v = (torch.randn(2, 2, 37, 64) for _ in range(3))
     q, k = q * 30, k * 30
     max_logit = ((q @ k.transpose(-1, -2)) / 8).abs().max().item()
     check_against_truth(
         *(t.requires_grad_() for t in (q, k, v)), torch.tensor([37, 20]), "left", True, backend,
-        grad_floor_scale=max_logit,
+        floor_scale=max_logit,
     )  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """torch.autocast: every fused op computes on 16-bit operands (its autocast rule casts the
 matmul operands; losses and LSE stay float32), exactly as if the caller had cast them,
-and a SASRec training step under autocast feeds 16-bit operands to every fused op."""
+and a SASRec training step under autocast feeds 16-bit operands to every fused op. The
+extension's ops under torch's "medium" float32 matmul precision: bfloat16 operands."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqrec_kernels as sk
 from backends_under_test import ALL
+from seqrec_kernels.backends import EXTENSION_ERROR
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.models import SASRec, SASRecConfig
 from seqrec_kernels.models.sasrec import negative_sampler, sample_negatives
@@ -55,6 +57,36 @@ def test_autocast_is_the_same_op_on_cast_operands(case, dtype, backend):
     assert torch.equal(out, expected)
     for grad, expected_grad in zip(grads, expected_grads):
         assert grad.dtype == torch.float32 and torch.equal(grad, expected_grad)
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's float32 matmul precision for the test; restores it after."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_medium_float32_precision_gives_the_extension_bfloat16_operands(case, matmul_precision):
+    """cpp (and cuda, the same glue) under "medium": float32 operands multiplied as bfloat16
+    copies, i.e. exactly the op on bfloat16 casts, outputs and gradients back in float32."""
+    if EXTENSION_ERROR is not None:
+        pytest.skip(str(EXTENSION_ERROR))
+    op, shapes = CASES[case]
+    inputs = [torch.randn(shape) for shape in shapes]
+
+    def run(precision, cast):
+        matmul_precision(precision)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(0)  # the same dropout seed
+        out = op(*(t.to(torch.bfloat16) if cast else t for t in leaves), "cpp").float()
+        out.square().sum().backward()
+        return [out, *(t.grad for t in leaves)]
+
+    medium, cast, highest = run("medium", cast=False), run("highest", cast=True), run("highest", cast=False)
+    assert all(m.dtype == torch.float32 and torch.equal(m, c) for m, c in zip(medium, cast))
+    assert not torch.equal(medium[0], highest[0])  # "highest" keeps float32 operands
 
 
 class OperandDtypes(TorchDispatchMode):

@@ -73,9 +73,9 @@ def device_work(monkeypatch):
     return mode
 
 
-def _attention_padded():
-    q, k, v = (torch.randn(3, 2, 40, 16, requires_grad=True) for _ in "qkv")
-    seq_lens, grad = torch.tensor([40, 7, 0]), torch.randn(3, 2, 40, 16)
+def _attention_padded(length=40, head_dim=16):
+    q, k, v = (torch.randn(3, 2, length, head_dim, requires_grad=True) for _ in "qkv")
+    seq_lens, grad = torch.tensor([length, 7, 0]), torch.randn(3, 2, length, head_dim)
     return lambda: sk.fused_attention(q, k, v, seq_lens=seq_lens, backend="triton").backward(grad)
 
 
@@ -85,12 +85,15 @@ def _attention_packed():
     return lambda: sk.fused_attention_varlen(q, k, v, cu_seqlens, 30, backend="triton").backward(grad)
 
 
-def _loss(kind):
-    hidden, weight = torch.randn(40, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
-    targets = torch.randint(1, 30, (40,))
+def _loss(kind, hidden_dim=16, exclude_items=(0,)):
+    hidden = torch.randn(40, hidden_dim, requires_grad=True)
+    weight = torch.randn(30, hidden_dim, requires_grad=True)
+    targets = torch.randint(1, 20, (40,))
     targets[::3] = 0  # ignored rows
     if kind == "full":
-        return lambda: sk.full_softmax_loss(hidden, weight, targets, backend="triton").backward()
+        return lambda: sk.full_softmax_loss(
+            hidden, weight, targets, exclude_items=exclude_items, backend="triton"
+        ).backward()
     neg_ids = torch.randint(1, 30, (8,) if kind == "sampled shared" else (40, 8))
     return lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg_ids, backend="triton").backward()
 
@@ -102,10 +105,25 @@ def _loss(kind):
 ATTENTION_KERNELS = [
     "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
 ]  # fmt: skip
+# D % 16 != 0 over several tiles: q, k, v padded before the forward; q, k, v, dout after delta.
+PADDED_ATTENTION_KERNELS = [
+    "_pad_rows_kernel", "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_pad_rows_kernel",
+    "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
+]  # fmt: skip
 SAMPLED_KERNELS = ["_compact_rows_kernel", "_sampled_fwd_kernel", "_compact_rows_kernel", "_sampled_bwd_kernel"]
 FULL_KERNELS = [
     "_compact_rows_kernel", "_full_fwd_kernel", "_compact_rows_kernel", "_full_bwd_hidden_kernel",
     "_full_bwd_weight_kernel",
+]  # fmt: skip
+# D=20 (not a multiple of 16), 3 row blocks and 2 item blocks of 16: one pad launch per op
+# call (sampled: the table, gathered 64 >= 2 x 30 rows; full: the table, then both operands).
+PADDED_SAMPLED_KERNELS = [
+    "_compact_rows_kernel", "_pad_columns_kernel", "_sampled_fwd_kernel", "_compact_rows_kernel",
+    "_pad_columns_kernel", "_sampled_bwd_kernel",
+]  # fmt: skip
+PADDED_FULL_KERNELS = [
+    "_compact_rows_kernel", "_pad_columns_kernel", "_full_fwd_kernel", "_compact_rows_kernel",
+    "_pad_columns_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel",
 ]  # fmt: skip
 ATOMICS_TARGET = ["zeros_like"]  # the float32 item gradient the atomics accumulate into
 REDUCE_MEAN = ["ne", "ge", "bitwise_and", "lt", "bitwise_and", "sum", "sum", "clamp", "div"]  # _valid_rows, _reduce
@@ -116,9 +134,32 @@ EXPECTED = {
     # seq_lens.to(int32), seq_start = L - seq_lens
     "attention padded": (_attention_padded, ATTENTION_KERNELS, [], ["_to_copy", "rsub", *LSE_GRAD]),
     "attention packed": (_attention_packed, ATTENTION_KERNELS, [], ["sub", *LSE_GRAD]),  # cu_seqlens.diff()
+    # D=50: L=40 spans two tiles of 32 (the interpreter's largest block), L=32 one, which pads nothing.
+    "attention padded D=50": (
+        lambda: _attention_padded(head_dim=50),
+        PADDED_ATTENTION_KERNELS,
+        [],
+        ["_to_copy", "rsub", *LSE_GRAD],
+    ),
+    "attention padded D=50, one tile": (
+        lambda: _attention_padded(length=32, head_dim=50),
+        ATTENTION_KERNELS,
+        [],
+        ["_to_copy", "rsub", *LSE_GRAD],
+    ),
     "sampled shared": (lambda: _loss("sampled shared"), SAMPLED_KERNELS, ATOMICS_TARGET, LOSS_AROUND),
     "sampled per row": (lambda: _loss("sampled per row"), SAMPLED_KERNELS, ATOMICS_TARGET, LOSS_AROUND),
     "full": (lambda: _loss("full"), FULL_KERNELS, [], LOSS_AROUND),
+    "sampled shared D=20": (lambda: _loss("sampled shared", 20), PADDED_SAMPLED_KERNELS, ATOMICS_TARGET, LOSS_AROUND),
+    "sampled per row D=20": (lambda: _loss("sampled per row", 20), PADDED_SAMPLED_KERNELS, ATOMICS_TARGET, LOSS_AROUND),
+    "full D=20": (lambda: _loss("full", 20), PADDED_FULL_KERNELS, [], LOSS_AROUND),
+    # More than MAX_UNROLLED_EXCLUDED excluded items: each launcher fills their int8 mask.
+    "full, 10 excluded": (
+        lambda: _loss("full", exclude_items=(0, *range(20, 29))),
+        FULL_KERNELS,
+        ["zeros", "index_put_"] * 2,
+        LOSS_AROUND,
+    ),
 }
 
 
@@ -157,12 +198,14 @@ def uninitialized(monkeypatch):
         monkeypatch.setattr(module, "torch", _Uninitialized())
 
 
+@pytest.mark.parametrize("length, head_dim", [(21, 16), (41, 50)])
 @pytest.mark.parametrize("form", ["left", "right", "packed"])
-def test_attention_writes_every_output_element(form, uninitialized):
+def test_attention_writes_every_output_element(form, length, head_dim, uninitialized):
     """Padding rows (left, right, and the packed form's tail past cu_seqlens[-1]) get out 0,
-    LSE -inf and zero gradients from the kernels, the outputs being uninitialized."""
-    q, k, v = (torch.randn(3, 2, 21, 16) for _ in "qkv")
-    seq_lens = torch.tensor([21, 7, 0])
+    LSE -inf and zero gradients from the kernels, the outputs being uninitialized. At D=50
+    over two tiles, so is the zero-padded copy of the operands: every column read is written."""
+    q, k, v = (torch.randn(3, 2, length, head_dim) for _ in "qkv")
+    seq_lens = torch.tensor([length, 7, 0])
     padding_side = "right" if form == "right" else "left"
     check_against_truth(
         q, k, v, seq_lens, padding_side, True, "triton", varlen=form == "packed", tail=5 * (form == "packed")
@@ -177,23 +220,27 @@ def test_attention_without_rows_writes_padding(uninitialized):
     assert (out == 0).all() and (lse == -math.inf).all() and all((g == 0).all() for g in grads)
 
 
+@pytest.mark.parametrize("hidden_dim", [16, 50])
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("layout", ["shared", "per_sequence", "per_row", "full"])
-def test_loss_writes_every_output_element_over_many_segments(layout, deterministic, uninitialized, monkeypatch):
+def test_loss_writes_every_output_element_over_many_segments(
+    layout, deterministic, hidden_dim, uninitialized, monkeypatch
+):
     """Uninitialized outputs, segments of 16 rows (several per group), 70% ignored rows: every
-    loss and gradient matches the float64 truth, and ignored rows have loss, LSE and d hidden 0."""
+    loss and gradient matches the float64 truth, and ignored rows have loss, LSE and d hidden 0.
+    At D=50 the operands' zero-padded copies are uninitialized too: every column is written."""
     monkeypatch.setattr(triton_loss, "MAX_SEGMENT_ROWS", 16)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        _check_loss_written_in_full(layout)
+        _check_loss_written_in_full(layout, hidden_dim)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _check_loss_written_in_full(layout):
+def _check_loss_written_in_full(layout, hidden_dim):
     batch, length, num_items = 3, 37, 50
-    hidden, weight = torch.randn(batch, length, 16), torch.randn(num_items, 16) * 0.5
+    hidden, weight = torch.randn(batch, length, hidden_dim), torch.randn(num_items, hidden_dim) * 0.5
     targets = torch.randint(1, num_items, (batch, length))
     targets[torch.rand(batch, length) < 0.7] = 0
     targets[1] = 0  # a sequence with no row that counts

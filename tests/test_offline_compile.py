@@ -14,7 +14,7 @@ LAUNCHED_KERNELS = {
     "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
     "_sampled_fwd_kernel", "_sampled_bwd_kernel", "_sampled_dw_by_item_kernel",
     "_full_fwd_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel", "_compact_rows_kernel",
-    "_topk_kernel", "_ranks_kernel",
+    "_topk_kernel", "_ranks_kernel", "_pad_rows_kernel", "_pad_columns_kernel",
 }  # fmt: skip
 
 
@@ -58,10 +58,12 @@ def test_shared_memory_and_grids_within_limits(rows):
 def test_violations_names_each_defect():
     """The checks themselves can fail: each defect of a made-up kernel is reported."""
     row = dict(cc=80, kernel="_full_fwd_kernel", dtype="bfloat16", D=64, grid=(1, 70_000, 1), local_bytes=96,
-               mma_count=0, shared=170_000)  # fmt: skip
+               mma_count=0, shared=170_000, cp_async=0, tma=0, loads_16=12)  # fmt: skip
     problems = " | ".join(violations(row))
-    for words in ("grid", "spills: 96 B", "no tensor-core MMA", "shared memory 170000 B > sm_80"):
+    for words in ("grid", "spills: 96 B", "no tensor-core MMA", "shared memory 170000 B > sm_80", "no cp.async/TMA",
+                  "12 scalar 16-bit global loads"):  # fmt: skip
         assert words in problems
+    assert violations(dict(row, grid=(1, 1, 1), local_bytes=0, mma_count=4, shared=0, tma=2, loads_16=0)) == []
     float32 = dict(row, dtype="float32", grid=(1, 1, 1), shared=0)
     assert violations(dict(float32, precision="high")) == [
         "spills: 96 B of local memory per thread",

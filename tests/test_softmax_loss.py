@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from backends_under_test import ALL, GPU_ALL, KERNELS
 from loss_helpers import check_loss_against_truth, full_pair, sampled_pair
 from seqrec_kernels import full_softmax_loss, sampled_softmax_loss
+from seqrec_kernels.backends import triton_interpreter_enabled
+from seqrec_kernels.triton import softmax_loss as triton_loss
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NEGATIVE_LAYOUTS = ["shared", "per_sequence", "per_row"]
@@ -115,6 +117,80 @@ def test_sampled_kernel_deterministic_mode(backend, layout):
     run_sampled(case, backend)
 
 
+@pytest.fixture
+def shuffled_programs(monkeypatch):
+    """Triton's interpreter runs each grid's programs in a random order, drawn from the
+    returned generator (a GPU schedules them in any order)."""
+    from triton.runtime.interpreter import interpreter_builder as builder
+
+    generator, order = torch.Generator(), []
+    set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def shuffled_grid_dim(nx, ny, nz):
+        order[:] = torch.randperm(nx, generator=generator).tolist()
+        set_grid_dim(nx, ny, nz)
+
+    monkeypatch.setattr(builder, "set_grid_dim", shuffled_grid_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_grid_idx(order[x], y, z))
+    return generator
+
+
+@pytest.mark.skipif(not triton_interpreter_enabled(), reason="reorders the programs of Triton's interpreter")
+@pytest.mark.parametrize("layout", NEGATIVE_LAYOUTS)
+def test_sampled_deterministic_item_gradient_ignores_program_order(layout, shuffled_programs):
+    """Heavy duplicates (every negative is one of 3 items, each also many rows' positive):
+    their float32 sums round differently in another order. Run with the programs in two
+    different orders, the deterministic item gradient is bit-identical; the atomics' (the
+    control, showing that the order reaches the sums) is not."""
+    batch, length, dim, num_items, num_neg = 3, 40, 50, 20, 24
+    hidden, weight = torch.randn(batch, length, dim), torch.randn(num_items, dim)
+    pos = torch.randint(1, 4, (batch, length))
+    pos[:, ::7] = 0  # ignored rows
+    neg_shape = {"shared": (num_neg,), "per_sequence": (batch, num_neg), "per_row": (batch, length, num_neg)}[layout]
+    ours, _ = sampled_pair("triton", pos, torch.randint(1, 4, neg_shape), remove_hits=False)
+
+    def weight_grad(order_seed, deterministic):
+        shuffled_programs.manual_seed(order_seed)
+        w = weight.clone().requires_grad_()
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            ours(hidden, w).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        return w.grad
+
+    assert torch.equal(weight_grad(1, True), weight_grad(2, True))
+    assert not torch.equal(weight_grad(1, False), weight_grad(2, False))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("layout", NEGATIVE_LAYOUTS)
+@pytest.mark.parametrize("num_items", [40, 3000])
+def test_sampled_triton_hidden_size_50(num_items, layout, deterministic, monkeypatch):
+    """SASRec's D=50 over several row blocks, vs float64. Triton pads the item table when
+    its gathers read at least twice its rows (40 items; not 3,000), and hidden for the
+    deterministic item gradient: both paths are taken and exact."""
+    padded, pad_columns = [], triton_loss._pad_columns
+
+    def recorded(*operands):  # per call: which operands are re-read (padded)
+        padded.append([reread for _, reread in operands])
+        return pad_columns(*operands)
+
+    monkeypatch.setattr(triton_loss, "_pad_columns", recorded)
+    case = dict(batch=3, length=37, flat=False, hidden_dim=50, num_items=num_items, num_neg=20, layout=layout,
+                dtype=torch.float32, log_q=True, remove_hits=True, temperature=1.0, ignored_fraction=0.3,
+                seed=int(torch.randint(2**31, ())))  # fmt: skip
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        run_sampled(case, "triton")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    table = num_items == 40
+    assert padded == [[table], [deterministic, table]]  # forward: the table; backward: hidden, the table
+
+
 @st.composite
 def full_cases(draw, max_rows=300, max_items=5000, dtypes=DTYPES):
     return dict(
@@ -167,6 +243,23 @@ def test_sharply_peaked_and_huge_logits(backend, dtype, scale):
     max_logit = (h.double() @ w.double().T).abs().max().item()
     check_loss_against_truth(*full_pair(backend, targets), h, w, floor_scale=max_logit)
     check_loss_against_truth(*sampled_pair(backend, targets, negatives), h, w, floor_scale=max_logit)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("count", [0, 1, 3, triton_loss.MAX_UNROLLED_EXCLUDED + 1, 40])
+def test_full_kernel_excluded_counts(backend, count):
+    """Excluded ids anywhere in the catalog: Triton compiles up to MAX_UNROLLED_EXCLUDED of
+    them into its kernels and reads more from an int8 mask of the catalog. At D=50, over
+    several row blocks and item tiles (Triton pads hidden and the table), vs float64."""
+    rows, dim, num_items = 40, 50, 100
+    excluded = torch.randperm(num_items)[:count]
+    kept = torch.ones(num_items, dtype=torch.bool)
+    kept[excluded] = False
+    targets = kept.nonzero()[:, 0][torch.randint(num_items - count, (rows,))]
+    targets[::5] = -1  # ignored rows
+    hidden, weight = torch.randn(rows, dim), torch.randn(num_items, dim) * 0.5
+    ours, naive = full_pair(backend, targets, excluded=tuple(excluded.tolist()), ignore_index=-1)
+    check_loss_against_truth(ours, naive, hidden, weight)
 
 
 @pytest.mark.parametrize("backend", ALL)

@@ -43,6 +43,21 @@ SCHEMAS: dict[str, tuple[str, str]] = {}
 _TENSOR = torch._C.OptionalType(torch._C.TensorType.get())  # Tensor and Tensor? are its subtypes
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it when tracing, as inductor's matmuls do
+def _medium_float32_precision() -> bool:
+    return torch.get_float32_matmul_precision() == "medium"
+
+
+def extension_operands(backend: Backend, *operands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The matmul operands the extension's ops (cuda, cpp) get. Under torch's "medium"
+    float32 matmul precision, float32 operands become bfloat16 copies: the extension
+    multiplies float32 on FFMA only and bfloat16 on tensor cores (the Triton kernels convert
+    their tiles in registers instead). Autograd casts the gradients back to float32."""
+    if backend in (Backend.CUDA, Backend.CPP) and _medium_float32_precision():
+        return tuple(t.to(torch.bfloat16) if t.dtype == torch.float32 else t for t in operands)
+    return operands
+
+
 def empty_stats(like: torch.Tensor, shape) -> torch.Tensor:
     """An uninitialized LSE or per-row loss of `shape` for inputs like `like`, as every
     backend returns them: on its device, in accumulation_dtype(like.dtype). For fake impls."""

@@ -27,7 +27,7 @@ from .._checks import (
 )
 from .._limits import check_head_dim
 from ..backends import Backend, resolve_for
-from ._library import define_ops, empty_stats
+from ._library import define_ops, empty_stats, extension_operands
 
 _SCHEMAS = (
     "(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_len, int max_seqlen, bool causal,"
@@ -74,7 +74,9 @@ def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p
     # The seed is drawn on the device from torch's generator: no host sync, and
     # torch.manual_seed makes the mask reproducible. p == 0 takes no RNG.
     seed = torch.randint(2**31 - 1, (1,), device=q.device) if dropout_p > 0.0 else None
-    return _FORWARD_OPS[chosen](q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed)
+    operands = extension_operands(chosen, q, k, v)
+    out, lse = _FORWARD_OPS[chosen](*operands, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed)
+    return (out if operands[0] is q else out.to(q.dtype)), lse  # bfloat16 copies: back to float32
 
 
 def fused_attention(

@@ -26,7 +26,7 @@ from .._checks import (
 )
 from .._limits import check_kernel_hidden_dim
 from ..backends import Backend, resolve_for
-from ._library import define_ops, empty_stats
+from ._library import define_ops, empty_stats, extension_operands
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -187,6 +187,7 @@ def sampled_softmax_loss(
     chosen = _resolve(backend, hidden, "sampled_softmax_loss")
     # Every backend gets contiguous ids (the C++ ops read them through raw pointers).
     pos_flat = pos_ids.reshape(-1).contiguous()
+    hidden, item_weight = extension_operands(chosen, hidden, item_weight)
     row_loss, _ = _SAMPLED_OPS[chosen](
         hidden.reshape(-1, hidden.shape[-1]), item_weight, pos_flat, groups.contiguous(),
         None if pos_log_q is None else pos_log_q.reshape(-1),
@@ -234,6 +235,7 @@ def full_softmax_loss(
 
     chosen = _resolve(backend, hidden, "full_softmax_loss")
     targets_flat = targets.reshape(-1).contiguous()
+    hidden, item_weight = extension_operands(chosen, hidden, item_weight)
     row_loss, lse = _FULL_OPS[chosen](
         hidden.reshape(-1, hidden.shape[-1]), item_weight, targets_flat, excluded_ids, temperature, ignore_index
     )
@@ -241,6 +243,6 @@ def full_softmax_loss(
     loss = _reduce(row_loss, valid, reduction, row_shape)
     if not return_lse:
         return loss
-    # Ignored rows: LSE 0 on every backend (the reference and Triton skip them; cpp and cuda
-    # compute it, and their backward reads it, so the op's own output keeps it).
+    # Ignored rows: LSE 0 on every backend (the reference, Triton and cpp skip them; cuda
+    # computes it, and its backward reads it, so the op's own output keeps it).
     return loss, torch.where(valid, lse, 0.0).view(row_shape)

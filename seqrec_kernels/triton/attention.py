@@ -8,7 +8,11 @@ exits at once. Outputs start uninitialized: the programs of each (sequence, head
 write the rows of its batch row that no sequence holds (out and gradients 0, LSE -inf),
 so that no fill launches precede the kernels. Softmax runs in base 2 with float32 statistics;
 the backward recomputes the probabilities from the saved LSE instead of storing the
-L x L matrix.
+L x L matrix. At a head dim that is not a multiple of 16 (SASRec's 50), where the kernels
+re-read their operands, these are first copied by one launch into a buffer whose rows are
+zero-padded to a multiple of 16 (as FlashAttention pads): Triton then proves 16-byte
+aligned rows and a load mask constant over 16 columns, hence 128-bit loads and cp.async
+pipelining, which rows of 50 elements do not get. Zero columns add 0 to every dot product.
 """
 
 import math
@@ -28,6 +32,8 @@ LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 # itself it stopped short (96 in the D=16 forward, 128 in backward kernels, 80 in the
 # deterministic item gradient) and spilled at 16-bit.
 MAX_REGISTERS = 255
+PAD_MULTIPLE = 16  # padded rows are a multiple of this many elements wide
+PAD_BLOCK_ROWS = 32  # rows per program of _pad_rows_kernel
 
 
 @triton.jit
@@ -78,9 +84,10 @@ def _row_base(Ptr, seq, head, start, stride_b, stride_h, stride_l):
 
 
 @triton.jit
-def _load_rows(base, rows, stride_l, length, offs_d, head_dim, DOT_DTYPE: tl.constexpr):
-    """A [rows, BLOCK_D] tile, zero outside the sequence and beyond head_dim."""
-    mask = (rows[:, None] < length) & (offs_d[None, :] < head_dim)
+def _load_rows(base, rows, stride_l, length, offs_d, width, DOT_DTYPE: tl.constexpr):
+    """A [rows, BLOCK_D] tile, zero outside the sequence and at columns >= width (the
+    head dim, or the padded width of a zero-padded operand)."""
+    mask = (rows[:, None] < length) & (offs_d[None, :] < width)
     return tl.load(base + rows[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
 
 
@@ -101,6 +108,43 @@ def _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m):
 
 
 @triton.jit
+def _pad_operand(Src, stride_b, stride_h, stride_l, dst, dst_mask, pair, rows, offs_d, num_heads, head_dim):
+    """Copies one operand's tile of rows to `dst`, zeros at columns >= head_dim."""
+    src = Src + (pair // num_heads).to(tl.int64) * stride_b + (pair % num_heads).to(tl.int64) * stride_h
+    src += rows[:, None].to(tl.int64) * stride_l + offs_d[None, :]
+    tl.store(dst, tl.load(src, mask=dst_mask & (offs_d[None, :] < head_dim), other=0.0), mask=dst_mask)
+
+
+@triton.jit
+def _pad_rows_kernel(
+    Padded, Q, K, V, DOut,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    num_heads, num_rows, head_dim, padded_dim,
+    WITH_DOUT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Padded [n, B, H, L, padded_dim] (contiguous) = Q, K, V and, WITH_DOUT, DOut [B, H, L,
+    head_dim], zeros at columns >= head_dim. A program copies BLOCK rows of one (batch row,
+    head) of each operand; every row is copied, padding rows too (never read)."""
+    row_blocks = tl.cdiv(num_rows, BLOCK)
+    pair = tl.program_id(0) // row_blocks  # b * H + h
+    rows = (tl.program_id(0) % row_blocks) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    operand_size = (tl.num_programs(0) // row_blocks).to(tl.int64) * num_rows * padded_dim  # B * H * L * padded_dim
+    dst = Padded + (pair.to(tl.int64) * num_rows + rows[:, None]) * padded_dim + offs_d[None, :]
+    mask = (rows[:, None] < num_rows) & (offs_d[None, :] < padded_dim)
+    _pad_operand(Q, stride_qb, stride_qh, stride_ql, dst, mask, pair, rows, offs_d, num_heads, head_dim)
+    _pad_operand(K, stride_kb, stride_kh, stride_kl, dst + operand_size, mask, pair, rows, offs_d, num_heads, head_dim)
+    _pad_operand(V, stride_vb, stride_vh, stride_vl, dst + 2 * operand_size, mask, pair, rows, offs_d,
+                 num_heads, head_dim)  # fmt: skip
+    if WITH_DOUT:
+        _pad_operand(DOut, stride_db, stride_dh, stride_dl, dst + 3 * operand_size, mask, pair, rows, offs_d,
+                     num_heads, head_dim)  # fmt: skip
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, SeqStart, SeqLen, Seed,
     stride_qb, stride_qh, stride_ql,
@@ -108,12 +152,14 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row, read_dim,
     qk_scale_log2, drop_threshold, drop_scale,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Out and LSE for one block of queries, streaming the keys it sees. Q, K and V rows are
+    read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width)."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
     _write_padding(Out, seq, head, stride_ob, stride_oh, stride_ol, lead_end, tail_start, num_rows, 0.0, head_dim,
@@ -128,7 +174,7 @@ def _attention_fwd_kernel(
     q_base = _row_base(Q, seq, head, start, stride_qb, stride_qh, stride_ql)
     k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
     v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
-    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
+    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, read_dim, DOT_DTYPE)  # [BM, BD]
     if DROPOUT:
         hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
 
@@ -138,7 +184,7 @@ def _attention_fwd_kernel(
     key_end = tl.minimum(length, block_start + BLOCK_M) if CAUSAL else length
     for key_start in range(0, key_end, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
+        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
         logits = tl.where(_visible(offs_m, offs_n, length, CAUSAL), logits, -float("inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -148,7 +194,7 @@ def _attention_fwd_kernel(
         row_sum = row_sum * rescale + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(keep_mask(hashes, offs_n, drop_threshold), p * drop_scale, 0.0)
-        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
         p = p.to(V.dtype.element_ty).to(DOT_DTYPE)
         acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         row_max = new_max
@@ -195,7 +241,7 @@ def _attention_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row, read_dim,
     scale, qk_scale_log2, drop_threshold, drop_scale,
     stride_dkb, stride_dkh, stride_dkl,
     stride_dvb, stride_dvh, stride_dvl,
@@ -203,7 +249,8 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV for one block of keys, streaming the query blocks that can see them."""
+    """dK, dV for one block of keys, streaming the query blocks that can see them. Q, K, V
+    and DOut rows are read_dim wide, as in _attention_fwd_kernel."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_N)
     lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
     _write_padding(DK, seq, head, stride_dkb, stride_dkh, stride_dkl, lead_end, tail_start, num_rows, 0.0, head_dim,
@@ -221,8 +268,8 @@ def _attention_bwd_dkdv_kernel(
     do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
     lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
     delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
-    k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
-    v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+    k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
+    v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -230,8 +277,8 @@ def _attention_bwd_dkdv_kernel(
     query_begin = (block_start // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for query_start in range(query_begin, length, BLOCK_M):
         offs_m = query_start + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
-        do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, head_dim, DOT_DTYPE)
+        q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, read_dim, DOT_DTYPE)  # [BM, BD]
+        do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, read_dim, DOT_DTYPE)
         lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
@@ -265,14 +312,15 @@ def _attention_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_lb, stride_lh,
-    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row, read_dim,
     scale, qk_scale_log2, drop_threshold, drop_scale,
     stride_dqb, stride_dqh, stride_dql,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dQ for one block of queries, streaming the keys it sees."""
+    """dQ for one block of queries, streaming the keys it sees. Operand rows are read_dim
+    wide, as in _attention_bwd_dkdv_kernel."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
     _write_padding(DQ, seq, head, stride_dqb, stride_dqh, stride_dql, lead_end, tail_start, num_rows, 0.0, head_dim,
@@ -288,8 +336,8 @@ def _attention_bwd_dq_kernel(
     do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
     lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
     delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
-    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, head_dim, DOT_DTYPE)  # [BM, BD]
-    do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, head_dim, DOT_DTYPE)
+    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, read_dim, DOT_DTYPE)  # [BM, BD]
+    do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, read_dim, DOT_DTYPE)
     lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
     if DROPOUT:
@@ -299,8 +347,8 @@ def _attention_bwd_dq_kernel(
     key_end = tl.minimum(length, block_start + BLOCK_M) if CAUSAL else length
     for key_start in range(0, key_end, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, head_dim, DOT_DTYPE)  # [BN, BD]
-        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, head_dim, DOT_DTYPE)
+        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
+        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
         logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
         visible = _visible(offs_m, offs_n, length, CAUSAL)
         p = tl.exp2(tl.where(visible, logits - lse[:, None] * LOG2E, -float("inf")))
@@ -326,11 +374,15 @@ def _launch_config(head_dim, dtype, backward):
     # float32 operand tiles take twice the registers: the narrow tiles at any D (64-row tiles
     # spilled kilobytes at D=50 in every float32 precision mode).
     wide = block_d > 128 or dtype == torch.float32
+    # Two stages (cp.async) on 16-bit wide tiles as well: D=256 fits them without spills.
+    wide_stages = 1 if dtype == torch.float32 else 2
     if backward:
-        block_m, block_n, num_warps, num_stages = (16, 32, 8, 1) if wide else (32, 64, 4 if block_d <= 64 else 8, 2)
+        block_m, block_n, num_warps, num_stages = (
+            (16, 32, 8, wide_stages) if wide else (32, 64, 4 if block_d <= 64 else 8, 2)
+        )
         # 8 warps at D=128: else dk/dv spilled at 16-bit (D=128 with dropout).
         return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
-    block_m, block_n, num_stages = (32, 32, 1) if wide else (64, 64 if block_d <= 64 else 32, 2)
+    block_m, block_n, num_stages = (32, 32, wide_stages) if wide else (64, 64 if block_d <= 64 else 32, 2)
     num_warps = 8 if dtype == torch.float32 else 4  # 4 spilled at float32 (IEEE, D=50, no causal mask)
     return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
 
@@ -363,6 +415,35 @@ def _row_blocks(max_seqlen, block):
     """Programs per (sequence, head) on grid axis 1: one at least, so that the padding rows
     are written even where no sequence has a row (max_seqlen = 0)."""
     return triton.cdiv(max(max_seqlen, 1), block)
+
+
+def _read_width(head_dim, max_seqlen, block_m, block_n):
+    """The width of the operand rows the kernels read: head_dim, or head_dim rounded up to a
+    multiple of 16 where the launcher pads the operands (_pad_rows)."""
+    # Padding costs a launch and a copy: it pays only where the kernels re-read the operands,
+    # i.e. where a sequence spans more than one tile of the launcher's largest block (then the
+    # forward's query blocks re-read k, v; the backward's key blocks q, dout, its query blocks
+    # k, v). The forward pads q in the same launch: read once, unpadded it would be its only
+    # unvectorized load. One tile (SASRec's L=50 at 16-bit) keeps the unpadded operands.
+    if head_dim % PAD_MULTIPLE == 0 or max_seqlen <= max(block_m, block_n):
+        return head_dim
+    return triton.cdiv(head_dim, PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def _pad_rows(padded_dim, block_d, q, k, v, dout=None):
+    """q, k, v (and dout), each [B, H, L, D], copied by one launch into one buffer
+    [n, B, H, L, padded_dim], zeros at columns >= D; returns its n slices."""
+    operands = (q, k, v) if dout is None else (q, k, v, dout)
+    batch, num_heads, num_rows, head_dim = q.shape
+    padded = torch.empty((len(operands), batch, num_heads, num_rows, padded_dim), dtype=q.dtype, device=q.device)
+    dout_strides = (0, 0, 0) if dout is None else dout.stride()[:3]
+    grid = (batch * num_heads * triton.cdiv(num_rows, PAD_BLOCK_ROWS),)
+    _pad_rows_kernel[grid](
+        padded, q, k, v, dout, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout_strides,
+        num_heads, num_rows, head_dim, padded_dim,
+        WITH_DOUT=dout is not None, BLOCK=PAD_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4, maxnreg=MAX_REGISTERS,
+    )  # fmt: skip
+    return [padded[i] for i in range(len(operands))]
 
 
 def _seqs_per_row(seq_len, packed):
@@ -399,12 +480,15 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
         return out, lse
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
     block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=False)
+    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
+    if read_dim != q.shape[3]:
+        q, k, v = _pad_rows(read_dim, block_d, q, k, v)
     grid = (seq_len.shape[0] * q.shape[1], _row_blocks(max_seqlen, block_m))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, seq_start, seq_len, dropout_seed,
         *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
         *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
-        *c["sizes"], _seqs_per_row(seq_len, c["packed"]), scale * math.log2(math.e), *c["drop"],
+        *c["sizes"], _seqs_per_row(seq_len, c["packed"]), read_dim, scale * math.log2(math.e), *c["drop"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"],
     )  # fmt: skip
     return out, lse
@@ -430,9 +514,13 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
         *_strides(out, packed), *_strides(dout, packed), *lse_strides,
         *c["sizes"], BLOCK_M=block_m, BLOCK_D=block_d,
     )  # fmt: skip
+    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
+    if read_dim != q.shape[3]:  # the delta kernel read out and dout once: unpadded
+        q, k, v, dout = _pad_rows(read_dim, block_d, q, k, v, dout)
     shared = (
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed),
-        *lse_strides, *c["sizes"], _seqs_per_row(seq_len, packed), scale, scale * math.log2(math.e), *c["drop"],
+        *lse_strides, *c["sizes"], _seqs_per_row(seq_len, packed), read_dim, scale, scale * math.log2(math.e),
+        *c["drop"],
     )  # fmt: skip
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
     _attention_bwd_dkdv_kernel[(num_pairs, _row_blocks(max_seqlen, block_n))](

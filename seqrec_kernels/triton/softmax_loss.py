@@ -17,11 +17,15 @@ Sampled, two layouts of negatives [G, K]:
 d item_weight is a float32 scatter-add (relaxed atomics: each add needs no ordering with
 any other memory access, so no fence or L1 invalidation per add) by default; under
 torch.use_deterministic_algorithms(True) it is computed item by item over the sorted
-sample ids instead, in a fixed order.
+sample slots instead, a tile of slots or rows at a time, in a fixed order.
 
 Full: d hidden streams item tiles per row block; d item_weight streams the blocks of rows
-that count per item block (no atomics, deterministic).
+that count per item block (no atomics, deterministic). Excluded items: see _exclusion.
+
+Hidden sizes that are not a multiple of 16: see "padded operands" below.
 """
+
+import math
 
 import torch
 import triton
@@ -62,9 +66,86 @@ def _per_row_blocks(hidden_dim):
 
 
 def _item_rows_block(block_d):
-    """Rows per step of the deterministic item-gradient kernel: a [BLOCK_T, BLOCK_D] float32
-    tile of at most 4,096 elements (64 x 1024 spilled kilobytes per thread)."""
+    """Slots or rows per step of the deterministic item-gradient kernel: a [BLOCK_T, BLOCK_D]
+    float32 tile of at most 4,096 elements (64 x 1024 spilled kilobytes per thread)."""
     return 16 if triton_interpreter_enabled() else max(1, min(64, 4096 // block_d))
+
+
+# ------------------------------------------------------------------------ padded operands
+
+# At a hidden size that is not a multiple of 16 (SASRec's D=50) rows are not 16-byte aligned
+# and `offs_d < D` is not constant over 8-element groups: loads are scalar and not pipelined
+# (cp.async moves aligned 16-byte chunks). So, as FlashAttention does for odd head dims, an
+# operand that a kernel reads more than once is first copied with zero columns up to a
+# multiple of 16 (Triton specializes sizes and strides divisible by 16): the item table where
+# more than one program reads it (full loss: more than one row block; sampled: gathers of at
+# least twice its rows, below which the copy costs more than it saves), hidden where its rows
+# are re-read (full backward: more than one item block; sampled backward: the deterministic
+# item gradient, or D > 256 column chunks). The kernels read `h_cols` / `w_cols` columns of
+# hidden / the table, write gradients unpadded (D columns), and read what is not padded ALIGN
+# elements at a time (_aligned).
+
+
+def _alignment(hidden_dim, *tensors):
+    """ALIGN: the largest power of two, up to 16 bytes of elements, that divides D and the row
+    stride of every tensor read or written ([rows, cols], unit column stride)."""
+    return math.gcd(16 // tensors[0].element_size(), hidden_dim, *(t.stride(0) for t in tensors))
+
+
+@triton.jit
+def _aligned(values, ALIGN: tl.constexpr):
+    """A tuple of sizes and strides (multiples of ALIGN) rounded down to multiples of ALIGN:
+    the same values, but Triton now knows that rows are ALIGN-element aligned and loads and
+    stores them ALIGN elements at a time (at D=50, unpadded rows 32 bits at a time, not 16)."""
+    aligned = ()
+    for i in tl.static_range(len(values)):
+        aligned = aligned + (values[i] // ALIGN * ALIGN,)
+    return aligned
+
+
+def _pad_columns(*operands):
+    """operands: (tensor [rows, D], re-read) pairs of one dtype and D. Each re-read one is
+    replaced by a copy zero-padded to a multiple of 16 columns (if D is not one), all of
+    them (at most two) in one launch."""
+    cols = operands[0][0].shape[1]
+    padded_cols = triton.cdiv(cols, 16) * 16
+    if cols == padded_cols:
+        return [t for t, _ in operands]
+    out = [torch.empty(t.shape[0], padded_cols, dtype=t.dtype, device=t.device) if reread else t
+           for t, reread in operands]  # fmt: skip
+    copies = [(t, copy) for (t, _), copy in zip(operands, out) if copy is not t]
+    if copies:
+        (a, padded_a), (b, padded_b) = copies[0], copies[-1]
+        rows_b = b.shape[0] if len(copies) == 2 else 0  # one operand: no rows of a second
+        block_c = triton.next_power_of_2(padded_cols)
+        block_r = max(1, 4096 // block_c)
+        _pad_columns_kernel[(triton.cdiv(a.shape[0], block_r) + triton.cdiv(rows_b, block_r),)](
+            a, padded_a, a.shape[0], a.stride(0), b, padded_b, rows_b, b.stride(0), cols, padded_cols,
+            ALIGN=_alignment(cols, a, b), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _pad_columns_kernel(A, PaddedA, rows_a, stride_a, B, PaddedB, rows_b, stride_b, cols, padded_cols,
+                        ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Copies BLOCK_R rows of A (the first programs) or of B (the others) with their zero
+    columns up to padded_cols: every element of the copies is written."""
+    stride_a, stride_b, cols = _aligned((stride_a, stride_b, cols), ALIGN)
+    block = tl.program_id(0)
+    blocks_a = tl.cdiv(rows_a, BLOCK_R)
+    if block < blocks_a:
+        src, dst, num_rows, stride = A, PaddedA, rows_a, stride_a
+    else:
+        src, dst, num_rows, stride = B, PaddedB, rows_b, stride_b
+        block -= blocks_a
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    row_mask = rows[:, None] < num_rows
+    x = tl.load(src + rows[:, None].to(tl.int64) * stride + offs_c[None, :], mask=row_mask & (offs_c[None, :] < cols),
+                other=0.0)  # fmt: skip
+    tl.store(dst + rows[:, None].to(tl.int64) * padded_cols + offs_c[None, :], x,
+             mask=row_mask & (offs_c[None, :] < padded_cols))  # fmt: skip
 
 
 # ------------------------------------------------------------------------ ignored rows
@@ -159,17 +240,17 @@ def _sampled_rows(Order, Count, num_rows, rows_per_group, segments_per_group, bl
 
 @triton.jit
 def _positive_logits(
-    H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+    H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
     ignore_index, HAS_POS_LOGQ: tl.constexpr,
 ):  # fmt: skip
     """hidden [BT, BD] float32, positive ids [BT], real-row mask [BT], positive weights and logits."""
-    d_mask = offs_d[None, :] < hidden_dim
-    h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :], mask=row_mask[:, None] & d_mask, other=0.0)
+    h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                mask=row_mask[:, None] & (offs_d[None, :] < h_cols), other=0.0)  # fmt: skip
     pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)
     w_pos = tl.load(
         W + tl.where(valid, pos, 0)[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-        mask=valid[:, None] & d_mask, other=0.0,
+        mask=valid[:, None] & (offs_d[None, :] < w_cols), other=0.0,
     ).to(tl.float32)  # fmt: skip
     logits = tl.sum(h.to(tl.float32) * w_pos, 1) * inv_temp
     if HAS_POS_LOGQ:
@@ -180,13 +261,13 @@ def _positive_logits(
 @triton.jit
 def _negative_logits(
     h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-    hidden_dim, inv_temp,
+    w_cols, inv_temp,
     HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Logits [BT, BK] of a block of negatives (-inf where absent or an accidental hit),
     their ids and their weights ([BK, BD] shared, [BT, BK, BD] per row)."""
-    d_mask = offs_d < hidden_dim
+    d_mask = offs_d < w_cols
     if PER_ROW:
         ids_ptr = Neg + group[:, None].to(tl.int64) * stride_neg + offs_k[None, :]  # [BT, BK]
         ids = tl.load(ids_ptr, mask=row_mask[:, None] & (offs_k[None, :] < num_neg), other=-1)
@@ -223,12 +304,13 @@ def _negative_logits(
 def _sampled_fwd_kernel(
     H, W, Pos, Neg, PosLogQ, NegLogQ, Loss, Lse, Order, Count,
     stride_h, stride_w, stride_neg,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
+    num_rows, num_items, num_neg, h_cols, w_cols, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
     inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    stride_h, stride_w, h_cols, w_cols = _aligned((stride_h, stride_w, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, group, idle = _sampled_rows(
         Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, PER_ROW, BLOCK_T
     )
@@ -240,7 +322,7 @@ def _sampled_fwd_kernel(
     # Distinct names for unused results: a name re-bound inside the loop below would be a
     # loop-carried value whose type changes (float32 -> bfloat16), which the compiler rejects.
     h, pos, valid, _w_pos, pos_logits = _positive_logits(
-        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
         ignore_index, HAS_POS_LOGQ,
     )  # fmt: skip
     running_max = pos_logits  # the positive is always in the denominator
@@ -249,7 +331,7 @@ def _sampled_fwd_kernel(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         logits, _ids, _w = _negative_logits(
             h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-            hidden_dim, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+            w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
         new_max = tl.maximum(running_max, tl.max(logits, 1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
@@ -263,14 +345,17 @@ def _sampled_fwd_kernel(
 def _sampled_bwd_kernel(
     H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DH, DW, Order, Count,
     stride_h, stride_w, stride_neg, stride_grad, stride_dh, stride_dw,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, blocks_per_segment, segment_rows,
-    inv_temp, ignore_index,
+    num_rows, num_items, num_neg, hidden_dim, h_cols, w_cols, rows_per_group, segments_per_group, blocks_per_segment,
+    segment_rows, inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     SCATTER_DW: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics."""
+    """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics. Both
+    written unpadded: hidden_dim (D) columns."""
+    stride_h, stride_w, stride_dh, stride_dw = _aligned((stride_h, stride_w, stride_dh, stride_dw), ALIGN)
+    hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, group, idle = _sampled_rows(
         Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, PER_ROW, BLOCK_T
     )
@@ -280,7 +365,7 @@ def _sampled_bwd_kernel(
         tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0, mask=ignored[:, None] & d_mask)
         return
     h, pos, valid, w_pos, pos_logits = _positive_logits(
-        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
         ignore_index, HAS_POS_LOGQ,
     )  # fmt: skip
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
@@ -297,7 +382,7 @@ def _sampled_bwd_kernel(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         logits, ids, w = _negative_logits(
             h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-            hidden_dim, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+            w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
         coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BK], 0 where absent
         present = (ids >= 0) & (ids < num_items)
@@ -323,73 +408,105 @@ def _sampled_bwd_kernel(
                 else:
                     for d_start in tl.static_range(0, BLOCK_D, D_CHUNK):
                         offs_c = d_start + tl.arange(0, D_CHUNK)
-                        c_mask = offs_c[None, :] < hidden_dim
                         h_c = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_c[None, :],
-                                      mask=row_mask[:, None] & c_mask, other=0.0)  # fmt: skip
+                                      mask=row_mask[:, None] & (offs_c[None, :] < h_cols), other=0.0)  # fmt: skip
                         dw_c = tl.dot(coef_t, h_c.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # [BK, DC]
-                        tl.atomic_add(
-                            dw_rows[:, None] + offs_c[None, :], dw_c, mask=present_k[:, None] & c_mask, sem="relaxed"
-                        )
-    # The rows that count, and 0 at this block's ignored ones (a pointer tile made here, not
-    # live through the loop).
+                        c_mask = present_k[:, None] & (offs_c[None, :] < hidden_dim)
+                        tl.atomic_add(dw_rows[:, None] + offs_c[None, :], dw_c, mask=c_mask, sem="relaxed")
+    # The rows that count, and 0 at this block's ignored ones. The rows loaded again, as in
+    # _full_bwd_hidden_kernel, and a pointer tile made here: not live through the loop.
+    rows, row_mask, ignored, _group, _idle = _sampled_rows(
+        Order, Count, num_rows, rows_per_group, segments_per_group, blocks_per_segment, segment_rows, PER_ROW, BLOCK_T
+    )
     dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
     dh = tl.where(row_mask[:, None], dh, 0.0)
     tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=(row_mask | ignored)[:, None] & d_mask[None, :])
 
 
 @triton.jit
+def _slot_log_q(PosLogQ, NegLogQ, slot, in_range, num_rows, num_neg, stride_neg,
+                HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr):  # fmt: skip
+    """log q of sample slots (a block [BS] or a scalar), 0 where not given."""
+    is_positive = slot < num_rows
+    neg_slot = tl.maximum(slot - num_rows, 0)
+    log_q = tl.zeros(slot.shape, tl.float32)
+    if HAS_POS_LOGQ:
+        log_q += tl.load(PosLogQ + slot, mask=in_range & is_positive, other=0.0).to(tl.float32)
+    if HAS_NEG_LOGQ:
+        neg_log_q_ptr = NegLogQ + (neg_slot // num_neg) * stride_neg + neg_slot % num_neg
+        log_q += tl.load(neg_log_q_ptr, mask=in_range & ~is_positive, other=0.0).to(tl.float32)
+    return log_q
+
+
+@triton.jit
+def _item_grad_rows(H, Pos, Lse, GradLoss, rows, row_mask, is_positive, log_q, w, item, offs_d, stride_h, stride_grad,
+                    num_items, h_cols, inv_temp, ignore_index, REMOVE_HITS: tl.constexpr):  # fmt: skip
+    """d item_weight[item] from a block of rows [BT] (a [BT, BD] tile of hidden), summed over
+    the block by tl.sum: a fixed tree, the same on every run. A positive (is_positive, per
+    row or for all) gives softmax - 1, a negative softmax, without the rows it would hit."""
+    h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
+                mask=row_mask[:, None] & (offs_d[None, :] < h_cols), other=0.0).to(tl.float32)  # fmt: skip
+    pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
+    keep = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)  # out of range: ignored
+    if REMOVE_HITS:
+        keep &= is_positive | (pos != item)
+    logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
+    coef = tl.exp(tl.where(keep, logits - lse, -float("inf"))) - is_positive.to(tl.float32)
+    return tl.sum(tl.where(keep, coef * grad * inv_temp, 0.0)[:, None] * h, 0)
+
+
+@triton.jit
 def _sampled_dw_by_item_kernel(
-    H, W, Pos, Neg, PosLogQ, NegLogQ, Lse, GradLoss, DW, SlotOrder, SegmentStart, Order, Count,
+    H, W, Pos, PosLogQ, NegLogQ, Lse, GradLoss, DW, SlotOrder, SlotStart, Order, Count,
     stride_h, stride_w, stride_neg, stride_grad, stride_dw,
-    num_rows, num_items, num_neg, hidden_dim, rows_per_group, segments_per_group, segment_rows, inv_temp, ignore_index,
+    num_rows, num_items, num_neg, hidden_dim, h_cols, w_cols, rows_per_group, segments_per_group, segment_rows,
+    inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Deterministic d weight: one program per item sums, in sorted-slot order, the
-    contributions of every sample slot holding that item. Slot s < T is row s's
-    positive; slot T + g * K + k is negative k of group g. A shared list's slot walks the
-    rows of its group that count, segment by segment through the compacted Order."""
+    """Deterministic d weight: one program per item sums, in a fixed order, the contributions
+    of every sample slot holding that item (slot s < T: row s's positive; slot T + g * K + k:
+    negative k of group g; ignored rows own none). Slots of one row (positives, per-row
+    negatives) go BLOCK_T at a time, a [BLOCK_T, BLOCK_D] tile of their rows; a shared
+    list's slot walks the rows of its group that count, BLOCK_T at a time, segment by
+    segment through the compacted Order. No atomics: bitwise reproducible."""
+    stride_h, stride_w, stride_dw = _aligned((stride_h, stride_w, stride_dw), ALIGN)
+    hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
     item = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < hidden_dim
-    w = tl.load(W + item.to(tl.int64) * stride_w + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    w = tl.load(W + item.to(tl.int64) * stride_w + offs_d, mask=offs_d < w_cols, other=0.0).to(tl.float32)
+    # The item's sorted slots: its positives in [first, negatives), its negatives in [negatives, last).
+    first = tl.load(SlotStart + 2 * item)
+    negatives = tl.load(SlotStart + 2 * item + 1)
+    last = tl.load(SlotStart + 2 * item + 2)
+    one_row_end = tl.where(rows_per_group == 1, last, negatives)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(tl.load(SegmentStart + item), tl.load(SegmentStart + item + 1)):
-        slot = tl.load(SlotOrder + i)
-        # A positive slot is one row (softmax - 1; ignored rows own no slot); a negative
-        # slot is every row of its group (softmax), without the rows it would hit.
+    for start in range(first, one_row_end, BLOCK_T):
+        i = start + tl.arange(0, BLOCK_T)
+        in_range = i < one_row_end
+        slot = tl.load(SlotOrder + i, mask=in_range, other=0)
         is_positive = slot < num_rows
-        neg_slot = tl.maximum(slot - num_rows, 0)
-        group = neg_slot // num_neg
-        one_row = is_positive | (rows_per_group == 1)  # else the group's segments
-        first_segment = tl.where(one_row, 0, group * segments_per_group)
-        log_q = tl.zeros([], tl.float32)
-        if HAS_POS_LOGQ:
-            pos_log_q = tl.load(PosLogQ + tl.minimum(slot, num_rows - 1)).to(tl.float32)
-            log_q = tl.where(is_positive, pos_log_q, log_q)
-        if HAS_NEG_LOGQ:
-            neg_log_q = tl.load(NegLogQ + group * stride_neg + neg_slot % num_neg).to(tl.float32)
-            log_q = tl.where(is_positive, log_q, neg_log_q)
-        for segment in range(first_segment, first_segment + tl.where(one_row, 1, segments_per_group)):
-            first_local = (segment - first_segment) * segment_rows
-            first = tl.where(one_row, tl.where(is_positive, slot, group), group * rows_per_group + first_local)
-            count = tl.where(one_row, 1, tl.load(Count + segment))
+        rows = tl.where(is_positive, slot, (slot - num_rows) // num_neg)  # a per-row list's group is its row
+        log_q = _slot_log_q(PosLogQ, NegLogQ, slot, in_range, num_rows, num_neg, stride_neg, HAS_POS_LOGQ, HAS_NEG_LOGQ)
+        acc += _item_grad_rows(H, Pos, Lse, GradLoss, rows, in_range, is_positive, log_q, w, item, offs_d, stride_h,
+                               stride_grad, num_items, h_cols, inv_temp, ignore_index, REMOVE_HITS)  # fmt: skip
+    for i in range(one_row_end, last):  # negatives of shared lists
+        slot = tl.load(SlotOrder + i)
+        log_q = _slot_log_q(PosLogQ, NegLogQ, slot, i < last, num_rows, num_neg, stride_neg, HAS_POS_LOGQ, HAS_NEG_LOGQ)
+        group = (slot - num_rows) // num_neg
+        for segment in range(group * segments_per_group, (group + 1) * segments_per_group):
+            first_row = group * rows_per_group + (segment - group * segments_per_group) * segment_rows
+            count = tl.load(Count + segment)
             for block in range(0, count, BLOCK_T):
                 local = block + tl.arange(0, BLOCK_T)
                 row_mask = local < count
-                rows = tl.where(one_row, first + local, tl.load(Order + first + local, mask=row_mask, other=0))
-                h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                pos = tl.load(Pos + rows, mask=row_mask, other=ignore_index)
-                keep = row_mask & (pos != ignore_index) & (pos >= 0) & (pos < num_items)  # out of range: ignored
-                if REMOVE_HITS:
-                    keep &= is_positive | (pos != item)
-                logits = tl.sum(h * w[None, :], 1) * inv_temp - log_q
-                lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
-                grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
-                coef = tl.exp(tl.where(keep, logits - lse, -float("inf"))) - is_positive.to(tl.float32)
-                acc += tl.sum(tl.where(keep, coef * grad * inv_temp, 0.0)[:, None] * h, 0)
-    tl.store(DW + item.to(tl.int64) * stride_dw + offs_d, acc.to(DW.dtype.element_ty), mask=d_mask)
+                rows = tl.load(Order + first_row + local, mask=row_mask, other=0)
+                acc += _item_grad_rows(H, Pos, Lse, GradLoss, rows, row_mask, slot < num_rows, log_q, w, item, offs_d,
+                                       stride_h, stride_grad, num_items, h_cols, inv_temp, ignore_index,
+                                       REMOVE_HITS)  # fmt: skip
+    tl.store(DW + item.to(tl.int64) * stride_dw + offs_d, acc.to(DW.dtype.element_ty), mask=offs_d < hidden_dim)
 
 
 def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, backward):
@@ -416,6 +533,12 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
     return grid, segments, meta
 
 
+def _gathers_table_twice(num_rows, num_items, num_neg, grid, per_row):
+    """Whether the sampled kernels gather at least twice as many item rows (each row's
+    positive, each program's negatives) as the table has: the pad rule of the table."""
+    return num_rows + (num_rows if per_row else grid[0]) * num_neg >= 2 * num_items
+
+
 def _contiguous_rows(*tensors):
     """Unit stride on the last dim for every tensor given (None passes through)."""
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
@@ -432,27 +555,31 @@ def sampled_forward(
     lse = torch.empty_like(loss)
     if num_rows == 0:
         return loss, lse
+    num_items, num_neg = weight.shape[0], neg_ids.shape[1]
     grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, False)
-    order, count = _compact(pos_ids, weight.shape[0], ignore_index, segments)
+    order, count = _compact(pos_ids, num_items, ignore_index, segments)
+    (weight,) = _pad_columns((weight, _gathers_table_twice(num_rows, num_items, num_neg, grid, meta["PER_ROW"])))
     _sampled_fwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse, order, count,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0),
-        num_rows, weight.shape[0], neg_ids.shape[1], hidden.shape[1], *segments,
-        1.0 / temperature, ignore_index, **meta,
+        num_rows, num_items, num_neg, hidden.shape[1], weight.shape[1], *segments,
+        1.0 / temperature, ignore_index, ALIGN=_alignment(hidden.shape[1], hidden, weight), **meta,
     )  # fmt: skip
     return loss, lse
 
 
 def _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group):
-    """Sample slots sorted by item (stable) and each item's first sorted position [N + 1].
-    Ignored rows own no slot, nor do the negatives of a list whose rows are all ignored."""
+    """Sample slots sorted by (item, negative) (stable: in slot order within each) and where
+    they start [2N + 1]: item i's positives at [starts[2i], starts[2i + 1]), its negatives up
+    to starts[2i + 2]. Ignored rows own no slot, nor do the negatives of a list whose rows
+    are all ignored."""
     out_of_range = num_items  # sorts after every real item: slots nobody owns
     valid = (pos_ids != ignore_index) & (pos_ids >= 0) & (pos_ids < num_items)  # [T]
     pos = torch.where(valid, pos_ids, out_of_range)
     used = valid.view(-1, rows_per_group).any(1)[:, None] & (neg_ids >= 0) & (neg_ids < num_items)  # [G, K]
     neg = torch.where(used, neg_ids, out_of_range).reshape(-1)
-    sorted_items, order = torch.sort(torch.cat([pos.long(), neg.long()]), stable=True)
-    starts = torch.searchsorted(sorted_items, torch.arange(num_items + 1, device=pos_ids.device))
+    keys, order = torch.sort(torch.cat([pos.long() * 2, neg.long() * 2 + 1]), stable=True)
+    starts = torch.searchsorted(keys, torch.arange(2 * num_items + 1, device=pos_ids.device))
     return order, starts
 
 
@@ -473,23 +600,28 @@ def sampled_backward(
     d_weight = torch.zeros_like(weight, dtype=torch.float32) if scatter else torch.empty_like(weight)
     grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, True)
     order, count = _compact(pos_ids, num_items, ignore_index, segments)
-    sizes = (num_rows, num_items, neg_ids.shape[1], hidden.shape[1])
+    num_neg, hidden_dim = neg_ids.shape[1], hidden.shape[1]
+    hidden, weight = _pad_columns(
+        (hidden, deterministic or meta["BLOCK_D"] > 256),  # the item gradient's rows, or column chunks
+        (weight, _gathers_table_twice(num_rows, num_items, num_neg, grid, meta["PER_ROW"])),
+    )
+    sizes = (num_rows, num_items, num_neg, hidden_dim, hidden.shape[1], weight.shape[1])
+    align = _alignment(hidden_dim, hidden, weight, d_hidden)
     _sampled_bwd_kernel[grid](
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight, order, count,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0), d_hidden.stride(0),
         d_weight.stride(0), *sizes, *segments, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
-        D_CHUNK=min(meta["BLOCK_D"], 256), **meta,
+        D_CHUNK=min(meta["BLOCK_D"], 256), ALIGN=align, **meta,
     )  # fmt: skip
     if deterministic:
         slots, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group)
         _, segments_per_group, _, segment_rows = segments
         _sampled_dw_by_item_kernel[(num_items,)](
-            hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, slots, starts,
-            order, count, hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0),
-            d_weight.stride(0), *sizes, rows_per_group, segments_per_group, segment_rows, 1.0 / temperature,
-            ignore_index,
+            hidden, weight, pos_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, slots, starts, order, count,
+            hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0), d_weight.stride(0),
+            *sizes, rows_per_group, segments_per_group, segment_rows, 1.0 / temperature, ignore_index,
             HAS_POS_LOGQ=meta["HAS_POS_LOGQ"], HAS_NEG_LOGQ=meta["HAS_NEG_LOGQ"], REMOVE_HITS=remove_hits,
-            BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"],
+            BLOCK_T=_item_rows_block(meta["BLOCK_D"]), BLOCK_D=meta["BLOCK_D"], ALIGN=align,
             num_warps=8, maxnreg=MAX_REGISTERS,  # 4 warps spilled at D=50 under Triton 3.6
         )  # fmt: skip
     return d_hidden, d_weight.to(weight.dtype)
@@ -498,30 +630,77 @@ def sampled_backward(
 # ------------------------------------------------------------------------ full
 
 
+# Excluded items (sorted, unique ids). A runtime loop over them inside the item loop kept
+# Triton from pipelining the item stream (cp.async). Up to MAX_UNROLLED_EXCLUDED ids (a
+# compile per count: counts are small and fixed in a training run) are loaded once, as
+# scalars, before the item loop; beyond, the launcher hands an int8 mask [N] instead (1 =
+# excluded; a fill and an index_put per call), read once per item tile.
+MAX_UNROLLED_EXCLUDED = 8
+
+
+def _exclusion(excluded_ids, num_items):
+    """(Excluded: the ids or the mask, the constexprs of _kept_items) for these excluded ids."""
+    count = excluded_ids.numel()
+    if count <= MAX_UNROLLED_EXCLUDED:
+        return excluded_ids, dict(NUM_EXCLUDED=count, EXCLUDED_MASK=False)
+    mask = torch.zeros(num_items, dtype=torch.int8, device=excluded_ids.device)
+    mask[excluded_ids] = 1
+    return mask, dict(NUM_EXCLUDED=0, EXCLUDED_MASK=True)
+
+
 @triton.jit
-def _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded, num_excluded,
+def _excluded_ids(Excluded, NUM_EXCLUDED: tl.constexpr):
+    """The excluded ids: a tuple of NUM_EXCLUDED scalars."""
+    ids = ()
+    for e in tl.static_range(NUM_EXCLUDED):
+        ids = ids + (tl.load(Excluded + e),)
+    return ids
+
+
+@triton.jit
+def _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N: tl.constexpr, NUM_EXCLUDED: tl.constexpr,
+                EXCLUDED_MASK: tl.constexpr):  # fmt: skip
+    """[BN] mask of the items n_start + [0, BN) in [0, N) that are not excluded. The ids set
+    bits of one scalar (bit i: item n_start + i), tested once per item: compared with each id
+    instead, each thread's items kept hoisted copies of every id (~10 registers per id)."""
+    tl.static_assert(BLOCK_N <= 64)  # bits of an int64
+    offs = tl.arange(0, BLOCK_N)
+    kept = n_start + offs < num_items
+    if NUM_EXCLUDED > 0:
+        bits = tl.zeros([], tl.int64)
+        for e in tl.static_range(NUM_EXCLUDED):
+            local = excluded_ids[e] - n_start
+            in_block = (local >= 0) & (local < BLOCK_N)
+            bits |= tl.where(in_block, tl.full([], 1, tl.int64) << tl.where(in_block, local, 0).to(tl.int64), 0)
+        kept &= ((bits >> offs.to(tl.int64)) & 1) == 0
+    if EXCLUDED_MASK:
+        kept &= tl.load(Excluded + n_start + offs, mask=kept, other=1) == 0
+    return kept
+
+
+@triton.jit
+def _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp,
                  DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """Logits [BT, BN] of a row block against an item block (-inf for excluded or absent
-    items) and the item weights [BN, BD]. Forward and both backward kernels use this one
-    product, so the recomputed logits match the LSE's bit for bit."""
-    item_mask = offs_n < num_items
+    """Logits [BT, BN] of a row block against an item block (-inf where not kept: excluded
+    or absent items) and the item weights [BN, BD]. Forward and both backward kernels use
+    this one product, so the recomputed logits match the LSE's bit for bit."""
     w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                mask=item_mask[:, None] & (offs_d[None, :] < hidden_dim), other=0.0)  # fmt: skip
-    for e in range(num_excluded):
-        item_mask &= offs_n != tl.load(Excluded + e)
+                mask=(offs_n[:, None] < num_items) & (offs_d[None, :] < w_cols), other=0.0)  # fmt: skip
     logits = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * inv_temp
-    return tl.where(item_mask[None, :], logits, -float("inf")), w
+    return tl.where(kept[None, :], logits, -float("inf")), w
 
 
 @triton.jit
 def _full_fwd_kernel(
     H, W, Targets, Excluded, Loss, Lse, Order, Count,
     stride_h, stride_w,
-    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_rows, num_items, h_cols, w_cols, inv_temp, ignore_index,
     num_segments, blocks_per_segment, segment_rows,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    stride_h, stride_w, h_cols, w_cols = _aligned((stride_h, stride_w, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, _group, idle = _compacted_rows(
         Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
     )  # all rows form one group
@@ -531,15 +710,17 @@ def _full_fwd_kernel(
         return
     offs_d = tl.arange(0, BLOCK_D)
     h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                mask=row_mask[:, None] & (offs_d[None, :] < hidden_dim), other=0.0)  # fmt: skip
+                mask=row_mask[:, None] & (offs_d[None, :] < h_cols), other=0.0)  # fmt: skip
     target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
+    excluded_ids = _excluded_ids(Excluded, NUM_EXCLUDED)
     running_max = tl.full([BLOCK_T], -float("inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_T], tl.float32)
     target_logits = tl.zeros([BLOCK_T], tl.float32)
     for n_start in range(0, num_items, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
-                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
+        logits, _ = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
+                                 DOT_PRECISION)  # fmt: skip
         # The target's logit from the same tile product as the LSE, so that loss = lse - logit
         # is exactly 0 when the target is the only class.
         target_logits += tl.sum(tl.where(offs_n[None, :] == target[:, None], logits, 0.0), 1)
@@ -559,11 +740,14 @@ def _full_fwd_kernel(
 def _full_bwd_hidden_kernel(
     H, W, Targets, Excluded, Lse, GradLoss, DH, Order, Count,
     stride_h, stride_w, stride_grad, stride_dh,
-    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_rows, num_items, hidden_dim, h_cols, w_cols, inv_temp, ignore_index,
     num_segments, blocks_per_segment, segment_rows,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    stride_h, stride_w, stride_dh = _aligned((stride_h, stride_w, stride_dh), ALIGN)
+    hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, _group, idle = _compacted_rows(
         Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
     )  # all rows form one group
@@ -573,18 +757,25 @@ def _full_bwd_hidden_kernel(
         tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0, mask=ignored[:, None] & d_mask)
         return
     h, _, valid, w_target, _ = _positive_logits(
-        H, W, Targets, Targets, rows, row_mask, offs_d, stride_h, stride_w, num_items, hidden_dim, inv_temp,
+        H, W, Targets, Targets, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
         ignore_index, False,
     )  # fmt: skip
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     row_scale = tl.where(valid, tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0) * inv_temp, 0.0)
     dh = -row_scale[:, None] * w_target  # the onehot(target) part of softmax - onehot
+    excluded_ids = _excluded_ids(Excluded, NUM_EXCLUDED)
     for n_start in range(0, num_items, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        logits, w = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
-                                 num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+        kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
+        logits, w = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
+                                 DOT_PRECISION)  # fmt: skip
         coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BN]
         dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    # The rows again, for the store: where D is not a multiple of 16 it takes a row index per
+    # element, which kept live through the loop cost ~80 registers (D=50, sm_80).
+    rows, row_mask, ignored, _group, _idle = _compacted_rows(
+        Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
+    )
     dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
     dh = tl.where(row_mask[:, None], dh, 0.0)  # 0 at this block's ignored rows
     tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=(row_mask | ignored)[:, None] & d_mask)
@@ -594,16 +785,21 @@ def _full_bwd_hidden_kernel(
 def _full_bwd_weight_kernel(
     H, W, Targets, Excluded, Lse, GradLoss, DW, Order, Count,
     stride_h, stride_w, stride_grad, stride_dw,
-    num_rows, num_items, hidden_dim, num_excluded, inv_temp, ignore_index,
+    num_rows, num_items, hidden_dim, h_cols, w_cols, inv_temp, ignore_index,
     num_segments, segment_rows,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """d weight for a block of items, streaming the blocks of compacted rows that count, segment
     by segment: no atomics. Every item row is written."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    stride_h, stride_w, stride_dw = _aligned((stride_h, stride_w, stride_dw), ALIGN)
+    hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
+    n_start = tl.program_id(0) * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    excluded_ids = _excluded_ids(Excluded, NUM_EXCLUDED)
+    kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d[None, :] < hidden_dim
     dw = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for segment in range(0, num_segments):
         count = tl.load(Count + segment)
@@ -612,18 +808,18 @@ def _full_bwd_weight_kernel(
             row_mask = slots < count
             rows = tl.load(Order + segment * segment_rows + slots, mask=row_mask, other=0)
             h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
-                        mask=row_mask[:, None] & d_mask, other=0.0)  # fmt: skip
+                        mask=row_mask[:, None] & (offs_d[None, :] < h_cols), other=0.0)  # fmt: skip
             target = tl.load(Targets + rows, mask=row_mask, other=ignore_index)
             valid = row_mask & (target != ignore_index) & (target >= 0) & (target < num_items)
             lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
             grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
             row_scale = tl.where(valid, grad * inv_temp, 0.0)
-            logits, _ = _item_logits(h, W, offs_n, offs_d, stride_w, num_items, hidden_dim, inv_temp, Excluded,
-                                     num_excluded, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
+            logits, _ = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
+                                     DOT_PRECISION)  # fmt: skip
             is_target = target[:, None] == offs_n[None, :]
             coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
             dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    dw_mask = (offs_n[:, None] < num_items) & d_mask
+    dw_mask = (offs_n[:, None] < num_items) & (offs_d[None, :] < hidden_dim)
     tl.store(DW + offs_n[:, None].to(tl.int64) * stride_dw + offs_d[None, :], dw.to(DW.dtype.element_ty), mask=dw_mask)
 
 
@@ -640,11 +836,15 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     segments = _row_segments(num_rows, block_t)  # one group: every row against every item
     order, count = _compact(targets, weight.shape[0], ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
-    _full_fwd_kernel[(num_segments * blocks_per_segment,)](
-        hidden, weight, targets, excluded_ids, loss, lse, order, count, hidden.stride(0), weight.stride(0),
-        num_rows, weight.shape[0], hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index,
+    row_blocks = num_segments * blocks_per_segment
+    (weight,) = _pad_columns((weight, row_blocks > 1))  # streamed by every row block
+    excluded, exclusion = _exclusion(excluded_ids, weight.shape[0])
+    _full_fwd_kernel[(row_blocks,)](
+        hidden, weight, targets, excluded, loss, lse, order, count, hidden.stride(0), weight.stride(0),
+        num_rows, weight.shape[0], hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index,
         num_segments, blocks_per_segment, segment_rows,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]), **launch,
+        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]),
+        ALIGN=_alignment(hidden.shape[1], hidden, weight), **launch,
     )  # fmt: skip
     return loss, lse
 
@@ -661,17 +861,23 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     segments = _row_segments(num_rows, block_t)
     order, count = _compact(targets, num_items, ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
-    scalars = (num_rows, num_items, hidden.shape[1], excluded_ids.numel(), 1.0 / temperature, ignore_index)
+    row_blocks, item_blocks = num_segments * blocks_per_segment, triton.cdiv(num_items, block_n)
+    hidden_dim = hidden.shape[1]
+    # hidden: streamed by every item block (d weight); the table by every row block (both)
+    hidden, weight = _pad_columns((hidden, item_blocks > 1), (weight, row_blocks > 1))
+    excluded, exclusion = _exclusion(excluded_ids, num_items)
+    scalars = (num_rows, num_items, hidden_dim, hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index)
     meta = dict(
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]), **launch
-    )
-    _full_bwd_hidden_kernel[(num_segments * blocks_per_segment,)](
-        hidden, weight, targets, excluded_ids, lse, grad_loss, d_hidden, order, count,
+        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden_dim),
+        ALIGN=_alignment(hidden_dim, hidden, weight, d_hidden), **launch,
+    )  # fmt: skip
+    _full_bwd_hidden_kernel[(row_blocks,)](
+        hidden, weight, targets, excluded, lse, grad_loss, d_hidden, order, count,
         hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
         num_segments, blocks_per_segment, segment_rows, **meta,
     )  # fmt: skip
-    _full_bwd_weight_kernel[(triton.cdiv(num_items, block_n),)](
-        hidden, weight, targets, excluded_ids, lse, grad_loss, d_weight, order, count,
+    _full_bwd_weight_kernel[(item_blocks,)](
+        hidden, weight, targets, excluded, lse, grad_loss, d_weight, order, count,
         hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_weight.stride(0), *scalars,
         num_segments, segment_rows, **meta,
     )  # fmt: skip
