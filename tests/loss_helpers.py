@@ -75,9 +75,13 @@ def check_loss_against_truth(ours, naive, hidden, weight, floor_scale=1.0):
     base_loss, base_grads = _loss_and_grads(naive, hidden, weight, dout)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_flash_rule("loss", loss, truth_loss, base_loss, dtype, 2, floor_scale)
-    for name, g, tg, bg in zip(("d hidden", "d item_weight"), grads, truth_grads, base_grads):
+    # A gradient sums products of softmax weights and the other operand (d hidden: item rows;
+    # d item_weight: hidden rows): its rounding is relative to that operand's magnitude, even
+    # where the terms cancel (duplicate items in a tiny catalog) and the truth is near 0.
+    operand_scale = [max(1.0, weight.abs().max().item()), max(1.0, hidden.abs().max().item())]
+    for name, g, tg, bg, scale in zip(("d hidden", "d item_weight"), grads, truth_grads, base_grads, operand_scale):
         assert g.dtype == dtype
-        assert_flash_rule(name, g, tg, bg, dtype, 3, floor_scale)
+        assert_flash_rule(name, g, tg, bg, dtype, 3, floor_scale * scale)
 
 
 def sampled_pair(backend, pos_ids, neg_ids, pos_log_q=None, neg_log_q=None, remove_hits=True, temperature=1.0,
