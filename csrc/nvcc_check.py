@@ -6,8 +6,9 @@ ptxas report and the SASS come from that one object:
 - SASS (cuobjdump -res-usage / -sass / -elf), per kernel, against EXPECTED below: no
   local memory (LOCAL:0, no stack, no STL/LDL); tensor-core MMA (HMMA) fed by ldmatrix
   (LDSM) where the kernel multiplies 16-bit tiles, and cp.async (LDGSTS) where it streams
-  tiles through shared memory; registers x threads per CTA that let the SM hold the CTAs
-  that the kernel's __launch_bounds__ (or launch plan) intends.
+  tiles through shared memory; 128-bit global stores (STG.E.128) where it writes its
+  output rows 16 bytes at a time; registers x threads per CTA that let the SM hold the
+  CTAs that the kernel's __launch_bounds__ (or launch plan) intends.
 
     python csrc/nvcc_check.py [file.cu ...]     # default: every csrc/cuda/*.cu
     SEQREC_CUDA_ARCHS="8.0;9.0" selects the architectures (the build's default).
@@ -46,10 +47,13 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Used (\d+) registers")
 # cuobjdump -res-usage: "Function <mangled>:" then "REG:n STACK:n SHARED:n LOCAL:n ...".
 _RESOURCES = re.compile(r"Function ([^\s:]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-# cuobjdump -sass: "Function : <mangled>", then "/*0af0*/  @!P0 HMMA.16816.F32 R4, ... ;".
+# cuobjdump -sass: "Function : <mangled>", then "/*0af0*/  @!P0 HMMA.16816.F32 R4, ... ;" or
+# "/*9630*/  @!P1 STG.E.128 desc[UR16][R2.64], R4 ;" (sm_90; sm_80 has no desc[...]): the
+# opcode, then its modifiers.
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", re.M)
-_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]*)", re.M)
-COUNTED = ("HMMA", "LDSM", "LDGSTS", "STL", "LDL")
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)", re.M)
+# Opcodes counted whatever their modifiers, and 128-bit accesses as "<opcode>.128".
+COUNTED = ("HMMA", "LDSM", "LDGSTS", "STL", "LDL", "STG.128")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Expect:
     mma: bool  # HMMA and LDSM present: it multiplies 16-bit tiles on tensor cores
     cp_async: bool  # LDGSTS present: it streams tiles through shared memory with cp.async
     why: str
+    wide_stores: bool = False  # STG.128 present: it writes output rows 16 bytes at a time where aligned
     threads: int | None = None  # threads per launch, for kernels without __launch_bounds__
 
 
@@ -80,11 +85,18 @@ EXPECTED = (
     Expect(r"sampled_weight_grad_sorted<", min_ctas=1, mma=False, cp_async=False, why="CTA per item, warp per row"),
     Expect(r"combine_forward|reduce_splits<|slot_keys", 1, mma=False, cp_async=False, why="elementwise", threads=256),
     Expect(r"grad_scale_max", min_ctas=1, mma=False, cp_async=False, why="one-CTA max", threads=1024),
+    Expect(r"compact_rows<", min_ctas=1, mma=False, cp_async=False, why="CTA per group (32 or 1024), block scan"),
     # attention.cu: __launch_bounds__(threads, 1); kSmemBudget (112 KB) is sized for two CTAs per SM on H100.
-    Expect(rf"attention_\w+_kernel<{HALF},", min_ctas=2, mma=True, cp_async=True, why="attention tiles, 16-bit"),
-    Expect(r"attention_\w+_kernel<float,", min_ctas=2, mma=False, cp_async=True, why="attention tiles, float32"),
+    # Output rows staged in shared memory and stored with the output's copy width (16 bytes when aligned).
+    Expect(
+        rf"attention_\w+_kernel<{HALF},", 2, mma=True, cp_async=True, why="attention tiles, 16-bit", wide_stores=True
+    ),
+    Expect(
+        r"attention_\w+_kernel<float,", 2, mma=False, cp_async=True, why="attention tiles, float32", wide_stores=True
+    ),
 )
 MMA_REQUIRED = ("HMMA", "LDSM")
+TABLED = ("HMMA", "LDSM", "LDGSTS", "STG.128")  # the opcode columns of the report
 
 
 def cuda_archs() -> list[str]:
@@ -159,9 +171,17 @@ def parse_resources(text: str) -> dict[str, dict]:
 
 
 def parse_sass(text: str) -> dict[str, collections.Counter]:
-    """Mangled name -> opcode counts (HMMA.16816.F32 counts as HMMA) from cuobjdump -sass."""
+    """Mangled name -> opcode counts from cuobjdump -sass: HMMA.16816.F32 counts as HMMA,
+    STG.E.128 as STG and as STG.128 (any opcode with a .128 modifier)."""
     parts = _SASS_FUNCTION.split(text)
-    return {name: collections.Counter(_OPCODE.findall(body)) for name, body in zip(parts[1::2], parts[2::2])}
+    sass = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        counts = sass[name] = collections.Counter()
+        for opcode, modifiers in _OPCODE.findall(body):
+            counts[opcode] += 1
+            if "128" in modifiers.split("."):
+                counts[f"{opcode}.128"] += 1
+    return sass
 
 
 def parse_max_threads(text: str) -> dict[str, int]:
@@ -248,9 +268,12 @@ def check(row: dict) -> list[str]:
             f"{name}: {resources['registers']} registers x {threads} threads allow {row['ctas']} CTAs per SM, "
             f"{expect.min_ctas} intended ({expect.why})"
         )
-    missing = [
-        op for op in (*(MMA_REQUIRED if expect.mma else ()), *(("LDGSTS",) if expect.cp_async else ())) if not row[op]
-    ]
+    required = (
+        *(MMA_REQUIRED if expect.mma else ()),
+        *(("LDGSTS",) if expect.cp_async else ()),
+        *(("STG.128",) if expect.wide_stores else ()),
+    )
+    missing = [op for op in required if not row[op]]
     if missing:
         problems.append(f"{name}: no {'/'.join(missing)} in the SASS ({expect.why})")
     return problems
@@ -258,7 +281,7 @@ def check(row: dict) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     header = f"  {'kernel':<50} {'regs':>4} {'threads':>7} {'CTAs/SM (min)':>13} {'local':>5}"
-    lines = [header + "".join(f" {op:>6}" for op in ("HMMA", "LDSM", "LDGSTS"))]
+    lines = [header + "".join(f" {op:>7}" for op in TABLED)]
     for row in rows:
         if "ctas" not in row:
             continue  # library kernels (CUB)
@@ -266,7 +289,7 @@ def table(rows: list[dict]) -> str:
         ctas = f"{row['ctas']} ({row['min_ctas']})"
         lines.append(
             f"  {row['kernel']:<50} {row['resources']['registers']:>4} {row['threads']:>7} {ctas:>13} {local:>5}"
-            + "".join(f" {row[op]:>6}" for op in ("HMMA", "LDSM", "LDGSTS"))
+            + "".join(f" {row[op]:>7}" for op in TABLED)
         )
     return "\n".join(lines)
 

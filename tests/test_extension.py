@@ -180,7 +180,8 @@ nvcc_check = _load_nvcc_check()
 def test_cuda_sources_compile_and_their_sass_meets_expectations():
     """Each .cu compiled once per architecture (sm_80, sm_90): no spills in the ptxas
     report, and in the SASS of the same object no local memory, HMMA/LDSM/LDGSTS where the
-    kernel multiplies 16-bit tiles, registers that allow the CTAs per SM it intends."""
+    kernel multiplies 16-bit tiles, 128-bit output stores (STG.128) in the attention kernels,
+    registers that allow the CTAs per SM it intends."""
     result = subprocess.run([sys.executable, str(CSRC / "nvcc_check.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for source in ("attention.cu", "softmax_loss.cu"):
@@ -189,6 +190,12 @@ def test_cuda_sources_compile_and_their_sass_meets_expectations():
     # A 16-bit tile kernel's row: registers, 256 threads, 2 CTAs/SM (2 intended), no local, HMMA LDSM LDGSTS.
     assert re.search(
         r"^  engine_kernel<__half, 1> +\d+ +256 +2 \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]", result.stdout, re.M
+    )
+    # An attention kernel's row: HMMA LDSM LDGSTS, and 128-bit global stores (STG.128) of its output rows.
+    assert re.search(
+        r"^  attention_fwd_kernel<__half, 64> +\d+ +128 +\d+ \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]\d* +[1-9]",
+        result.stdout,
+        re.M,
     )
 
 
@@ -201,15 +208,30 @@ def test_sass_check_arithmetic_and_parsing():
     assert nvcc_check.ctas_per_sm(16, 32) == 32  # CTA slots
     sass = "\tFunction : _Z1kv\n  /*0000*/   @!P0 HMMA.16816.F32 R4, R8, R12, R4 ;\n  /*0010*/   STL [R1], R0 ;\n"
     assert nvcc_check.parse_sass(sass) == {"_Z1kv": collections.Counter(HMMA=1, STL=1)}
+    # 128-bit accesses also count as "<opcode>.128" (sm_90 and sm_80 forms); 64-bit ones do not.
+    sass = (
+        "\tFunction : _Z1sv\n  /*9630*/   @!P1 STG.E.128 desc[UR16][R2.64], R4 ;\n"
+        "  /*89e0*/   STG.E.128 [R2.64], R4 ;\n  /*8a00*/   @P2 STG.E.64 [R2.64], R8 ;\n"
+        "  /*8a10*/   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64] ;\n"
+    )
+    assert nvcc_check.parse_sass(sass) == {
+        "_Z1sv": collections.Counter({"STG": 3, "STG.128": 2, "LDGSTS": 1, "LDGSTS.128": 1})
+    }
     demangled = "void seqrec::cuda::(anonymous namespace)::engine_kernel<__half, 1>(seqrec::cuda::LossArgs)"
     assert nvcc_check.short_name(demangled) == "engine_kernel<__half, 1>"
     resources = dict(registers=129, stack=0, shared=0, local=0)
     row = dict(kernel="engine_kernel<__half, 1>", source="softmax_loss.cu", arch="sm_90", spills=0, launch_threads=256,
-               resources=resources, HMMA=0, LDSM=4, LDGSTS=9, STL=0, LDL=0)  # fmt: skip
+               resources=resources, HMMA=0, LDSM=4, LDGSTS=9, STL=0, LDL=0, **{"STG.128": 0})  # fmt: skip
     problems = nvcc_check.check(row)
     assert len(problems) == 2, problems
     assert "129 registers x 256 threads allow 1 CTAs per SM, 2 intended" in problems[0]
     assert "no HMMA in the SASS" in problems[1]
+    # The attention kernels store their output rows 16 bytes at a time: STG.128 required.
+    attention = {**row, "kernel": "attention_fwd_kernel<__half, 64>", "source": "attention.cu", "launch_threads": 128}
+    attention.update(resources={**resources, "registers": 144}, HMMA=64, LDSM=36, LDGSTS=15)
+    missing = f"attention.cu sm_90 {attention['kernel']}: no STG.128 in the SASS (attention tiles, 16-bit)"
+    assert nvcc_check.check(attention) == [missing]
+    assert nvcc_check.check({**attention, "STG.128": 4}) == []
     assert "no entry in nvcc_check.EXPECTED" in nvcc_check.check({**row, "kernel": "new_kernel<float>"})[0]
 
 

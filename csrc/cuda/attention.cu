@@ -15,10 +15,14 @@
 //   bfloat16 multiply on tensor cores (float32 accumulation), float32 with FFMA in the
 //   same row layout (no TF32). Softmax runs in base 2 with float32 statistics.
 // - Head dims are padded with zero columns to DP = 32, 64, 128 or 256.
+// - Outputs: a warp stages its [16, DP] result rows in shared memory rows that only it
+//   uses (its own Q, K or V rows, once the loop is done), then writes its valid rows with
+//   the widest copy that the output tensor's alignment allows (16 bytes when aligned).
 // - Backward (FlashAttention-2): the dq kernel also writes delta = rowsum(dout * out) of
-//   its rows to the workspace; the dk/dv kernel, launched after it, streams the query
-//   tiles that see its key tile (for DP = 256, dv and dk in two launches so that one
-//   [16, 256] accumulator per warp suffices). Every output row has one writer: no atomics,
+//   its rows to the workspace (dO from its shared tile, O from global memory in O's
+//   copy width); the dk/dv kernel, launched after it, streams the query tiles that see
+//   its key tile (for DP = 256, dv and dk in two launches so that one [16, 256]
+//   accumulator per warp suffices). Every output row has one writer: no atomics,
 //   deterministic results.
 #include "common.cuh"
 #include "dropout_hash.h"
@@ -158,24 +162,87 @@ __device__ __forceinline__ void tile_accumulate(float (&acc)[DP / 8][4], const f
                                  [](int q, int tig) { return acc_col(true, 2 * q, 0, tig); });
 }
 
-// dst[r, c] = acc[r, c] * mul[r >= 8] for the warp's rows r < valid_rows and columns c < D;
-// dst is the warp's first row.
+// An unsigned integer of BYTES bytes: one global store or load of that width.
+template <int BYTES>
+struct Bits;
+template <>
+struct Bits<16> {
+  using type = uint4;
+};
+template <>
+struct Bits<8> {
+  using type = uint2;
+};
+template <>
+struct Bits<4> {
+  using type = uint32_t;
+};
+template <>
+struct Bits<2> {
+  using type = uint16_t;
+};
+
+// The warp's [16, DP] accumulator (rows g, g + 8 of acc[j][0..1], acc[j][2..3]; columns
+// acc_col) times mul[r >= 8], rounded to T, into `stage`: its 16 rows of shared memory (row
+// stride tile_ld), every column < DP. One 4-byte store per column pair (16-bit) or 16-byte
+// store per float4 of columns acc_col(true, 2q, 0, tig) + 0..3 (float32).
 template <typename T, int DP>
-__device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc)[DP / 8][4], const float (&mul)[2],
-                                           int valid_rows, int D, int lane) {
+__device__ __forceinline__ void stage_rows(T* stage, const float (&acc)[DP / 8][4], const float (&mul)[2], int lane) {
+  constexpr int kLd = tile_ld(sizeof(T), DP);
   const int g = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (g + 8 * h >= valid_rows) continue;
-    T* row = dst + (g + 8 * h) * stride;
+    T* row = stage + frag::score_row(g, h) * kLd;
+    const float m = mul[h];
+    if constexpr (IsF32<T>::value) {
 #pragma unroll
-    for (int j = 0; j < DP / 8; ++j) {
+      for (int q = 0; q < DP / 16; ++q)
+        *reinterpret_cast<float4*>(row + acc_col(true, 2 * q, 0, tig)) = make_float4(
+            acc[2 * q][2 * h] * m, acc[2 * q][2 * h + 1] * m, acc[2 * q + 1][2 * h] * m, acc[2 * q + 1][2 * h + 1] * m);
+    } else {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = acc_col(IsF32<T>::value, j, e, tig);
-        if (c < D) row[c] = from_f<T>(acc[j][2 * h + e] * mul[h]);
-      }
+      for (int j = 0; j < DP / 8; ++j)
+        *reinterpret_cast<uint32_t*>(row + acc_col(false, j, 0, tig)) =
+            pack2<T>(acc[j][2 * h] * m, acc[j][2 * h + 1] * m);
     }
+  }
+}
+
+// dst[r, c] = stage[r, c] for the warp's rows r < valid_rows and columns c < D in BYTES-wide
+// copies (D * sizeof(T) is a multiple of BYTES: a copy is wholly inside or outside D).
+template <typename T, int DP, int BYTES>
+__device__ __forceinline__ void copy_rows_out(T* dst, i64 stride, const T* stage, int valid_rows, int D, int lane) {
+  using V = typename Bits<BYTES>::type;
+  constexpr int kElems = BYTES / sizeof(T), kPerRow = DP / kElems, kLd = tile_ld(sizeof(T), DP);
+#pragma unroll 4
+  for (int i = 0; i < 16 * kPerRow / 32; ++i) {
+    const int u = lane + 32 * i, r = u / kPerRow, c = (u - r * kPerRow) * kElems;
+    if (r < valid_rows && c < D)
+      *reinterpret_cast<V*>(dst + r * stride + c) = *reinterpret_cast<const V*>(stage + r * kLd + c);
+  }
+}
+
+// dst[r, c] = acc[r, c] * mul[r >= 8] for the warp's rows r < valid_rows and columns c < D;
+// dst is the warp's first row, `width` the copy width of the output's rows (16, 8, 4 bytes;
+// 2: 16-bit elements one at a time). The tile goes through `stage`, 16 rows of shared
+// memory that only this warp uses and that no cp.async still writes.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc)[DP / 8][4], const float (&mul)[2],
+                                           T* stage, int valid_rows, int D, int width, int lane) {
+  stage_rows<T, DP>(stage, acc, mul, lane);
+  __syncwarp();  // the rows are read back by other lanes of the warp
+  switch (width) {
+    case 16:
+      copy_rows_out<T, DP, 16>(dst, stride, stage, valid_rows, D, lane);
+      break;
+    case 8:
+      copy_rows_out<T, DP, 8>(dst, stride, stage, valid_rows, D, lane);
+      break;
+    case 4:
+      copy_rows_out<T, DP, 4>(dst, stride, stage, valid_rows, D, lane);
+      break;
+    default:
+      if constexpr (sizeof(T) == 2) copy_rows_out<T, DP, 2>(dst, stride, stage, valid_rows, D, lane);
   }
 }
 
@@ -187,7 +254,7 @@ using FwdTiles = FwdPlan<sizeof(T), DP>;
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
-    attention_fwd_kernel(const AttentionParams p, const int vec) {
+    attention_fwd_kernel(const AttentionParams p, const int vec, const int out_vec) {
   using Tiles = FwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const Seq sq = this_seq(p, kM);
@@ -284,8 +351,10 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     inv_sum[h] = total > 0.f ? 1.f / total : 0.f;  // a row that sees no key keeps its zeros and -inf
     lse[h] = total > 0.f ? (row_max[h] + log2f(total)) * kLn2 : -kInf;
   }
-  store_rows<T, DP>(seq_rows<T>(p.out, sq) + r0 * p.out.row_stride, p.out.row_stride, o, inv_sum, pg.len - r0, pg.D,
-                    pg.lane);
+  // Staged in the warp's own Q rows: no other warp reads them, and the loop left no cp.async
+  // pending (its last groups are empty).
+  store_rows<T, DP>(seq_rows<T>(p.out, sq) + r0 * p.out.row_stride, p.out.row_stride, o, inv_sum,
+                    qs + 16 * pg.warp * kLd, pg.len - r0, pg.D, out_vec, pg.lane);
   if (pg.tig == 0) {
     const i64 base = stat_base(p, sq) + r0;
     if (pg.g < pg.len - r0) p.lse[base + pg.g] = lse[0];
@@ -295,6 +364,98 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
 
 // ------------------------------------------------------------------ backward -------------
 
+// Two 16-bit values of a 32-bit word as floats, the lower column in x.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+}
+
+// The 16 bytes at src (a 16-byte chunk of a row) as four words, in BYTES-wide loads; the
+// loads at or past `valid` elements are left out (zeros). valid * sizeof(T) is a multiple
+// of BYTES, so a load is wholly inside or outside.
+template <typename T, int BYTES>
+__device__ __forceinline__ void load_chunk(uint32_t (&w)[4], const T* src, int valid) {
+  constexpr int kElems = BYTES / sizeof(T);  // per load
+  if constexpr (BYTES == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (BYTES == 8) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint2 v = i * kElems < valid ? *reinterpret_cast<const uint2*>(src + i * kElems) : make_uint2(0u, 0u);
+      w[2 * i] = v.x, w[2 * i + 1] = v.y;
+    }
+  } else if constexpr (BYTES == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = i * kElems < valid ? *reinterpret_cast<const uint32_t*>(src + i * kElems) : 0u;
+  } else {  // 16-bit elements one at a time
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = 2 * i < valid ? *reinterpret_cast<const uint16_t*>(src + 2 * i) : 0u;
+      const uint32_t hi = 2 * i + 1 < valid ? *reinterpret_cast<const uint16_t*>(src + 2 * i + 1) : 0u;
+      w[i] = lo | hi << 16;
+    }
+  }
+}
+
+// delta = rowsum(dO * O) of the warp's 16 rows: dO from its rows of the dO tile `dos`
+// (shared memory, row stride tile_ld, zeros past D), O from global (its first row, row
+// stride `stride`) in BYTES-wide loads. Lane l sums row l % 16 over the row's 16-byte
+// chunks 2 i + l / 16 in column order (float32 fmaf), and the two halves are added: every
+// lane returns its row's delta, the same bits whatever BYTES; zero for rows >= valid_rows.
+template <typename T, int DP, int BYTES>
+__device__ __forceinline__ float warp_delta(const T* dos, const T* o, i64 stride, int valid_rows, int D, int lane) {
+  constexpr int kLd = tile_ld(sizeof(T), DP), kChunk = 16 / sizeof(T);
+  const int r = lane & 15;
+  float dot = 0.f;
+  if (r < valid_rows) {
+    const T* dorow = dos + r * kLd;
+    const T* orow = o + r * stride;
+#pragma unroll 4
+    for (int i = 0; i < DP / (2 * kChunk); ++i) {
+      const int c = (2 * i + (lane >> 4)) * kChunk;
+      if (c >= D) break;
+      const uint4 d4 = *reinterpret_cast<const uint4*>(dorow + c);
+      const uint32_t dw[4] = {d4.x, d4.y, d4.z, d4.w};
+      uint32_t ow[4];
+      load_chunk<T, BYTES>(ow, orow + c, D - c);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (IsF32<T>::value) {
+          dot = fmaf(__uint_as_float(dw[k]), __uint_as_float(ow[k]), dot);
+        } else {
+          const float2 a = unpack2<T>(dw[k]), b = unpack2<T>(ow[k]);
+          dot = fmaf(a.y, b.y, fmaf(a.x, b.x, dot));
+        }
+      }
+    }
+  }
+  return dot + __shfl_xor_sync(kFull, dot, 16);
+}
+
+// warp_delta with O's copy width `width` (16, 8, 4; 2: 16-bit elements one at a time).
+template <typename T, int DP>
+__device__ __forceinline__ float warp_delta(const T* dos, const T* o, i64 stride, int valid_rows, int D, int width,
+                                            int lane) {
+  switch (width) {
+    case 16:
+      return warp_delta<T, DP, 16>(dos, o, stride, valid_rows, D, lane);
+    case 8:
+      return warp_delta<T, DP, 8>(dos, o, stride, valid_rows, D, lane);
+    case 4:
+      return warp_delta<T, DP, 4>(dos, o, stride, valid_rows, D, lane);
+    default:
+      if constexpr (sizeof(T) == 2) return warp_delta<T, DP, 2>(dos, o, stride, valid_rows, D, lane);
+      return 0.f;
+  }
+}
+
 template <typename T, int DP>
 using BwdTiles = BwdPlan<sizeof(T), DP>;
 
@@ -302,7 +463,7 @@ enum Grads : int { kGradV = 1, kGradK = 2 };
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
-    attention_bwd_dq_kernel(const AttentionBackwardParams bp, const int vec) {
+    attention_bwd_dq_kernel(const AttentionBackwardParams bp, const int vec, const int out_vec, const int dq_vec) {
   using Tiles = BwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const AttentionParams& p = bp.fwd;
@@ -317,30 +478,21 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   const bool dropout = p.dropout_seed != nullptr;
   const i64 stats = stat_base(p, sq);
 
-  // Groups in flight: {Q, dO, V tile 0}, {K tile 0}; then V t+1 and K t+1 as each buffer frees.
-  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
+  // Groups in flight: {dO}, {Q, V tile 0}, {K tile 0}; then V t+1 and K t+1 as each buffer frees.
   load_tile<T, DP>(dos, kM, pg.dout + pg.first * bp.dout.row_stride, bp.dout.row_stride, pg.len - pg.first, pg.D, vec);
+  cp_async_commit();
+  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
   load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
   load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.D, vec);
   cp_async_commit();
 
-  // Rows g, g + 8 of this warp: base-2 LSE, delta = dout . out (written to the workspace
-  // for the dk/dv kernel), dropout row hashes. Two lanes per row (lane >> 1) for delta.
+  // Rows g, g + 8 of this warp: base-2 LSE, dropout row hashes, and delta = rowsum(dout *
+  // out) from the warp's rows of the dO tile once it has landed (written to the workspace
+  // for the dk/dv kernel).
   float lse2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
   uint32_t rh[2] = {0u, 0u};
   if (r0 < pg.len) {
-    const int r = r0 + (pg.lane >> 1);
-    float dot = 0.f;
-    if (r < pg.len) {
-      const T* orow = seq_rows<const T>(p.out, sq) + r * p.out.row_stride;
-      const T* dorow = pg.dout + r * bp.dout.row_stride;
-      for (int d = pg.lane & 1; d < pg.D; d += 2) dot = fmaf(to_f(dorow[d]), to_f(orow[d]), dot);
-    }
-    dot += __shfl_xor_sync(kFull, dot, 1);
-    if ((pg.lane & 1) == 0 && r < pg.len) bp.workspace[stats + r] = dot;
-    delta[0] = __shfl_sync(kFull, dot, 2 * pg.g);       // row r0 + g
-    delta[1] = __shfl_sync(kFull, dot, 2 * pg.g + 16);  // row r0 + g + 8
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = r0 + pg.g + 8 * h;
@@ -351,6 +503,17 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
       rh[0] = dropout::row_hash(seed, key0 + r0 + pg.g);
       rh[1] = dropout::row_hash(seed, key0 + r0 + pg.g + 8);
     }
+  }
+  cp_async_wait<2>();
+  __syncthreads();  // dO landed (the loop's first wait then finds Q and V tile 0)
+  if (r0 < pg.len) {
+    // Every lane gets the delta of row r0 + lane % 16.
+    const T* orows = seq_rows<const T>(p.out, sq) + r0 * p.out.row_stride;
+    const float dot =
+        warp_delta<T, DP>(dos + 16 * pg.warp * kLd, orows, p.out.row_stride, pg.len - r0, pg.D, out_vec, pg.lane);
+    if (pg.lane < imin(16, pg.len - r0)) bp.workspace[stats + r0 + pg.lane] = dot;
+    delta[0] = __shfl_sync(kFull, dot, pg.g);      // row r0 + g
+    delta[1] = __shfl_sync(kFull, dot, pg.g + 8);  // row r0 + g + 8
   }
 
   float dq[DP / 8][4] = {};  // [16, DP]
@@ -395,8 +558,9 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 
   if (r0 >= pg.len) return;
   const float mul[2] = {p.scale, p.scale};
-  store_rows<T, DP>(seq_rows<T>(bp.dq, sq) + r0 * bp.dq.row_stride, bp.dq.row_stride, dq, mul, pg.len - r0, pg.D,
-                    pg.lane);
+  // Staged in the warp's own Q rows (no other warp reads them; no cp.async left pending).
+  store_rows<T, DP>(seq_rows<T>(bp.dq, sq) + r0 * bp.dq.row_stride, bp.dq.row_stride, dq, mul, qs + 16 * pg.warp * kLd,
+                    pg.len - r0, pg.D, dq_vec, pg.lane);
 }
 
 // dk and/or dv (GRADS) of kM keys, streaming the query tiles that can see them; needs the
@@ -404,7 +568,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 // scores are [16 keys, kN queries], so the query statistics are per column.
 template <typename T, int DP, int GRADS>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
-    attention_bwd_dkdv_kernel(const AttentionBackwardParams bp, const int vec) {
+    attention_bwd_dkdv_kernel(const AttentionBackwardParams bp, const int vec, const int dk_vec, const int dv_vec) {
   using Tiles = BwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   constexpr bool kDv = (GRADS & kGradV) != 0, kDk = (GRADS & kGradK) != 0;
@@ -490,15 +654,17 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   }
 
   if (k0 >= pg.len) return;
+  // Staged in the warp's own K rows (dk) and V rows (dv): no other warp reads them, and the
+  // loop left no cp.async pending.
   if (kDk) {
     const float mul[2] = {p.scale, p.scale};
-    store_rows<T, DP>(seq_rows<T>(bp.dk, sq) + k0 * bp.dk.row_stride, bp.dk.row_stride, dk, mul, pg.len - k0, pg.D,
-                      pg.lane);
+    store_rows<T, DP>(seq_rows<T>(bp.dk, sq) + k0 * bp.dk.row_stride, bp.dk.row_stride, dk, mul,
+                      ks + 16 * pg.warp * kLd, pg.len - k0, pg.D, dk_vec, pg.lane);
   }
   if (kDv) {
     const float mul[2] = {1.f, 1.f};
-    store_rows<T, DP>(seq_rows<T>(bp.dv, sq) + k0 * bp.dv.row_stride, bp.dv.row_stride, dv, mul, pg.len - k0, pg.D,
-                      pg.lane);
+    store_rows<T, DP>(seq_rows<T>(bp.dv, sq) + k0 * bp.dv.row_stride, bp.dv.row_stride, dv, mul,
+                      vs + 16 * pg.warp * kLd, pg.len - k0, pg.D, dv_vec, pg.lane);
   }
 }
 
@@ -555,8 +721,8 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
     dim3 grid;
     const cudaError_t err = attention_grid(p, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    const int vec = bhld_copy_width(p, {p.q, p.k, p.v});
-    return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec);
+    const int vec = bhld_copy_width(p, {p.q, p.k, p.v}), out_vec = bhld_copy_width(p, {p.out});
+    return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec, out_vec);
   });
 }
 
@@ -574,16 +740,21 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
     cudaError_t err = attention_grid(f, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
     const int vec = bhld_copy_width(f, {f.q, f.k, f.v, p.dout});
+    // Each output's own width (O is read by the dq kernel's delta).
+    const int out_vec = bhld_copy_width(f, {f.out}), dq_vec = bhld_copy_width(f, {p.dq});
+    const int dk_vec = bhld_copy_width(f, {p.dk}), dv_vec = bhld_copy_width(f, {p.dv});
     const int threads = Tiles::kWarps * 32;
     // dq first: it writes the delta that the dk/dv kernel reads.
-    err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec);
+    err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec, out_vec, dq_vec);
     if (err != cudaSuccess) return err;
+    const size_t smem = Tiles::kSmemDkDv;
     if constexpr (split_dkdv(DP)) {
-      err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
+      err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV>, grid, threads, smem, stream, p, vec, dk_vec, dv_vec);
       if (err != cudaSuccess) return err;
-      return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
+      return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, smem, stream, p, vec, dk_vec, dv_vec);
     } else {
-      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, Tiles::kSmemDkDv, stream, p, vec);
+      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, smem, stream, p, vec, dk_vec,
+                    dv_vec);
     }
   });
 }

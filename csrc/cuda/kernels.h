@@ -59,7 +59,8 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
 
 // ------------------------------------------------------------- softmax losses --------
 // logit(t, n) = <hidden[t], weight[n]> / temperature (- log_q where given); rows whose
-// positive/target == ignore_index have loss 0 and no gradient.
+// positive/target == ignore_index have loss 0, LSE 0 and no gradient, and cost (close to)
+// no work: the kernels compact them away on the device.
 struct LossInputs {
   const void* hidden;          // [T, D], row stride hidden_row_stride, unit stride on D
   const void* weight;          // [N, D], row stride weight_row_stride, unit stride on D
@@ -90,8 +91,9 @@ struct SampledSoftmaxParams {
   bool remove_hits;            // a negative equal to the row's positive is left out
 };
 
-// The forwards' scratch (split-stream partials) comes from the caller's allocator:
-// *_forward_workspace_floats(p) floats (0 when the stream is not split), not initialized.
+// The forwards' scratch (the tile engine's row order, split-stream partials) comes from the
+// caller's allocator: *_forward_workspace_floats(p) floats (0 for the warp-per-row
+// sampled forward), not initialized.
 size_t sampled_softmax_forward_workspace_floats(const SampledSoftmaxParams& p);
 cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, float* lse, float* workspace,
                                     cudaStream_t stream);

@@ -20,10 +20,19 @@
 // - backward d weight (X = items, Y = hidden rows): the transpose, no atomics for the
 //   full softmax (each item row has one writer); sampled negatives use float32 atomics.
 // - full backward: a badly underfilled grid also splits the streamed lines, with
-//   [splits, rows, D] partials in the workspace summed in split order (reduce_splits).
-// Rows with few rows per group (per-row negatives) use one warp per row instead.
+//   [splits, rows, D] partials in the workspace summed in split order (reduce_splits);
+//   the sampled d weight splits them too (atomics: no partials).
+// - ignored rows (positive / target == ignore_index or outside [0, N); SASRec batches are
+//   mostly padding) cost (close to) nothing, with no host sync: compact_rows first writes,
+//   per group, its counted rows then its ignored ones (order [T], count [G], from the
+//   workspace), and the engine reads hidden rows through order. A rows-stationary CTA whose
+//   lines are all ignored only writes their zero outputs (loss 0, LSE 0, zero d hidden);
+//   the rows stream of the d weight ends at count[grp].
+// Rows with few rows per group (per-row negatives) use one warp per row instead; ignored
+// rows skip their negatives there.
 // Deterministic sampled d weight: the (item -> sample slot) list is radix-sorted by item
 // (CUB, stable) and one CTA per item sums its slots' contributions in sorted order.
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
@@ -59,6 +68,8 @@ struct LossArgs {
   const float* lse;            // [T] backward only
   const float* scale_max;      // [1] max |grad| / temperature over kept rows (d weight tiles)
   int vec_h, vec_w;            // widest copy (bytes: 16, 8, 4, or 2 = element-wise) for hidden / weight rows
+  const int32_t* order;        // [T] engine: each group's rows, counted first (compact_rows)
+  const int32_t* count;        // [G] engine: counted rows per group
 };
 
 __host__ __device__ __forceinline__ LossShape shape_of(const LossArgs& a) {
@@ -207,6 +218,7 @@ struct EngineOut {
 // blockIdx.x: (group, stationary tile); blockIdx.y: (stream split, output D chunk).
 // KIND kFwd / kBwdRows: X = hidden rows of one group, Y = its candidate items;
 // kBwdItems: X = items (full) or negative slots (sampled), Y = hidden rows of the group.
+// Hidden lines are slots of the group's order (counted rows first): x0 + r or y.
 // Two CTAs per SM (128 registers), except the float32 backward (FFMA tiles, no spills).
 template <typename T, int KIND>
 __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd ? 1 : 2)
@@ -226,21 +238,46 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
   const T* hidden = static_cast<const T*>(a.hidden);
   const T* weight = static_cast<const T*>(a.weight);
 
-  const EngineCta cta = engine_cta(p, shape_of(a), KIND, blockIdx.x, blockIdx.y, rows_x);
+  EngineCta cta = engine_cta(p, shape_of(a), KIND, blockIdx.x, blockIdx.y, rows_x);
+  cta = compacted_cta(cta, KIND, a.count[cta.grp], p.nchunks);
   const i64 grp = cta.grp, x0 = cta.x0, ybeg = cta.ybeg, yend = cta.yend;
   const int x_count = cta.x_count, split = cta.split, oc = cta.oc, nstages = cta.nstages;
-  const i64 row_base = group_first_row(shape_of(a), grp);
+  const int32_t* slot_row = a.order + group_first_row(shape_of(a), grp);  // [group rows] hidden row of a slot
+
+  if (nstages == 0) {  // nothing to score: the zero outputs of its ignored rows, or of its split
+    if constexpr (KIND == kFwd) {
+      for (int r = tid; r < x_count && p.splits == 1; r += blockDim.x) {  // (split: combine_forward)
+        const i64 t = slot_row[x0 + r];
+        o.loss[t] = 0.f;
+        o.lse[t] = 0.f;
+      }
+    } else if (KIND == kBwdRows || !a.sampled) {  // the epilogue's entries: chunk oc of its lines
+      for (int u = tid; u < x_count * kChunk; u += blockDim.x) {
+        const int r = u / kChunk;
+        const i64 d = static_cast<i64>(oc) * kChunk + (u - r * kChunk);
+        if (d >= a.D) continue;
+        const i64 line = kRowsX ? slot_row[x0 + r] : x0 + r;  // hidden row or item
+        if (p.splits > 1)
+          o.part[bwd_part_index(split, kRowsX ? a.T : a.N, line, a.D, d)] = 0.f;
+        else if constexpr (kRowsX)
+          static_cast<T*>(o.d_hidden)[line * a.D + d] = from_f<T>(0.f);
+        else
+          o.d_weight[line * a.D + d] = 0.f;
+      }
+    }  // (sampled d weight: atomics, nothing to add)
+    return;
+  }
   const float scale_max = (KIND == kBwdItems && a.scale_max != nullptr) ? *a.scale_max : 1.f;
 
   // Stationary lines and rows (first cp.async group).
   for (int r = tid; r < rows_x; r += blockDim.x) {
     const bool valid = r < x_count;
-    xlines[r] = kRowsX ? hidden_line(a, row_base + x0 + r, valid, 1.f) : item_line(a, grp, x0 + r, valid);
+    xlines[r] = kRowsX ? hidden_line(a, valid ? slot_row[x0 + r] : 0, valid, 1.f) : item_line(a, grp, x0 + r, valid);
   }
   auto x_src = [&](int r) -> i64 {
     if (r >= x_count) return -1;
     if constexpr (kRowsX)
-      return row_base + x0 + r;
+      return slot_row[x0 + r];
     else
       return a.sampled ? negative_id(a, grp * a.K + x0 + r) : x0 + r;  // kNoItem < 0: zeros
   };
@@ -260,7 +297,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
       Line* yl = ylines + (i & 1) * kTile;
       for (int c = tid; c < kTile; c += blockDim.x) {
         const i64 y = first + c;
-        yl[c] = kRowsX ? item_line(a, grp, y, y < yend) : hidden_line(a, row_base + y, y < yend, 1.f / scale_max);
+        yl[c] = kRowsX ? item_line(a, grp, y, y < yend)
+                       : hidden_line(a, y < yend ? slot_row[y] : 0, y < yend, 1.f / scale_max);
       }
     }
     auto y_src = [&](int r) -> i64 {
@@ -269,7 +307,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
       if constexpr (kRowsX)
         return a.sampled ? negative_id(a, grp * a.K + y) : y;
       else
-        return row_base + y;
+        return slot_row[y];
     };
     const i64 col0 = static_cast<i64>(stage_chunk(oc, q, p.nchunks)) * kChunk;
     T* dst = ys + (st & 1) * kTile * yld;
@@ -286,7 +324,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
     cp_async_wait<1>();
     __syncthreads();
     for (int r = warp * 16; r < imin(warp * 16 + 16, x_count); ++r) {
-      const i64 t = row_base + x0 + r;
+      const i64 t = slot_row[x0 + r];
       const T* w = weight + imin(imax(a.pos[t], i64{0}), a.N - 1) * a.ws;  // any id: an in-bounds read
       float dot = 0.f;
       for (int d = lane; d < a.D; d += 32) dot = fmaf(to_f(xs[r * xld + d]), to_f(w[d]), dot);
@@ -403,7 +441,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
       const bool found = quad_sum(target_found[rr] ? 1.f : 0.f) > 0.f;
       const int r = r0 + frag::score_row(g, rr);
       if (tig != 0 || r >= x_count) continue;
-      const i64 t = row_base + x0 + r;
+      const i64 t = slot_row[x0 + r];
       if (p.splits == 1) {
         float m = run_max[rr], l = sum, row_logit = tlogit;
         if (a.sampled) {  // the positive is always in the denominator
@@ -413,8 +451,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
           m = new_max;
         }
         const float lse = m + logf(l);
-        o.lse[t] = lse;
-        o.loss[t] = valid_row(a, a.pos[t]) ? lse - row_logit : 0.f;
+        const bool valid = valid_row(a, a.pos[t]);  // ignored rows: loss 0, LSE 0 (as the reference)
+        o.lse[t] = valid ? lse : 0.f;
+        o.loss[t] = valid ? lse - row_logit : 0.f;
       } else {
         o.part[fwd_part_index(split, a.T, t)] = run_max[rr];
         o.part[fwd_part_index(split, a.T, t) + 1] = sum;
@@ -428,7 +467,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
     for (int rr = 0; rr < 2; ++rr) {
       const int r = r0 + frag::score_row(g, rr);
       if (r >= x_count) continue;
-      const i64 t = row_base + x0 + r;
+      const i64 t = slot_row[x0 + r];
       const Line xr = xlines[r];
       const float scale = xr.b;  // grad / temperature, 0 for ignored rows
       if (a.sampled && split == 0) {  // the positive: (softmax - 1) w_pos, and its d weight
@@ -467,11 +506,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
   }
 }
 
-// Forward with split streams: lse and loss from the (max, sumexp) partials [splits, T, 2].
+// Forward with split streams: lse and loss from the (max, sumexp) partials [splits, T, 2];
+// loss 0 and LSE 0 at ignored rows, whose partials idle CTAs leave unwritten.
 __global__ void combine_forward(const LossArgs a, const float* part, const float* row_logit, int splits, float* loss,
                                 float* lse) {
   for (i64 t = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; t < a.T;
        t += static_cast<i64>(gridDim.x) * blockDim.x) {
+    if (!valid_row(a, a.pos[t])) {
+      loss[t] = lse[t] = 0.f;
+      continue;
+    }
     float m = a.sampled ? row_logit[t] : -kInf, l = a.sampled ? 1.f : 0.f;
     for (int sp = 0; sp < splits; ++sp) {
       const float pm = part[fwd_part_index(sp, a.T, t)], pl = part[fwd_part_index(sp, a.T, t) + 1];
@@ -482,8 +526,47 @@ __global__ void combine_forward(const LossArgs a, const float* part, const float
     }
     const float value = m + logf(l);
     lse[t] = value;
-    loss[t] = valid_row(a, a.pos[t]) ? value - row_logit[t] : 0.f;
+    loss[t] = value - row_logit[t];
   }
+}
+
+// The engine's order and count (compacted_cta): CTA g partitions group g's rows, counted
+// rows (valid_row) to the front in row order, ignored rows to the back. Each pass scans
+// THREADS * kCompactRowsPerThread rows, kCompactRowsPerThread consecutive rows per thread.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) compact_rows(const LossArgs a, int32_t* order, int32_t* count) {
+  using Scan = cub::BlockScan<int, THREADS>;
+  __shared__ typename Scan::TempStorage scan;
+  constexpr i64 kPass = static_cast<i64>(THREADS) * kCompactRowsPerThread;
+  const i64 rows = group_rows(shape_of(a)), first = group_first_row(shape_of(a), blockIdx.x);
+  i64 counted = 0, ignored = 0;  // of the earlier passes
+  for (i64 c0 = 0; c0 < rows; c0 += kPass) {
+    bool keep[kCompactRowsPerThread];
+    int n = 0;
+#pragma unroll
+    for (int i = 0; i < kCompactRowsPerThread; ++i) {
+      const i64 r = compact_row(c0, threadIdx.x, i);
+      keep[i] = r < rows && valid_row(a, a.pos[first + r]);
+      n += keep[i];
+    }
+    int before, total;  // counted rows of the pass before this thread's, and in all
+    Scan(scan).ExclusiveSum(n, before, total);
+    // The pass's ignored rows before this thread's: its rows before them, less the counted.
+    i64 ignored_before = imin(compact_row(0, threadIdx.x, 0), rows - c0) - before;
+    i64 counted_before = before;
+#pragma unroll
+    for (int i = 0; i < kCompactRowsPerThread; ++i) {
+      const i64 r = compact_row(c0, threadIdx.x, i);
+      if (r >= rows) continue;
+      const i64 slot = keep[i] ? compact_slot(first, rows, true, counted + counted_before++)
+                               : compact_slot(first, rows, false, ignored + ignored_before++);
+      order[slot] = static_cast<int32_t>(first + r);
+    }
+    counted += total;
+    ignored += imin(kPass, rows - c0) - total;
+    __syncthreads();  // the scan storage is reused by the next pass
+  }
+  if (threadIdx.x == 0) count[blockIdx.x] = static_cast<int32_t>(counted);
 }
 
 // out[i] = sum over splits of part[split, i], in split order.
@@ -574,15 +657,19 @@ __device__ __forceinline__ void negative_batch(const LossArgs& a, i64 grp, i64 k
   }
 }
 
-// One warp per row: lse and loss of the sampled softmax.
+// One warp per row: lse and loss of the sampled softmax (both 0 for ignored rows).
 template <typename T, int VPL>
 __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const LossArgs a, float* loss, float* lse) {
   const i64 t = static_cast<i64>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (t >= a.T) return;
+  const i64 pos = a.pos[t], grp = t / a.rpg;
+  if (!valid_row(a, pos)) {  // ignored (or out of range): no logits
+    if (lane == 0) loss[t] = lse[t] = 0.f;
+    return;
+  }
   float h[VPL], w_pos[VPL];
   const float pos_logit = positive_logit<T>(a, t, h, w_pos, lane);
-  const i64 pos = a.pos[t], grp = t / a.rpg;
   constexpr int B = batch_rows(VPL);
   float m = pos_logit, l = 1.f;  // the positive is always in the denominator
   for (i64 k = 0; k < a.K; k += B) {
@@ -601,7 +688,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) sampled_rows_forward(const Los
   if (lane == 0) {
     const float value = m + logf(l);
     lse[t] = value;
-    loss[t] = valid_row(a, pos) ? value - pos_logit : 0.f;
+    loss[t] = value - pos_logit;
   }
 }
 
@@ -824,6 +911,20 @@ unsigned elementwise_blocks(i64 count) {
   return static_cast<unsigned>(imax<i64>(1, imin<i64>(ceil_div(count, 256), 65535)));
 }
 
+// The engine's order and count (compact_rows) into `words` [compact_words], set in *a.
+cudaError_t compact(LossArgs* a, float* words, cudaStream_t stream) {
+  if (a->T > 0x7fffffff) return cudaErrorInvalidValue;  // order holds int32 rows
+  int32_t* order = reinterpret_cast<int32_t*>(words);
+  int32_t* count = order + compact_count_offset(shape_of(*a));
+  a->order = order;
+  a->count = count;
+  const i64 groups = a->sampled ? a->T / a->rpg : 1;
+  const unsigned blocks = static_cast<unsigned>(groups);
+  if (compact_threads(group_rows(shape_of(*a))) == 32)
+    return launch(compact_rows<32>, blocks, 32, 0, stream, *a, order, count);
+  return launch(compact_rows<1024>, blocks, 1024, 0, stream, *a, order, count);
+}
+
 // The tile-engine forward's plan on the current device: the item stream split across
 // programs when T alone leaves SMs idle. The workspace size and the launch both use it.
 cudaError_t forward_plan(const LossArgs& a, ScalarType dtype, DeviceInfo* dev, EnginePlan* plan) {
@@ -836,23 +937,25 @@ cudaError_t forward_plan(const LossArgs& a, ScalarType dtype, DeviceInfo* dev, E
 size_t engine_forward_workspace_floats(const LossArgs& a, ScalarType dtype) {
   DeviceInfo dev{};
   EnginePlan plan{};
-  if (forward_plan(a, dtype, &dev, &plan) != cudaSuccess || plan.splits == 1) return 0;
-  return forward_scratch_floats(plan.splits, a.T);
+  if (forward_plan(a, dtype, &dev, &plan) != cudaSuccess) return 0;
+  return forward_workspace_floats(shape_of(a), plan);
 }
 
-// Tile-engine forward (full, or sampled with shared negatives). With a split stream, the
-// partials go to `workspace` (engine_forward_workspace_floats, from the caller's allocator).
-cudaError_t engine_forward(const LossArgs& a, ScalarType dtype, float* loss, float* lse, float* workspace,
+// Tile-engine forward (full, or sampled with shared negatives). The row order and, with a
+// split stream, the partials go to `workspace` (engine_forward_workspace_floats, from the
+// caller's allocator).
+cudaError_t engine_forward(LossArgs a, ScalarType dtype, float* loss, float* lse, float* workspace,
                            cudaStream_t stream) {
   DeviceInfo dev{};
   EnginePlan plan{};
   cudaError_t err = forward_plan(a, dtype, &dev, &plan);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || (err = compact(&a, workspace, stream)) != cudaSuccess) return err;
+  float* scratch = workspace + compact_words(shape_of(a));
   EngineOut o{};
   o.loss = loss;
   o.lse = lse;
-  o.part = plan.splits > 1 ? workspace : nullptr;                             // [splits, T, 2]
-  o.row_logit = plan.splits > 1 ? workspace + 2 * plan.splits * a.T : nullptr;  // [T]
+  o.part = plan.splits > 1 ? scratch : nullptr;                             // [splits, T, 2]
+  o.row_logit = plan.splits > 1 ? scratch + 2 * plan.splits * a.T : nullptr;  // [T]
   err = launch_engine<kFwd>(a, plan, o, dtype, dev, stream);
   if (err != cudaSuccess || plan.splits == 1) return err;
   return launch(combine_forward, elementwise_blocks(a.T), 256, 0, stream, a, o.part, o.row_logit, plan.splits, loss,
@@ -865,8 +968,6 @@ struct SortLayout {
   int end_bit;
   size_t keys0, keys1, slots0, slots1, temp, temp_bytes, total_words;
 };
-
-size_t align_words(size_t words) { return (words + 63) / 64 * 64; }  // 256-byte sub-buffers
 
 cudaError_t sort_layout(const LossArgs& a, SortLayout* s) {
   s->num_slots = a.T + a.T / a.rpg * a.K;
@@ -887,12 +988,13 @@ cudaError_t sort_layout(const LossArgs& a, SortLayout* s) {
   return err;
 }
 
+// words: [SortLayout::total_words] of the workspace.
 cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtype, const LossGradients& g,
-                                              cudaStream_t stream) {
+                                              float* workspace, cudaStream_t stream) {
   SortLayout s{};
   cudaError_t err = sort_layout(a, &s);
   if (err != cudaSuccess) return err;
-  uint32_t* words = reinterpret_cast<uint32_t*>(g.workspace);
+  uint32_t* words = reinterpret_cast<uint32_t*>(workspace);
   err = launch(sampled_slot_keys, elementwise_blocks(s.num_slots), 256, 0, stream, a, words + s.keys0, words + s.slots0,
                s.num_slots);
   if (err != cudaSuccess) return err;
@@ -937,12 +1039,17 @@ cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, 
   });
 }
 
+// The sampled backward's workspace: grad_scale_max, the engine's row order, the sort.
+size_t sampled_sort_offset(const LossArgs& a) {
+  return kScaleMaxWords + (uses_engine(shape_of(a)) ? compact_words(shape_of(a)) : 0);
+}
+
 size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic) {
   LossArgs a;
   if (sampled_args(p, &a) != cudaSuccess || a.T == 0) return 0;
-  if (!deterministic) return kScaleMaxWords;
   SortLayout s{};
-  return sort_layout(a, &s) == cudaSuccess ? s.total_words : 0;
+  if (deterministic && sort_layout(a, &s) != cudaSuccess) return 0;
+  return sampled_sort_offset(a) + (deterministic ? s.total_words : 0);
 }
 
 cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g, bool deterministic,
@@ -952,9 +1059,11 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
   if (err != cudaSuccess || a.T == 0) return err;
   a.grad = g.grad_loss;
   a.lse = g.lse;
+  float* sort_words = g.workspace + sampled_sort_offset(a);
   if (uses_engine(shape_of(a))) {
     DeviceInfo dev{};
     if ((err = device_info(&dev)) != cudaSuccess) return err;
+    if ((err = compact(&a, g.workspace + kScaleMaxWords, stream)) != cudaSuccess) return err;
     const size_t esize = element_size(p.in.dtype);
     EngineOut o{};
     o.d_hidden = g.d_hidden;
@@ -962,10 +1071,11 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
     o.atomic_dw = !deterministic;
     err = launch_engine<kBwdRows>(a, engine_plan(shape_of(a), kBwdRows, esize), o, p.in.dtype, dev, stream);
     if (err != cudaSuccess) return err;
-    if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
+    if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, sort_words, stream);
     if ((err = launch(grad_scale_max, 1, 1024, 0, stream, a, g.workspace)) != cudaSuccess) return err;
     a.scale_max = g.workspace;
-    return launch_engine<kBwdItems>(a, engine_plan(shape_of(a), kBwdItems, esize), o, p.in.dtype, dev, stream);
+    const EnginePlan items = sampled_weight_plan(shape_of(a), esize, dev.sms);  // rows split across CTAs
+    return launch_engine<kBwdItems>(a, items, o, p.in.dtype, dev, stream);
   }
   err = with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -975,7 +1085,7 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
     });
   });
   if (err != cudaSuccess || !deterministic) return err;
-  return sampled_weight_grad_deterministic(a, p.in.dtype, g, stream);
+  return sampled_weight_grad_deterministic(a, p.in.dtype, g, sort_words, stream);
 }
 
 size_t full_softmax_forward_workspace_floats(const FullSoftmaxParams& p) {
@@ -1009,7 +1119,9 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
   a.grad = g.grad_loss;
   a.lse = g.lse;
   const FullBackwardPlan plan = full_backward_plan(shape_of(a), element_size(p.in.dtype), dev.sms);
-  float* part = g.workspace + kScaleMaxWords;  // split partials, reused by both kernels in stream order
+  if ((err = compact(&a, g.workspace + kScaleMaxWords, stream)) != cudaSuccess) return err;
+  // Split partials, reused by both kernels in stream order.
+  float* part = g.workspace + full_backward_part_offset(shape_of(a));
   EngineOut o{};
   o.part = part;
   o.d_hidden = g.d_hidden;

@@ -319,6 +319,43 @@ SEQREC_HD constexpr EngineCta engine_cta(const EnginePlan& p, const LossShape& s
 }
 // First hidden row of group grp (sampled: groups of rpg rows; full: one group).
 SEQREC_HD constexpr i64 group_first_row(const LossShape& s, i64 grp) { return s.sampled ? grp * s.rpg : 0; }
+SEQREC_HD constexpr i64 group_rows(const LossShape& s) { return s.sampled ? s.rpg : s.T; }
+
+// Ignored rows (positive / target == ignore_index or outside [0, N)) are compacted away
+// on the device: compact_rows writes order [T] (int32 rows) and count [G], each group's
+// range [first, first + rows) of order holding its counted rows in row order, then its
+// ignored rows (in reverse row order: one pass), and the engine reads hidden rows through
+// order. A CTA's work once count[grp] = `counted` is known: rows stationary, none when
+// all its lines hold ignored rows (it only writes their zero outputs); rows streamed, the
+// stream ends at `counted` (none when its split starts past it).
+SEQREC_HD constexpr EngineCta compacted_cta(EngineCta c, int kind, i64 counted, int nchunks) {
+  if (kind != kBwdItems) {
+    if (c.x0 >= counted) c.nstages = 0;
+  } else {
+    c.yend = imin(c.yend, imax(c.ybeg, counted));
+    c.nstages = static_cast<int>(ceil_div(c.yend - c.ybeg, kTile)) * nchunks;
+  }
+  return c;
+}
+// Slot in order of a group's row with `before` counted (or ignored) rows before it.
+SEQREC_HD constexpr i64 compact_slot(i64 first, i64 rows, bool counted, i64 before) {
+  return counted ? first + before : first + rows - 1 - before;
+}
+// compact_rows: one CTA of compact_threads(rows) per group (a warp for small groups, which
+// come by the thousand); a pass takes threads * kCompactRowsPerThread rows,
+// kCompactRowsPerThread consecutive rows per thread.
+constexpr int kCompactRowsPerThread = 8;
+SEQREC_HD constexpr int compact_threads(i64 group_rows) { return group_rows <= 1024 ? 32 : 1024; }
+SEQREC_HD constexpr i64 compact_row(i64 chunk_first, int tid, int i) {
+  return chunk_first + static_cast<i64>(tid) * kCompactRowsPerThread + i;
+}
+// Workspace words (4 bytes) of order [T] and count [G], each padded to 256 bytes; order at
+// word 0, count at compact_count_offset.
+constexpr size_t align_words(size_t words) { return (words + 63) / 64 * 64; }
+constexpr size_t compact_count_offset(const LossShape& s) { return align_words(static_cast<size_t>(s.T)); }
+constexpr size_t compact_words(const LossShape& s) {
+  return compact_count_offset(s) + align_words(static_cast<size_t>(s.sampled ? s.T / s.rpg : 1));
+}
 
 // Stage st of a CTA: streamed tile st / nchunks, D chunk step st % nchunks. Steps visit the
 // chunks from oc + 1 round to oc, so that the output chunk is the one left in shared memory.
@@ -334,6 +371,10 @@ SEQREC_HD constexpr i64 fwd_part_index(int split, i64 T, i64 t) { return 2 * (sp
 SEQREC_HD constexpr i64 bwd_part_index(int split, i64 rows, i64 x, i64 D, i64 d) { return (split * rows + x) * D + d; }
 // Forward scratch: the partials and the rows' positive / target logits [T].
 constexpr size_t forward_scratch_floats(int splits, i64 T) { return static_cast<size_t>(2 * splits + 1) * T; }
+// Forward workspace: the row order (compact_words), then the scratch when split.
+constexpr size_t forward_workspace_floats(const LossShape& s, const EnginePlan& p) {
+  return compact_words(s) + (p.splits > 1 ? forward_scratch_floats(p.splits, s.T) : 0);
+}
 
 // Full backward: the stream splits of the d hidden and d weight kernels and their workspace.
 struct FullBackwardPlan {
@@ -345,10 +386,21 @@ constexpr FullBackwardPlan full_backward_plan(const LossShape& s, size_t es, int
   split_stream(&p.items, s, kBwdItems, 2 * static_cast<i64>(sms), 4);
   return p;
 }
+// Its workspace: grad_scale_max, the row order (compact_words), then the split partials.
+constexpr size_t full_backward_part_offset(const LossShape& s) { return kScaleMaxWords + compact_words(s); }
 constexpr size_t full_backward_workspace_floats(const LossShape& s, const FullBackwardPlan& p) {
   const size_t rows = p.rows.splits > 1 ? p.rows.splits * s.T * s.D : 0;     // [splits, T, D]
   const size_t items = p.items.splits > 1 ? p.items.splits * s.N * s.D : 0;  // [splits, N, D]
-  return kScaleMaxWords + imax(rows, items);
+  return full_backward_part_offset(s) + imax(rows, items);
+}
+
+// Sampled backward with shared negatives: the d weight kernel (rows streamed, float32
+// atomics, so no partials) also splits the streamed rows when the slots alone leave SMs
+// idle (one group of K = 8192 slots: 64 CTAs).
+constexpr EnginePlan sampled_weight_plan(const LossShape& s, size_t es, int sms) {
+  EnginePlan p = engine_plan(s, kBwdItems, es);
+  split_stream(&p, s, kBwdItems, 2 * static_cast<i64>(sms), 2);
+  return p;
 }
 
 }  // namespace loss_plan

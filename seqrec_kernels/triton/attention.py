@@ -92,6 +92,23 @@ def _load_rows(base, rows, stride_l, length, offs_d, width, DOT_DTYPE: tl.conste
 
 
 @triton.jit
+def _products_nt(a, a_base, a_rows, stride_a, b, b_base, b_rows, stride_b, length, width,
+                 DOT_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """a [BA, BD] @ b [BB, BD]^T in float32, a and b the tiles _load_rows read at rows a_rows
+    and b_rows. At DOT_CHUNK < BD (_dot_chunk) over column chunks loaded again (cache hits)."""
+    BLOCK_D: tl.constexpr = a.shape[1]
+    if DOT_CHUNK == BLOCK_D:
+        return tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    acc = tl.zeros([a.shape[0], b.shape[0]], tl.float32)
+    for start in range(0, BLOCK_D, DOT_CHUNK):
+        offs_c = start + tl.arange(0, DOT_CHUNK)
+        a_c = _load_rows(a_base, a_rows, stride_a, length, offs_c, width, a.dtype)
+        b_c = _load_rows(b_base, b_rows, stride_b, length, offs_c, width, b.dtype)
+        acc = tl.dot(a_c, tl.trans(b_c), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _visible(offs_m, offs_n, length, CAUSAL: tl.constexpr):
     """[BLOCK_M, BLOCK_N]: query row sees key column (both real, causal order)."""
     visible = (offs_m[:, None] < length) & (offs_n[None, :] < length)
@@ -156,7 +173,7 @@ def _attention_fwd_kernel(
     qk_scale_log2, drop_threshold, drop_scale,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Out and LSE for one block of queries, streaming the keys it sees. Q, K and V rows are
     read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width)."""
@@ -185,7 +202,8 @@ def _attention_fwd_kernel(
     for key_start in range(0, key_end, BLOCK_N):
         offs_n = key_start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
+                              DOT_PRECISION) * qk_scale_log2  # fmt: skip
         logits = tl.where(_visible(offs_m, offs_n, length, CAUSAL), logits, -float("inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that saw no key yet
@@ -247,7 +265,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvl,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for one block of keys, streaming the query blocks that can see them. Q, K, V
     and DOut rows are read_dim wide, as in _attention_fwd_kernel."""
@@ -281,10 +299,12 @@ def _attention_bwd_dkdv_kernel(
         do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, read_dim, DOT_DTYPE)
         lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
+                              DOT_PRECISION) * qk_scale_log2  # fmt: skip
         visible = _visible(offs_m, offs_n, length, CAUSAL)
         p = tl.exp2(tl.where(visible, logits - lse[:, None] * LOG2E, -float("inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
+        dp = _products_nt(do, do_base, offs_m, stride_dl, v, v_base, offs_n, stride_vl, length, read_dim, DOT_CHUNK,
+                          DOT_PRECISION)  # fmt: skip
         if DROPOUT:
             hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
             keep = keep_mask(hashes, offs_n, drop_threshold)
@@ -317,7 +337,7 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dQ for one block of queries, streaming the keys it sees. Operand rows are read_dim
     wide, as in _attention_bwd_dkdv_kernel."""
@@ -349,10 +369,12 @@ def _attention_bwd_dq_kernel(
         offs_n = key_start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
         v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
-        logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [BM, BN]
+        logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
+                              DOT_PRECISION) * qk_scale_log2  # fmt: skip
         visible = _visible(offs_m, offs_n, length, CAUSAL)
         p = tl.exp2(tl.where(visible, logits - lse[:, None] * LOG2E, -float("inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = _products_nt(do, do_base, offs_m, stride_dl, v, v_base, offs_n, stride_vl, length, read_dim, DOT_CHUNK,
+                          DOT_PRECISION)  # fmt: skip
         if DROPOUT:
             dp = tl.where(keep_mask(hashes, offs_n, drop_threshold), dp * drop_scale, 0.0)
         ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty).to(DOT_DTYPE)
@@ -411,6 +433,20 @@ def _dot_options(dtype, head_dim: int) -> dict:
     return dict(DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], DOT_PRECISION="tf32")
 
 
+def _dot_chunk(dtype, block_d):
+    """DOT_CHUNK: the columns per step of the tile products over the head (hidden) dim
+    (_products_nt here, _scores in the losses). float32 rows go in chunks of 32 columns
+    loaded again from cache when wider than 64 (IEEE or 3xTF32 products) or 128 (bfloat16
+    products, "medium"): products of whole rows spilled 8 B to 3 KB per thread there. Under
+    the interpreter float32 chunks from D=32 on, so that the CPU tests run both paths."""
+    if dtype != torch.float32:
+        return block_d
+    if triton_interpreter_enabled():
+        return min(block_d, 16)
+    widest = 64 if _dot_options(dtype, block_d)["DOT_DTYPE"] == tl.float32 else 128
+    return block_d if block_d <= widest else 32
+
+
 def _row_blocks(max_seqlen, block):
     """Programs per (sequence, head) on grid axis 1: one at least, so that the padding rows
     are written even where no sequence has a row (max_seqlen = 0)."""
@@ -463,6 +499,7 @@ def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
         meta=dict(
             CAUSAL=causal,
             DROPOUT=dropout_p > 0.0,
+            DOT_CHUNK=_dot_chunk(q.dtype, max(16, triton.next_power_of_2(head_dim))),  # BLOCK_D's chunks
             **_dot_options(q.dtype, head_dim),
         ),
         drop=(keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),

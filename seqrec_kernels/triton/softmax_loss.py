@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
-from .attention import MAX_REGISTERS, _dot_options
+from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
 
 def _blocks(hidden_dim, dtype):
@@ -239,6 +239,26 @@ def _sampled_rows(Order, Count, num_rows, rows_per_group, segments_per_group, bl
 
 
 @triton.jit
+def _scores(h, H, rows, row_mask, stride_h, h_cols, w, W, ids, present, stride_w, w_cols,
+            DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """h [BT, BD] @ w [BN, BD]^T in float32 [BT, BN]: h holds hidden rows `rows` (mask
+    row_mask), w the table's rows `ids` (mask present). At DOT_CHUNK < BD (_dot_chunk) the
+    product runs over column chunks loaded again from H and W (cache hits), not from h and w."""
+    BLOCK_D: tl.constexpr = h.shape[1]
+    if DOT_CHUNK == BLOCK_D:
+        return tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+    acc = tl.zeros([h.shape[0], w.shape[0]], tl.float32)
+    for start in range(0, BLOCK_D, DOT_CHUNK):
+        offs_c = start + tl.arange(0, DOT_CHUNK)
+        h_c = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_c[None, :],
+                      mask=row_mask[:, None] & (offs_c[None, :] < h_cols), other=0.0)  # fmt: skip
+        w_c = tl.load(W + ids[:, None].to(tl.int64) * stride_w + offs_c[None, :],
+                      mask=present[:, None] & (offs_c[None, :] < w_cols), other=0.0)  # fmt: skip
+        acc = tl.dot(h_c.to(DOT_DTYPE), tl.trans(w_c.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _positive_logits(
     H, W, Pos, PosLogQ, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
     ignore_index, HAS_POS_LOGQ: tl.constexpr,
@@ -260,10 +280,10 @@ def _positive_logits(
 
 @triton.jit
 def _negative_logits(
-    h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-    w_cols, inv_temp,
+    h, H, rows, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_h, stride_w, stride_neg, num_items,
+    num_neg, h_cols, w_cols, inv_temp,
     HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Logits [BT, BK] of a block of negatives (-inf where absent or an accidental hit),
     their ids and their weights ([BK, BD] shared, [BT, BK, BD] per row)."""
@@ -287,7 +307,9 @@ def _negative_logits(
             W + tl.where(present, ids, 0)[:, None].to(tl.int64) * stride_w + offs_d[None, :],
             mask=present[:, None] & d_mask[None, :], other=0.0,
         )  # fmt: skip
-        logits = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * inv_temp
+        ids_w = tl.where(present, ids, 0)
+        logits = _scores(h, H, rows, row_mask, stride_h, h_cols, w, W, ids_w, present, stride_w, w_cols, DOT_CHUNK,
+                         DOT_DTYPE, DOT_PRECISION) * inv_temp  # fmt: skip
         if HAS_NEG_LOGQ:
             logits -= tl.load(NegLogQ + group.to(tl.int64) * stride_neg + offs_k, mask=present, other=0.0).to(
                 tl.float32
@@ -308,7 +330,7 @@ def _sampled_fwd_kernel(
     inv_temp, ignore_index,
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     stride_h, stride_w, h_cols, w_cols = _aligned((stride_h, stride_w, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, group, idle = _sampled_rows(
@@ -330,8 +352,9 @@ def _sampled_fwd_kernel(
     for k_start in range(0, num_neg, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         logits, _ids, _w = _negative_logits(
-            h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-            w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+            h, H, rows, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_h, stride_w, stride_neg,
+            num_items, num_neg, h_cols, w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_CHUNK, DOT_DTYPE,
+            DOT_PRECISION,
         )  # fmt: skip
         new_max = tl.maximum(running_max, tl.max(logits, 1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
@@ -350,7 +373,7 @@ def _sampled_bwd_kernel(
     HAS_POS_LOGQ: tl.constexpr, HAS_NEG_LOGQ: tl.constexpr, REMOVE_HITS: tl.constexpr, PER_ROW: tl.constexpr,
     SCATTER_DW: tl.constexpr, D_CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """d hidden for a block of rows; with SCATTER_DW also d weight by float32 atomics. Both
     written unpadded: hidden_dim (D) columns."""
@@ -381,8 +404,9 @@ def _sampled_bwd_kernel(
     for k_start in range(0, num_neg, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         logits, ids, w = _negative_logits(
-            h, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_w, stride_neg, num_items, num_neg,
-            w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_DTYPE, DOT_PRECISION,
+            h, H, rows, W, Neg, NegLogQ, group, row_mask, pos, offs_k, offs_d, stride_h, stride_w, stride_neg,
+            num_items, num_neg, h_cols, w_cols, inv_temp, HAS_NEG_LOGQ, REMOVE_HITS, PER_ROW, DOT_CHUNK, DOT_DTYPE,
+            DOT_PRECISION,
         )  # fmt: skip
         coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BK], 0 where absent
         present = (ids >= 0) & (ids < num_items)
@@ -527,7 +551,8 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
     grid = (groups * segments_per_group * blocks_per_segment,)
     meta = dict(
         HAS_POS_LOGQ=pos_log_q is not None, HAS_NEG_LOGQ=neg_log_q is not None, REMOVE_HITS=remove_hits,
-        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d, **launch,
+        PER_ROW=per_row, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_D=block_d,
+        DOT_CHUNK=_dot_chunk(hidden.dtype, block_d), **launch,
         **_dot_options(hidden.dtype, hidden.shape[1]),
     )  # fmt: skip
     return grid, segments, meta
@@ -594,15 +619,17 @@ def sampled_backward(
     d_hidden = torch.empty_like(hidden)  # every row written (0 where ignored)
     if num_rows == 0:
         return d_hidden, torch.zeros_like(weight)
-    scatter = not deterministic
-    # Float32 atomics accumulate the scattered item gradient: the one output that must start
-    # at zero. The deterministic path writes each item row once.
-    d_weight = torch.zeros_like(weight, dtype=torch.float32) if scatter else torch.empty_like(weight)
     grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, True)
+    # The item gradient item by item (deterministic, and float32 rows wider than 256, where
+    # the scatter beside d hidden spilled), or scattered by the row kernel's float32 atomics:
+    # the one output that must start at zero.
+    by_item = deterministic or (hidden.dtype == torch.float32 and meta["BLOCK_D"] > 256)
+    scatter = not by_item
+    d_weight = torch.zeros_like(weight, dtype=torch.float32) if scatter else torch.empty_like(weight)
     order, count = _compact(pos_ids, num_items, ignore_index, segments)
     num_neg, hidden_dim = neg_ids.shape[1], hidden.shape[1]
     hidden, weight = _pad_columns(
-        (hidden, deterministic or meta["BLOCK_D"] > 256),  # the item gradient's rows, or column chunks
+        (hidden, by_item or meta["BLOCK_D"] > 256),  # the item gradient's rows, or column chunks
         (weight, _gathers_table_twice(num_rows, num_items, num_neg, grid, meta["PER_ROW"])),
     )
     sizes = (num_rows, num_items, num_neg, hidden_dim, hidden.shape[1], weight.shape[1])
@@ -613,7 +640,7 @@ def sampled_backward(
         d_weight.stride(0), *sizes, *segments, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
         D_CHUNK=min(meta["BLOCK_D"], 256), ALIGN=align, **meta,
     )  # fmt: skip
-    if deterministic:
+    if by_item:
         slots, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group)
         _, segments_per_group, _, segment_rows = segments
         _sampled_dw_by_item_kernel[(num_items,)](
@@ -679,14 +706,16 @@ def _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp,
-                 DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items, h_cols, w_cols,
+                 inv_temp, DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """Logits [BT, BN] of a row block against an item block (-inf where not kept: excluded
     or absent items) and the item weights [BN, BD]. Forward and both backward kernels use
     this one product, so the recomputed logits match the LSE's bit for bit."""
+    present = offs_n < num_items
     w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                mask=(offs_n[:, None] < num_items) & (offs_d[None, :] < w_cols), other=0.0)  # fmt: skip
-    logits = tl.dot(h.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * inv_temp
+                mask=present[:, None] & (offs_d[None, :] < w_cols), other=0.0)  # fmt: skip
+    logits = _scores(h, H, rows, row_mask, stride_h, h_cols, w, W, offs_n, present, stride_w, w_cols, DOT_CHUNK,
+                     DOT_DTYPE, DOT_PRECISION) * inv_temp  # fmt: skip
     return tl.where(kept[None, :], logits, -float("inf")), w
 
 
@@ -698,7 +727,7 @@ def _full_fwd_kernel(
     num_segments, blocks_per_segment, segment_rows,
     NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     stride_h, stride_w, h_cols, w_cols = _aligned((stride_h, stride_w, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, _group, idle = _compacted_rows(
@@ -719,8 +748,8 @@ def _full_fwd_kernel(
     for n_start in range(0, num_items, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
-        logits, _ = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
-                                 DOT_PRECISION)  # fmt: skip
+        logits, _ = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items, h_cols,
+                                 w_cols, inv_temp, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
         # The target's logit from the same tile product as the LSE, so that loss = lse - logit
         # is exactly 0 when the target is the only class.
         target_logits += tl.sum(tl.where(offs_n[None, :] == target[:, None], logits, 0.0), 1)
@@ -744,7 +773,7 @@ def _full_bwd_hidden_kernel(
     num_segments, blocks_per_segment, segment_rows,
     NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     stride_h, stride_w, stride_dh = _aligned((stride_h, stride_w, stride_dh), ALIGN)
     hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
@@ -767,8 +796,8 @@ def _full_bwd_hidden_kernel(
     for n_start in range(0, num_items, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
-        logits, w = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
-                                 DOT_PRECISION)  # fmt: skip
+        logits, w = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items, h_cols,
+                                 w_cols, inv_temp, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
         coef = tl.exp(logits - lse[:, None]) * row_scale[:, None]  # [BT, BN]
         dh += tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)
     # The rows again, for the store: where D is not a multiple of 16 it takes a row index per
@@ -789,7 +818,7 @@ def _full_bwd_weight_kernel(
     num_segments, segment_rows,
     NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """d weight for a block of items, streaming the blocks of compacted rows that count, segment
     by segment: no atomics. Every item row is written."""
@@ -814,8 +843,8 @@ def _full_bwd_weight_kernel(
             lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
             grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
             row_scale = tl.where(valid, grad * inv_temp, 0.0)
-            logits, _ = _item_logits(h, W, offs_n, kept, offs_d, stride_w, num_items, w_cols, inv_temp, DOT_DTYPE,
-                                     DOT_PRECISION)  # fmt: skip
+            logits, _ = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items,
+                                     h_cols, w_cols, inv_temp, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             is_target = target[:, None] == offs_n[None, :]
             coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
             dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
@@ -843,8 +872,8 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
         hidden, weight, targets, excluded, loss, lse, order, count, hidden.stride(0), weight.stride(0),
         num_rows, weight.shape[0], hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index,
         num_segments, blocks_per_segment, segment_rows,
-        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden.shape[1]),
-        ALIGN=_alignment(hidden.shape[1], hidden, weight), **launch,
+        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
+        **_dot_options(hidden.dtype, hidden.shape[1]), ALIGN=_alignment(hidden.shape[1], hidden, weight), **launch,
     )  # fmt: skip
     return loss, lse
 
@@ -868,8 +897,8 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     excluded, exclusion = _exclusion(excluded_ids, num_items)
     scalars = (num_rows, num_items, hidden_dim, hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index)
     meta = dict(
-        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, **_dot_options(hidden.dtype, hidden_dim),
-        ALIGN=_alignment(hidden_dim, hidden, weight, d_hidden), **launch,
+        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
+        **_dot_options(hidden.dtype, hidden_dim), ALIGN=_alignment(hidden_dim, hidden, weight, d_hidden), **launch,
     )  # fmt: skip
     _full_bwd_hidden_kernel[(row_blocks,)](
         hidden, weight, targets, excluded, lse, grad_loss, d_hidden, order, count,

@@ -5,7 +5,10 @@
 //   packed layouts, causal or not, each padded head dim and each dtype path (float32 FFMA,
 //   16-bit mma: the tile shapes differ);
 // - every output row, LSE and delta entry has one writer, delta within the workspace;
-//   every head-dim column is stored once;
+//   every head-dim column is stored once: the warp's result tile staged in shared memory
+//   (every padded column once, aligned stores), then copied out in the output's copy
+//   width (each element of a valid row and column once, nothing else, aligned copies);
+//   the dq kernel's delta sums each column of a row once;
 // - a warp only works on a tile where it has a visible pair (the causal skip);
 // - shared memory within the budget and the A100 / H100 opt-in limits for every head dim;
 // - the grid within CUDA's limits up to the largest max_seqlen, each tile on one program.
@@ -148,14 +151,14 @@ void query_tiles(const Case& c, Counts& n, long* idle) {
         *idle += !any;
       }
       if (r0 >= len) continue;
-      // store_rows and the LSE: rows g, g + 8 below len; dq's delta: row r0 + lane / 2 (even lanes).
+      // store_rows and the LSE: rows g, g + 8 below len; dq's delta: row r0 + lane (lanes below 16).
       for (int lane = 0; lane < 32; lane += 4)
         for (int hh = 0; hh < 2; ++hh)
           if (frag::score_row(lane >> 2, hh) < len - r0) ++n.row(b, h, seq.start + r0 + frag::score_row(lane >> 2, hh));
       if (DQ) {
-        for (int lane = 0; lane < 32; lane += 2) {
-          const int r = r0 + (lane >> 1);
-          if (r >= len) continue;
+        for (int lane = 0; lane < 32; ++lane) {
+          if (lane >= imin(16, len - r0)) continue;
+          const int r = r0 + lane;
           const i64 index = stat_index(b, h, c.heads, L.num_rows, seq.start) + r;
           CHECK(index >= 0 && static_cast<size_t>(index) < workspace, "delta index %lld of %zu", (long long)index,
                 workspace);
@@ -276,25 +279,82 @@ void check_plan_limits() {
   CHECK(static_cast<i64>(kMaxSeqLen) + 2 * F::kM + 2 * B::kN < (i64{1} << 31), "es=%d DP=%d: int positions", ES, DP);
 }
 
-// Every head dim maps to a compiled DP that holds it.
+// store_rows' stage_rows: a row's lanes (tig) store every column of [0, DP) once, as
+// 16-bit pairs acc[j][2h..2h + 1] at acc_col(false, j, 0, tig) (4-byte stores) or float32
+// quads acc[2q][2h..2h + 1], acc[2q + 1][2h..2h + 1] at acc_col(true, 2q, 0, tig) (float4).
+void check_staging(int es, int dp) {
+  const bool f32 = es == 4;
+  const int ld = tile_ld(es, dp);
+  std::vector<int> staged(dp, 0);
+  for (int tig = 0; tig < 4; ++tig)
+    for (int j = 0; j < dp / 8; j += f32 ? 2 : 1) {
+      const int base = acc_col(f32, j, 0, tig), bytes = f32 ? 16 : 4;
+      CHECK(base >= 0 && base + bytes / es <= dp, "es=%d DP=%d: staged columns %d.. outside DP", es, dp, base);
+      CHECK(base * es % bytes == 0 && ld * es % 16 == 0, "es=%d DP=%d: staging store at column %d misaligned", es, dp,
+            base);
+      for (int k = 0; k < bytes / es; ++k) {
+        // The entry stored k-th: acc[j + k / 2][e = k % 2] (float32), acc[j][k] (16-bit).
+        const int col = f32 ? acc_col(true, j + k / 2, k % 2, tig) : acc_col(false, j, k, tig);
+        CHECK(col == base + k, "es=%d DP=%d: entry %d of the store at column %d is column %d", es, dp, k, base, col);
+        if (col >= 0 && col < dp) ++staged[col];
+      }
+    }
+  for (int col = 0; col < dp; ++col)
+    CHECK(staged[col] == 1, "es=%d DP=%d: column %d staged %d times", es, dp, col, staged[col]);
+}
+
+// store_rows' copy_rows_out<BYTES> (lane + 32 i -> row, column) and warp_delta's chunks
+// (lane l: row l % 16, 16-byte chunks 2 i + l / 16 until D) for head dim d: each element of
+// rows < valid_rows and columns < d copied once and nothing else, at 16-byte-aligned shared
+// rows and BYTES-aligned columns; each column < d of a row summed by one lane.
+void check_copies(int es, int d) {
+  const int dp = padded_head_dim(d), ld = tile_ld(es, dp), chunk = 16 / es;
+  for (int bytes : {16, 8, 4, 2}) {
+    if (bytes < es || d * es % bytes != 0) continue;  // not a copy width of this d (bhld_copy_width)
+    const int elems = bytes / es, per_row = dp / elems;
+    CHECK(16 * per_row % 32 == 0, "es=%d DP=%d: %d-byte copies not whole warp passes", es, dp, bytes);
+    for (int valid = 1; valid <= 16; ++valid) {
+      std::vector<int> copied(16 * static_cast<size_t>(dp), 0);
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < 16 * per_row / 32; ++i) {
+          const int u = lane + 32 * i, r = u / per_row, c = (u - r * per_row) * elems;
+          if (!(r < valid && c < d)) continue;
+          CHECK(c + elems <= d && (r * ld + c) * es % bytes == 0 && c * es % bytes == 0 && ld * es % 16 == 0,
+                "es=%d d=%d: %d-byte copy at row %d column %d straddles D or is misaligned", es, d, bytes, r, c);
+          for (int k = 0; k < elems; ++k) ++copied[r * dp + c + k];
+        }
+      long wrong = 0;
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < dp; ++c) wrong += copied[r * dp + c] != (r < valid && c < d ? 1 : 0);
+      CHECK(wrong == 0, "es=%d d=%d %d-byte copies, %d valid rows: %ld elements copied the wrong number of times", es,
+            d, bytes, valid, wrong);
+    }
+  }
+  std::vector<int> summed(16 * static_cast<size_t>(dp), 0);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < dp / (2 * chunk); ++i) {
+      const int c = (2 * i + (lane >> 4)) * chunk;
+      if (c >= d) break;
+      for (int k = 0; k < chunk; ++k) ++summed[(lane & 15) * dp + c + k];
+    }
+  long wrong = 0;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < d; ++c) wrong += summed[r * dp + c] != 1;
+  CHECK(wrong == 0, "es=%d d=%d: %ld delta columns summed the wrong number of times", es, d, wrong);
+}
+
+// Every head dim maps to a compiled DP that holds it; the stores of its output rows.
 void check_head_dims() {
+  for (int dp : {32, 64, 128, 256}) {
+    check_staging(4, dp);
+    check_staging(2, dp);
+  }
   for (int d = 1; d <= kMaxHeadDim; ++d) {
     const int dp = padded_head_dim(d);
     CHECK((dp == 32 || dp == 64 || dp == 128 || dp == 256) && dp >= d && (dp == 32 || dp / 2 < d),
           "head dim %d -> DP %d", d, dp);
-    // store_rows: columns acc_col(j, e, tig) below D, each once.
-    for (int f32 = 0; f32 < 2; ++f32) {
-      std::vector<int> stored(dp, 0);
-      for (int tig = 0; tig < 4; ++tig)
-        for (int j = 0; j < dp / 8; ++j)
-          for (int e = 0; e < 2; ++e) {
-            const int col = acc_col(f32 != 0, j, e, tig);
-            CHECK(col >= 0 && col < dp, "acc_col %d outside DP %d", col, dp);
-            if (col >= 0 && col < dp && col < d) ++stored[col];
-          }
-      for (int col = 0; col < d; ++col)
-        CHECK(stored[col] == 1, "head dim %d f32=%d: column %d stored %d times", d, f32, col, stored[col]);
-    }
+    check_copies(4, d);
+    check_copies(2, d);
   }
 }
 

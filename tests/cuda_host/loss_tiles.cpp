@@ -1,11 +1,15 @@
 // Host checks of the softmax-loss kernels' tile schedules (csrc/cuda/softmax_loss.cu), from
 // the plans and index expressions of csrc/cuda/tile_plan.h that the kernels use:
-// - the tile engine (forward with and without split-N, backward rows and items kernels)
-//   scores every (row, candidate) pair exactly once per output D chunk, each score summed
-//   over every D chunk once, with the output chunk the last one in shared memory; every
-//   output entry (loss / LSE / partial, d hidden, d weight) has one writer, and split
-//   partials stay inside the forward scratch and the backward workspace; the full
-//   softmax's target logit is found exactly once;
+// - the tile engine (forward with and without split-N, backward rows and items kernels,
+//   the sampled d weight with split rows) scores every counted (row, candidate) pair
+//   exactly once per output D chunk, each score summed over every D chunk once, with the
+//   output chunk the last one in shared memory; every output entry (loss / LSE / partial,
+//   d hidden, d weight) has one writer, ignored rows' zeros included, and split partials
+//   stay inside the forward scratch and the backward workspace; the full softmax's target
+//   logit is found exactly once;
+// - ignored rows: compact_rows's order is a stable per-group partition (counted rows first),
+//   and with 0%, 50%, 90% and 100% of the rows ignored the engine's work (whole tiles)
+//   follows the counted rows (at 90%, at most 15% of the work with none ignored);
 // - the warp-per-row kernels cover every (row, negative) and (slot, row) pair once;
 // - shared memory within the A100 / H100 opt-in limits for every D in 1..1024 and dtype,
 //   grids within CUDA's limits and int-typed counters without overflow for T, N up to 10^7.
@@ -28,28 +32,111 @@ constexpr i64 kMaxInt = 0x7fffffff;
 
 const char* kind_name(int kind) { return kind == kFwd ? "forward" : kind == kBwdRows ? "d hidden" : "d weight"; }
 
+// Rows of the op: counted (1) or ignored (0), `ignored_pct` percent ignored at random.
+std::vector<uint8_t> counted_rows(i64 T, int ignored_pct) {
+  std::vector<uint8_t> counted(T);
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (i64 t = 0; t < T; ++t) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    counted[t] = static_cast<int>((state >> 33) % 100) >= ignored_pct;
+  }
+  return counted;
+}
+
+struct Compaction {
+  std::vector<int32_t> order, count;  // [T], [G]
+};
+
+// compact_rows on the CPU: CTA g per group, its passes and threads, the block scan an
+// exclusive sum in thread order. Checks that order is a permutation of each group's rows
+// with its count[g] counted rows first, in row order.
+Compaction compact_replay(const LossShape& s, const std::vector<uint8_t>& counted) {
+  const i64 groups = s.sampled ? s.T / s.rpg : 1, rows = group_rows(s);
+  const int threads = compact_threads(rows);
+  const i64 pass = static_cast<i64>(threads) * kCompactRowsPerThread;
+  Compaction c{std::vector<int32_t>(s.T, -1), std::vector<int32_t>(groups, 0)};
+  std::vector<uint8_t> hits(s.T, 0);
+  for (i64 g = 0; g < groups; ++g) {
+    const i64 first = group_first_row(s, g);
+    i64 n_counted = 0, n_ignored = 0;
+    for (i64 c0 = 0; c0 < rows; c0 += pass) {
+      i64 scan = 0;  // the exclusive sum of the threads' counted rows
+      for (int tid = 0; tid < threads; ++tid) {
+        int n = 0;
+        for (int i = 0; i < kCompactRowsPerThread; ++i) {
+          const i64 r = compact_row(c0, tid, i);
+          n += r < rows && counted[first + r];
+        }
+        i64 ignored_before = imin(compact_row(0, tid, 0), rows - c0) - scan, counted_before = scan;
+        for (int i = 0; i < kCompactRowsPerThread; ++i) {
+          const i64 r = compact_row(c0, tid, i);
+          if (r >= rows) continue;
+          const i64 slot = counted[first + r] ? compact_slot(first, rows, true, n_counted + counted_before++)
+                                              : compact_slot(first, rows, false, n_ignored + ignored_before++);
+          CHECK(slot >= first && slot < first + rows, "compaction T=%lld rpg=%lld: slot %lld", (long long)s.T,
+                (long long)s.rpg, (long long)slot);
+          if (slot < first || slot >= first + rows) continue;
+          ++hits[slot];
+          c.order[slot] = static_cast<int32_t>(first + r);
+        }
+        scan += n;
+      }
+      n_counted += scan;
+      n_ignored += imin(pass, rows - c0) - scan;
+    }
+    c.count[g] = static_cast<int32_t>(n_counted);
+    long wrong = 0;
+    for (i64 k = 0; k < rows; ++k) {
+      const i64 t = c.order[first + k];
+      const bool ok = hits[first + k] == 1 && t >= first && t < first + rows && counted[t] == (k < n_counted) &&
+                      (k == 0 || k >= n_counted || t > c.order[first + k - 1]);
+      wrong += !ok;
+    }
+    CHECK(wrong == 0, "compaction T=%lld rpg=%lld group %lld: %ld slots out of a stable partition", (long long)s.T,
+          (long long)s.rpg, (long long)g, wrong);
+  }
+  return c;
+}
+
 struct Case {
   LossShape s;
   int es;
   char what[200];
 };
 
-Case make_case(LossShape s, int es, int kind, const EnginePlan& p) {
+Case make_case(LossShape s, int es, int kind, const EnginePlan& p, int ignored_pct = 0) {
   Case c{s, es, {}};
-  std::snprintf(c.what, sizeof c.what, "%s %s T=%lld N=%lld D=%lld K=%lld rpg=%lld es=%d splits=%d", kind_name(kind),
-                s.sampled ? "sampled" : "full", (long long)s.T, (long long)s.N, (long long)s.D, (long long)s.K,
-                (long long)s.rpg, es, p.splits);
+  std::snprintf(c.what, sizeof c.what, "%s %s T=%lld N=%lld D=%lld K=%lld rpg=%lld es=%d splits=%d ignored=%d%%",
+                kind_name(kind), s.sampled ? "sampled" : "full", (long long)s.T, (long long)s.N, (long long)s.D,
+                (long long)s.K, (long long)s.rpg, es, p.splits, ignored_pct);
   return c;
 }
 
 // The full softmax's target of row t (any id in [0, N)).
 i64 target_of(const LossShape& s, i64 t) { return (t * 7919 + 3) % s.N; }
 
-// engine_kernel<T, kind> under plan p: visits of (output chunk, row t, candidate) with the
-// candidate an item (full) or negative slot of t's group (sampled), and its writes.
-void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace_floats) {
+// The engine's work under plan p with the groups' counted rows `count`: score entries of
+// the CTAs' pipeline stages (active warps' 16 lines x kTile), in whole tiles.
+i64 engine_work(const LossShape& s, const EnginePlan& p, int kind, const std::vector<int32_t>& count) {
+  const EngineGrid grid = engine_grid(p, kind);
+  i64 work = 0;
+  for (i64 bx = 0; bx < grid.x; ++bx)
+    for (i64 by = 0; by < grid.y; ++by) {
+      EngineCta cta = engine_cta(p, s, kind, bx, by, 16 * p.warps);
+      cta = compacted_cta(cta, kind, count[cta.grp], p.nchunks);
+      work += static_cast<i64>(cta.nstages) * ceil_div(cta.x_count, 16) * 16 * kTile;
+    }
+  return work;
+}
+
+// engine_kernel<T, kind> under plan p, with the rows `counted` compacted by compact_rows:
+// visits of (output chunk, row t, candidate) with the candidate an item (full) or negative
+// slot of t's group (sampled), and its writes.
+void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace_floats,
+                  const std::vector<uint8_t>& counted) {
   const LossShape& s = c.s;
   const bool f32 = c.es == 4;
+  const Compaction comp = compact_replay(s, counted);
   const EngineGrid grid = engine_grid(p, kind);
   CHECK(engine_launchable(p, kind, kOptinA100), "%s: grid (%lld, %lld), %zu bytes of shared memory", c.what,
         (long long)grid.x, (long long)grid.y, p.smem);
@@ -67,15 +154,44 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
     if (!writes.empty()) ++writes[index];
   };
   const uint32_t all_chunks = p.nchunks >= 32 ? ~0u : (1u << p.nchunks) - 1;
+  const size_t part_offset = full_backward_part_offset(s);  // full backward partials in the workspace
+  i64 work = 0;
 
   for (i64 bx = 0; bx < grid.x; ++bx)
     for (i64 by = 0; by < grid.y; ++by) {
-      const EngineCta cta = engine_cta(p, s, kind, bx, by, rows_x);
+      EngineCta cta = engine_cta(p, s, kind, bx, by, rows_x);
       CHECK(cta.x_count >= 1 && cta.ybeg < cta.yend, "%s: CTA (%lld, %lld) has no work", c.what, (long long)bx,
             (long long)by);
       CHECK(cta.oc >= 0 && cta.oc < p.nchunks && cta.split >= 0 && cta.split < p.splits, "%s: CTA (%lld, %lld)", c.what,
             (long long)bx, (long long)by);
       const i64 row_base = group_first_row(s, cta.grp);
+      const int32_t* slot_row = comp.order.data() + row_base;  // the kernel's slot_row
+      cta = compacted_cta(cta, kind, comp.count[cta.grp], p.nchunks);
+      work += static_cast<i64>(cta.nstages) * ceil_div(cta.x_count, 16) * 16 * kTile;
+      if (cta.nstages == 0) {  // the kernel's early exit: zero outputs only
+        if (kind != kBwdItems)
+          for (int r = 0; r < cta.x_count; ++r)
+            CHECK(!counted[slot_row[cta.x0 + r]], "%s: idle CTA (%lld, %lld) holds counted row %d", c.what,
+                  (long long)bx, (long long)by, slot_row[cta.x0 + r]);
+        if (kind == kFwd) {
+          if (p.splits == 1)
+            for (int r = 0; r < cta.x_count; ++r) write(slot_row[cta.x0 + r]);
+        } else if (kind == kBwdRows || !s.sampled) {
+          for (int u = 0; u < cta.x_count * kChunk; ++u) {
+            const int r = u / kChunk;
+            const i64 d = static_cast<i64>(cta.oc) * kChunk + (u - r * kChunk);
+            if (d >= s.D) continue;
+            const i64 line = kind == kBwdRows ? slot_row[cta.x0 + r] : cta.x0 + r;
+            if (p.splits > 1) {
+              const i64 index = bwd_part_index(cta.split, x_rows, line, s.D, d);
+              CHECK(index >= 0 && static_cast<size_t>(index) + part_offset < workspace_floats,
+                    "%s: zero partial %lld of a %zu-float workspace", c.what, (long long)index, workspace_floats);
+            }
+            write((static_cast<size_t>(cta.split) * x_rows + line) * s.D + d);
+          }
+        }
+        continue;
+      }
       uint32_t chunks = 0;
       int expected_step = 0;
       for (int st = 0; st < cta.nstages; ++st) {
@@ -101,7 +217,7 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
               if (r >= cta.x_count) continue;  // an absent stationary line: zero rows, masked
               const i64 x = cta.x0 + r;
               // Full forward: the target's column relative to this lane, as the kernel finds it.
-              const i64 target = kind == kFwd && !s.sampled ? target_of(s, row_base + x) : -1;
+              const i64 target = kind == kFwd && !s.sampled ? target_of(s, slot_row[x]) : -1;
               const int target_col = target >= first && target < first + kTile
                                          ? static_cast<int>(target - first) - frag::score_col(0, tig, 0)
                                          : -1000;
@@ -109,7 +225,7 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
                 for (int e = 0; e < 2; ++e) {
                   const i64 y = first + frag::score_col(j, tig, e);
                   if (y >= cta.yend) continue;  // an absent streamed line: +inf bias / zero coefficient
-                  const i64 t = kind == kBwdItems ? row_base + y : row_base + x;
+                  const i64 t = kind == kBwdItems ? slot_row[y] : slot_row[x];
                   const i64 cand = kind == kBwdItems ? x : y;
                   ++visits[(static_cast<size_t>(kind == kFwd ? 0 : cta.oc) * s.T + t) * C + cand];
                   if (frag::score_col(j, 0, e) == target_col) ++found[t];
@@ -128,7 +244,7 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
             const int r = r0 + frag::score_row(g, rr);
             if (r >= cta.x_count) continue;
             const i64 line =
-                kind == kBwdItems ? (s.sampled ? cta.grp * s.K + cta.x0 + r : cta.x0 + r) : row_base + cta.x0 + r;
+                kind == kBwdItems ? (s.sampled ? cta.grp * s.K + cta.x0 + r : cta.x0 + r) : slot_row[cta.x0 + r];
             if (kind == kFwd) {
               if (tig != 0) continue;  // lane tig == 0 writes the row
               if (p.splits > 1) {
@@ -145,9 +261,9 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
                 const i64 d = static_cast<i64>(cta.oc) * kChunk + chunk_col(f32, j, e, tig);
                 if (d >= s.D) continue;
                 // Full, split: partials [splits, X rows, D] in the workspace after kScaleMaxWords.
-                if (p.splits > 1) {
+                if (p.splits > 1 && !s.sampled) {
                   const i64 index = bwd_part_index(cta.split, x_rows, line, s.D, d);
-                  CHECK(index >= 0 && static_cast<size_t>(index) + kScaleMaxWords < workspace_floats,
+                  CHECK(index >= 0 && static_cast<size_t>(index) + part_offset < workspace_floats,
                         "%s: partial %lld of a %zu-float workspace", c.what, (long long)index, workspace_floats);
                 }
                 write((static_cast<size_t>(cta.split) * x_rows + line) * s.D + d);
@@ -157,43 +273,127 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
       }
     }
 
+  // Counted rows: every pair once. Ignored rows: at most once (in a tile with counted
+  // rows, rows stationary), never in the streamed rows of the d weight.
   long wrong = 0;
-  for (uint8_t v : visits) wrong += v != 1;
-  CHECK(wrong == 0, "%s: %ld (chunk, row, candidate) pairs not scored exactly once", c.what, wrong);
+  for (size_t i = 0; i < visits.size(); ++i) {
+    const bool row_counted = counted[(i / C) % s.T];
+    wrong += row_counted ? visits[i] != 1 : visits[i] > (kind == kBwdItems ? 0 : 1);
+  }
+  CHECK(wrong == 0, "%s: %ld (chunk, row, candidate) pairs not scored exactly once (at most once if ignored)", c.what,
+        wrong);
   if (kind == kFwd && !s.sampled) {
     wrong = 0;
-    for (uint8_t v : found) wrong += v != 1;
-    CHECK(wrong == 0, "%s: %ld rows whose target logit is not found exactly once", c.what, wrong);
+    for (i64 t = 0; t < s.T; ++t) wrong += counted[t] ? found[t] != 1 : found[t] > 1;
+    CHECK(wrong == 0, "%s: %ld counted rows whose target logit is not found exactly once", c.what, wrong);
   }
+  // Every entry once, but: split forward partials of ignored rows (combine_forward writes
+  // their zeros, reading none) and the sampled d weight (atomics: idle CTAs add nothing).
   wrong = 0;
-  for (uint8_t v : writes) wrong += v != 1;
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const bool optional = (kind == kFwd && p.splits > 1 && !counted[i % s.T]) || (kind == kBwdItems && s.sampled);
+    wrong += optional ? writes[i] > 1 : writes[i] != 1;
+  }
   CHECK(wrong == 0, "%s: %ld output entries without exactly one writer", c.what, wrong);
+  CHECK(work == engine_work(s, p, kind, comp.count), "%s: work %lld", c.what, (long long)work);
 }
 
-// Every plan the launchers make for a shape: forward unsplit (no memory pools) and split,
-// backward as planned (full: split by the SM count: 108 as on an A100, or as many splits
-// as the grid takes).
+// Every plan the launchers make for a shape, with 0%, 50%, 90% and 100% of the rows
+// ignored (float32: 0% and 90%, for time): forward unsplit (no memory pools) and split,
+// backward as planned (split by the SM count: 108 as on an A100, or as many splits as the
+// grid takes).
 void check_shape(const LossShape& s, std::initializer_list<int> sm_counts = {108, 100000}) {
+  if (!uses_engine(s)) return;
+  for (int pct : {0, 50, 90, 100}) {
+    const std::vector<uint8_t> counted = counted_rows(s.T, pct);
+    for (int es : {4, 2})
+      for (int sms : sm_counts) {
+        if (es == 4 && (pct == 50 || pct == 100)) continue;
+        const bool first_sms = sms == *sm_counts.begin();
+        EnginePlan fwd = engine_plan(s, kFwd, es);
+        if (first_sms) check_engine(make_case(s, es, kFwd, fwd, pct), fwd, kFwd, 0, counted);
+        split_stream(&fwd, s, kFwd, 2 * static_cast<i64>(sms), 2);
+        if (fwd.splits > 1) check_engine(make_case(s, es, kFwd, fwd, pct), fwd, kFwd, 0, counted);
+        if (s.sampled) {
+          const EnginePlan rows = engine_plan(s, kBwdRows, es), items = sampled_weight_plan(s, es, sms);
+          if (first_sms) check_engine(make_case(s, es, kBwdRows, rows, pct), rows, kBwdRows, 0, counted);
+          check_engine(make_case(s, es, kBwdItems, items, pct), items, kBwdItems, 0, counted);
+        } else {
+          const FullBackwardPlan plan = full_backward_plan(s, es, sms);
+          const size_t workspace = full_backward_workspace_floats(s, plan);
+          check_engine(make_case(s, es, kBwdRows, plan.rows, pct), plan.rows, kBwdRows, workspace, counted);
+          check_engine(make_case(s, es, kBwdItems, plan.items, pct), plan.items, kBwdItems, workspace, counted);
+        }
+      }
+  }
+}
+
+// The sampled d weight with shared negatives at T = 65536, K = 8192, D = 64 on 132 SMs
+// (H100): its rows split to >= 2 CTAs per SM, each (slot, row) pair in one CTA per output
+// chunk (CTA-level: the splits' row ranges tile the group's rows).
+void check_sampled_weight_split() {
+  const LossShape s{65536, 1000000, 64, 8192, 65536, true};
   for (int es : {4, 2}) {
-    if (!uses_engine(s)) continue;
-    for (int sms : sm_counts) {
-      EnginePlan fwd = engine_plan(s, kFwd, es);
-      if (sms == *sm_counts.begin()) check_engine(make_case(s, es, kFwd, fwd), fwd, kFwd, 0);
-      split_stream(&fwd, s, kFwd, 2 * static_cast<i64>(sms), 2);
-      if (fwd.splits > 1) check_engine(make_case(s, es, kFwd, fwd), fwd, kFwd, 0);
+    const EnginePlan p = sampled_weight_plan(s, es, 132);
+    const EngineGrid g = engine_grid(p, kBwdItems);
+    CHECK(engine_launchable(p, kBwdItems, kOptinH100) && g.x * g.y >= 2 * 132 && p.splits >= 2,
+          "sampled d weight es=%d: grid (%lld, %lld), %d splits", es, (long long)g.x, (long long)g.y, p.splits);
+    for (i64 bx = 0; bx < g.x; ++bx)
+      for (int oc = 0; oc < p.nchunks; ++oc) {
+        i64 next = 0;  // rows covered so far
+        for (int split = 0; split < p.splits; ++split) {
+          const EngineCta c = engine_cta(p, s, kBwdItems, bx, static_cast<i64>(split) * p.nchunks + oc, 16 * p.warps);
+          CHECK(c.ybeg == next && c.yend > c.ybeg && c.oc == oc, "sampled d weight es=%d: CTA (%lld, %d)", es,
+                (long long)bx, split);
+          next = c.yend;
+        }
+        CHECK(next == s.rpg, "sampled d weight es=%d: rows up to %lld", es, (long long)next);
+      }
+  }
+  // The same plan at a size whose (chunk, slot, row) visits fit in memory.
+  const LossShape small{4096, 5000, 64, 1024, 4096, true};
+  for (int es : {4, 2}) {
+    const EnginePlan p = sampled_weight_plan(small, es, 132);
+    CHECK(p.splits >= 2, "sampled d weight T=4096 es=%d: %d splits", es, p.splits);
+    for (int pct : {0, 90})
+      check_engine(make_case(small, es, kBwdItems, p, pct), p, kBwdItems, 0, counted_rows(small.T, pct));
+  }
+}
+
+// Work at 0% / 90% / 100% ignored rows for the large SASRec-like shapes (132 SMs): none at
+// 100%, at 90% at most 15% of the work at 0% in every kernel. Prints the ratios.
+void check_ignored_work() {
+  const LossShape shapes[] = {
+      {65536, 1000000, 64, 8192, 65536, true},  // shared negatives
+      {65536, 1000000, 64, 1024, 256, true},    // a list per sequence of 256 rows
+      {65536, 50000, 64, 1, 1, false},          // full softmax
+  };
+  for (const LossShape& s : shapes)
+    for (int es : {4, 2}) {
+      EnginePlan plans[3] = {engine_plan(s, kFwd, es), engine_plan(s, kBwdRows, es), engine_plan(s, kBwdItems, es)};
+      split_stream(&plans[kFwd], s, kFwd, 2 * 132, 2);
       if (s.sampled) {
-        if (sms != *sm_counts.begin()) continue;
-        const EnginePlan rows = engine_plan(s, kBwdRows, es), items = engine_plan(s, kBwdItems, es);
-        check_engine(make_case(s, es, kBwdRows, rows), rows, kBwdRows, 0);
-        check_engine(make_case(s, es, kBwdItems, items), items, kBwdItems, 0);
+        plans[kBwdItems] = sampled_weight_plan(s, es, 132);
       } else {
-        const FullBackwardPlan plan = full_backward_plan(s, es, sms);
-        const size_t workspace = full_backward_workspace_floats(s, plan);
-        check_engine(make_case(s, es, kBwdRows, plan.rows), plan.rows, kBwdRows, workspace);
-        check_engine(make_case(s, es, kBwdItems, plan.items), plan.items, kBwdItems, workspace);
+        const FullBackwardPlan full = full_backward_plan(s, es, 132);
+        plans[kBwdRows] = full.rows;
+        plans[kBwdItems] = full.items;
+      }
+      for (int kind : {kFwd, kBwdRows, kBwdItems}) {
+        i64 work[3];
+        const int pcts[3] = {0, 90, 100};
+        for (int i = 0; i < 3; ++i)
+          work[i] = engine_work(s, plans[kind], kind, compact_replay(s, counted_rows(s.T, pcts[i])).count);
+        const double ratio = static_cast<double>(work[1]) / static_cast<double>(work[0]);
+        std::printf("ignored rows %s %s rpg=%lld es=%d: work at 90%% = %.3f of 0%%\n", kind_name(kind),
+                    s.sampled ? "sampled" : "full", (long long)s.rpg, es, ratio);
+        // Work comes in whole tiles: 10% of a group of 256 rows still takes one of its 2
+        // stationary tiles (128 lines), or one of its 4 streamed tiles (64 rows).
+        const double bound = s.rpg == 256 ? (kind != kBwdItems ? 0.5 : 0.25) : 0.15;
+        CHECK(work[2] == 0 && ratio <= bound, "%s rpg=%lld es=%d: work %lld / %lld / %lld at 0/90/100%% ignored",
+              kind_name(kind), (long long)s.rpg, es, (long long)work[0], (long long)work[1], (long long)work[2]);
       }
     }
-  }
 }
 
 // sampled_rows_forward / _backward: warp (threadIdx.x >> 5) of CTA bx takes row
@@ -278,7 +478,8 @@ void check_large() {
       for (int sms : {108, 132}) {
         EnginePlan fwd = engine_plan(s, kFwd, es);
         split_stream(&fwd, s, kFwd, 2 * static_cast<i64>(sms), 2);
-        EnginePlan rows = engine_plan(s, kBwdRows, es), items = engine_plan(s, kBwdItems, es);
+        EnginePlan rows = engine_plan(s, kBwdRows, es),
+                   items = s.sampled ? sampled_weight_plan(s, es, sms) : engine_plan(s, kBwdItems, es);
         size_t workspace = 0;
         if (!s.sampled) {
           const FullBackwardPlan plan = full_backward_plan(s, es, sms);
@@ -306,8 +507,8 @@ void check_large() {
           if (kind != kFwd && !s.sampled && p.splits > 1) {
             const i64 x_rows = kind == kBwdRows ? s.T : s.N;
             const i64 largest = bwd_part_index(p.splits - 1, x_rows, x_rows - 1, s.D, s.D - 1);
-            CHECK(static_cast<size_t>(largest) + kScaleMaxWords < workspace, "%s: partial %lld of %zu", c.what,
-                  (long long)largest, workspace);
+            CHECK(static_cast<size_t>(largest) + full_backward_part_offset(s) < workspace, "%s: partial %lld of %zu",
+                  c.what, (long long)largest, workspace);
           }
         }
       }
@@ -319,6 +520,13 @@ int main() {
   check_smem_limits();
   check_large();
   check_sorted_rows();
+  check_sampled_weight_split();
+  check_ignored_work();
+  // Compaction passes (a warp or 1024 threads): groups within one pass, across passes, ragged.
+  for (const LossShape& s : {LossShape{20000, 10, 8, 4, 20000, true}, LossShape{20000, 10, 8, 1, 1, false},
+                             LossShape{8192 * 3, 10, 8, 4, 8192, true}, LossShape{4000, 10, 8, 4, 16, true},
+                             LossShape{3000, 10, 8, 4, 1000, true}, LossShape{4100, 10, 8, 4, 1025, true}})
+    for (int pct : {0, 50, 90, 100}) compact_replay(s, counted_rows(s.T, pct));
   const LossShape full[] = {
       {1, 1, 1, 1, 1, false},       {17, 63, 64, 1, 1, false},    {17, 5000, 65, 1, 1, false},
       {130, 700, 200, 1, 1, false}, {300, 2000, 50, 1, 1, false}, {700, 1500, 16, 1, 1, false},
