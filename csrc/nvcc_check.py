@@ -83,6 +83,7 @@ EXPECTED = (
     # softmax_loss.cu: per-row negatives and the deterministic d weight, warp per row; elementwise.
     Expect(r"sampled_rows_(forward|backward)<", min_ctas=1, mma=False, cp_async=False, why="warp per row"),
     Expect(r"sampled_weight_grad_sorted<", min_ctas=1, mma=False, cp_async=False, why="CTA per item, warp per row"),
+    Expect(r"sampled_weight_grad_partials<", 1, mma=False, cp_async=False, why="warp per item, slot partials"),
     Expect(r"combine_forward|reduce_splits<|slot_keys", 1, mma=False, cp_async=False, why="elementwise", threads=256),
     Expect(r"grad_scale_max", min_ctas=1, mma=False, cp_async=False, why="one-CTA max", threads=1024),
     Expect(r"compact_rows<", min_ctas=1, mma=False, cp_async=False, why="CTA per group (32 or 1024), block scan"),

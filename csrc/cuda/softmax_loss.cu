@@ -18,10 +18,12 @@
 // - backward d hidden (X = hidden rows, Y = items): coef tile [16, kTile] times the Y
 //   chunk of the CTA's output D chunk (blockIdx.y), so acc is [16, kChunk] per warp.
 // - backward d weight (X = items, Y = hidden rows): the transpose, no atomics for the
-//   full softmax (each item row has one writer); sampled negatives use float32 atomics.
+//   full softmax (each item row has one writer); sampled negatives use float32 atomics,
+//   or, deterministic, write each negative slot's row (below).
 // - full backward: a badly underfilled grid also splits the streamed lines, with
 //   [splits, rows, D] partials in the workspace summed in split order (reduce_splits);
-//   the sampled d weight splits them too (atomics: no partials).
+//   the sampled d weight splits them too (atomics: no partials; deterministic: partials
+//   [splits, G * K, D] per negative slot, one split or more).
 // - ignored rows (positive / target == ignore_index or outside [0, N); SASRec batches are
 //   mostly padding) cost (close to) nothing, with no host sync: compact_rows first writes,
 //   per group, its counted rows then its ignored ones (order [T], count [G], from the
@@ -31,7 +33,11 @@
 // Rows with few rows per group (per-row negatives) use one warp per row instead; ignored
 // rows skip their negatives there.
 // Deterministic sampled d weight: the (item -> sample slot) list is radix-sorted by item
-// (CUB, stable) and one CTA per item sums its slots' contributions in sorted order.
+// (CUB, stable) and each item's slots are summed in sorted (= slot) order. With shared
+// negatives (tile engine), a warp per item adds its positive slots' rows (one hidden row
+// each) and its negative slots' partial rows from the engine's d weight kernel, split by
+// split (sampled_weight_grad_partials); with per-row negatives, a CTA per item re-reads
+// each slot's hidden rows (sampled_weight_grad_sorted). A fixed order throughout.
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
@@ -209,10 +215,12 @@ struct EngineOut {
   float* loss;       // [T] forward, one split
   float* lse;        // [T] forward, one split
   float* part;       // forward: [splits, T, 2] (max, sumexp); backward: [splits, X rows, D]
+                     // (sampled d weight without atomics: [splits, G * K, D], any splits)
   float* row_logit;  // forward with splits: [T] positive / target logits
   void* d_hidden;    // [T, D] backward rows, one split
   float* d_weight;   // [N, D] backward items (full, one split; sampled: atomics)
-  bool atomic_dw;    // backward rows, sampled: also add the positives' d weight (atomics)
+  bool atomic_dw;    // sampled, not deterministic: backward rows also add the positives' d
+                     // weight, backward items the negatives' (float32 atomics)
 };
 
 // blockIdx.x: (group, stationary tile); blockIdx.y: (stream split, output D chunk).
@@ -251,20 +259,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
         o.loss[t] = 0.f;
         o.lse[t] = 0.f;
       }
-    } else if (KIND == kBwdRows || !a.sampled) {  // the epilogue's entries: chunk oc of its lines
+    } else if (KIND == kBwdRows || !o.atomic_dw) {  // the epilogue's entries: chunk oc of its lines
       for (int u = tid; u < x_count * kChunk; u += blockDim.x) {
         const int r = u / kChunk;
         const i64 d = static_cast<i64>(oc) * kChunk + (u - r * kChunk);
         if (d >= a.D) continue;
-        const i64 line = kRowsX ? slot_row[x0 + r] : x0 + r;  // hidden row or item
-        if (p.splits > 1)
-          o.part[bwd_part_index(split, kRowsX ? a.T : a.N, line, a.D, d)] = 0.f;
+        // Hidden row, or item (full) / negative slot (sampled; absent ones too: never read).
+        const i64 line = kRowsX ? slot_row[x0 + r] : items_line(shape_of(a), grp, x0 + r);
+        if (p.splits > 1 || (!kRowsX && a.sampled))
+          o.part[bwd_part_index(split, kRowsX ? a.T : items_rows(shape_of(a), p), line, a.D, d)] = 0.f;
         else if constexpr (kRowsX)
           static_cast<T*>(o.d_hidden)[line * a.D + d] = from_f<T>(0.f);
         else
           o.d_weight[line * a.D + d] = 0.f;
       }
-    }  // (sampled d weight: atomics, nothing to add)
+    }  // (sampled d weight by atomics: nothing to add)
     return;
   }
   const float scale_max = (KIND == kBwdItems && a.scale_max != nullptr) ? *a.scale_max : 1.f;
@@ -495,12 +504,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
       const i64 item = xlines[r].id;
       for_chunk_cols<T>(oc, a.D, tig, [&](int j, int e, int d) {
         const float v = acc[j][2 * rr + e] * scale_max;
-        if (a.sampled)
-          atomicAdd(o.d_weight + item * a.D + d, v);  // duplicates across slots and groups
-        else if (p.splits == 1)
+        if (o.atomic_dw)  // sampled: duplicates across slots and groups
+          atomicAdd(o.d_weight + item * a.D + d, v);
+        else if (p.splits == 1 && !a.sampled)
           o.d_weight[item * a.D + d] = v;
-        else
-          o.part[bwd_part_index(split, a.N, item, a.D, d)] = v;
+        else  // split, or sampled deterministic: the item's (slot's) row of this split
+          o.part[bwd_part_index(split, items_rows(shape_of(a), p), items_line(shape_of(a), grp, x0 + r), a.D, d)] = v;
       });
     }
   }
@@ -821,6 +830,46 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   }
 }
 
+// With shared negatives (the tile engine ran): warp w of CTA bx owns the item keys[p], p =
+// partial_sum_position(bx, w), if p starts its run in the sorted keys, and sums its slots
+// in sorted (= slot) order: a positive slot's (softmax - 1) * grad / temperature * h as
+// sampled_weight_grad_sorted, a negative slot's partial rows (the d weight kernel's,
+// [splits, G * K, D]) in split order. One warp, one fixed order: bitwise reproducible.
+template <typename T, int VPL>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    sampled_weight_grad_partials(const LossArgs a, const uint32_t* keys, const uint32_t* slots, i64 num_slots,
+                                 const float* part, int splits, float* d_weight) {
+  const i64 p = partial_sum_position(blockIdx.x, threadIdx.x >> 5);
+  if (p >= num_slots) return;
+  const uint32_t key = keys[p];
+  if (key >= a.N || (p > 0 && keys[p - 1] == key)) return;
+  const int lane = threadIdx.x & 31;
+  const i64 item = key, rows = sort_slots(shape_of(a)) - a.T;  // G * K partial rows per split
+  float w[VPL], acc[VPL] = {};
+  load_vec(w, static_cast<const T*>(a.weight) + item * a.ws, a.D, lane);
+  for (i64 q = p; q < num_slots && keys[q] == key; ++q) {
+    const i64 slot = slots[q];
+    if (slot < a.T) {  // row slot's positive (a counted row: ignored rows have key N)
+      float h[VPL];
+      load_vec(h, static_cast<const T*>(a.hidden) + slot * a.hs, a.D, lane);
+      const float x = warp_sum(dot_part(h, w));
+      const float lq = a.pos_lq != nullptr ? a.pos_lq[slot] : 0.f;
+      const float coef = (__expf(x * a.inv_temp - lq - a.lse[slot]) - 1.f) * a.grad[slot] * a.inv_temp;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) acc[i] = fmaf(coef, h[i], acc[i]);
+    } else {  // negative slot slot - T (present: absent ones have key N)
+      for (int sp = 0; sp < splits; ++sp) {
+#pragma unroll
+        for (int i = 0; i < VPL; ++i)
+          if (i * 32 + lane < a.D) acc[i] += part[bwd_part_index(sp, rows, slot - a.T, a.D, i * 32 + lane)];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VPL; ++i)
+    if (i * 32 + lane < a.D) d_weight[item * a.D + i * 32 + lane] = acc[i];
+}
+
 // ------------------------------------------------------------------ host side ------------
 
 // f(IntTag<VPL>) with VPL * 32 >= D for the warp-per-row kernels.
@@ -970,7 +1019,7 @@ struct SortLayout {
 };
 
 cudaError_t sort_layout(const LossArgs& a, SortLayout* s) {
-  s->num_slots = a.T + a.T / a.rpg * a.K;
+  s->num_slots = sort_slots(shape_of(a));
   if (s->num_slots > 0x7fffffff) return cudaErrorInvalidValue;
   s->end_bit = 1;
   while (s->end_bit < 32 && (i64{1} << s->end_bit) <= a.N) ++s->end_bit;  // keys are <= N
@@ -988,9 +1037,10 @@ cudaError_t sort_layout(const LossArgs& a, SortLayout* s) {
   return err;
 }
 
-// words: [SortLayout::total_words] of the workspace.
+// words: [SortLayout::total_words] of the workspace. part: null (per-row negatives: every
+// slot's rows re-read), or the d weight kernel's partials [splits, G * K, D] (tile engine).
 cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtype, const LossGradients& g,
-                                              float* workspace, cudaStream_t stream) {
+                                              float* workspace, const float* part, int splits, cudaStream_t stream) {
   SortLayout s{};
   cudaError_t err = sort_layout(a, &s);
   if (err != cudaSuccess) return err;
@@ -1006,8 +1056,13 @@ cudaError_t sampled_weight_grad_deterministic(const LossArgs& a, ScalarType dtyp
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     return with_vpl(a.D, [&](auto vpl) {
-      return launch(sampled_weight_grad_sorted<T, decltype(vpl)::value>, static_cast<unsigned>(s.num_slots),
-                    kRowWarps * 32, 0, stream, a, keys.Current(), slots.Current(), s.num_slots, g.d_weight);
+      constexpr int kVpl = decltype(vpl)::value;
+      if (part != nullptr)
+        return launch(sampled_weight_grad_partials<T, kVpl>, static_cast<unsigned>(partial_sum_blocks(s.num_slots)),
+                      kRowWarps * 32, 0, stream, a, keys.Current(), slots.Current(), s.num_slots, part, splits,
+                      g.d_weight);
+      return launch(sampled_weight_grad_sorted<T, kVpl>, static_cast<unsigned>(s.num_slots), kRowWarps * 32, 0, stream,
+                    a, keys.Current(), slots.Current(), s.num_slots, g.d_weight);
     });
   });
 }
@@ -1039,17 +1094,27 @@ cudaError_t sampled_softmax_forward(const SampledSoftmaxParams& p, float* loss, 
   });
 }
 
-// The sampled backward's workspace: grad_scale_max, the engine's row order, the sort.
-size_t sampled_sort_offset(const LossArgs& a) {
-  return kScaleMaxWords + (uses_engine(shape_of(a)) ? compact_words(shape_of(a)) : 0);
+// The sampled backward's workspace: grad_scale_max; with the tile engine, its row order and,
+// with partials, the d weight partials (plan `items`, sampled_part_floats); then the sort.
+size_t sampled_sort_offset(const LossArgs& a, const EnginePlan& items, bool partials) {
+  const LossShape s = shape_of(a);
+  if (!uses_engine(s)) return kScaleMaxWords;
+  return sampled_part_offset(s) + (partials ? sampled_part_floats(s, items) : 0);
 }
 
 size_t sampled_softmax_backward_workspace_floats(const SampledSoftmaxParams& p, bool deterministic) {
   LossArgs a;
   if (sampled_args(p, &a) != cudaSuccess || a.T == 0) return 0;
+  EnginePlan items{};  // the launch's d weight plan (its splits size the partials)
+  DeviceInfo dev{};
+  if (deterministic && uses_engine(shape_of(a))) {
+    if (device_info(&dev) != cudaSuccess) return 0;
+    items = sampled_weight_plan(shape_of(a), element_size(p.in.dtype), dev.sms);
+  }
   SortLayout s{};
   if (deterministic && sort_layout(a, &s) != cudaSuccess) return 0;
-  return sampled_sort_offset(a) + (deterministic ? s.total_words : 0);
+  const bool partials = deterministic && uses_partials(shape_of(a), items);
+  return sampled_sort_offset(a, items, partials) + (deterministic ? s.total_words : 0);
 }
 
 cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGradients& g, bool deterministic,
@@ -1059,23 +1124,30 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
   if (err != cudaSuccess || a.T == 0) return err;
   a.grad = g.grad_loss;
   a.lse = g.lse;
-  float* sort_words = g.workspace + sampled_sort_offset(a);
   if (uses_engine(shape_of(a))) {
     DeviceInfo dev{};
     if ((err = device_info(&dev)) != cudaSuccess) return err;
     if ((err = compact(&a, g.workspace + kScaleMaxWords, stream)) != cudaSuccess) return err;
     const size_t esize = element_size(p.in.dtype);
+    const EnginePlan items = sampled_weight_plan(shape_of(a), esize, dev.sms);  // rows split across CTAs
     EngineOut o{};
     o.d_hidden = g.d_hidden;
     o.d_weight = g.d_weight;
     o.atomic_dw = !deterministic;
     err = launch_engine<kBwdRows>(a, engine_plan(shape_of(a), kBwdRows, esize), o, p.in.dtype, dev, stream);
     if (err != cudaSuccess) return err;
-    if (deterministic) return sampled_weight_grad_deterministic(a, p.in.dtype, g, sort_words, stream);
+    const bool partials = deterministic && uses_partials(shape_of(a), items);
+    if (deterministic && !partials)  // partials too large: each slot's rows re-read per item
+      return sampled_weight_grad_deterministic(a, p.in.dtype, g, g.workspace + sampled_sort_offset(a, items, false),
+                                               nullptr, 1, stream);
     if ((err = launch(grad_scale_max, 1, 1024, 0, stream, a, g.workspace)) != cudaSuccess) return err;
     a.scale_max = g.workspace;
-    const EnginePlan items = sampled_weight_plan(shape_of(a), esize, dev.sms);  // rows split across CTAs
-    return launch_engine<kBwdItems>(a, items, o, p.in.dtype, dev, stream);
+    // Deterministic: the negative slots' rows per split, no atomics, summed per item below.
+    o.part = partials ? g.workspace + sampled_part_offset(shape_of(a)) : nullptr;  // [splits, G * K, D]
+    err = launch_engine<kBwdItems>(a, items, o, p.in.dtype, dev, stream);
+    if (err != cudaSuccess || !deterministic) return err;
+    return sampled_weight_grad_deterministic(a, p.in.dtype, g, g.workspace + sampled_sort_offset(a, items, true),
+                                             o.part, items.splits, stream);
   }
   err = with_dtype(p.in.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -1085,7 +1157,8 @@ cudaError_t sampled_softmax_backward(const SampledSoftmaxParams& p, const LossGr
     });
   });
   if (err != cudaSuccess || !deterministic) return err;
-  return sampled_weight_grad_deterministic(a, p.in.dtype, g, sort_words, stream);
+  return sampled_weight_grad_deterministic(a, p.in.dtype, g, g.workspace + sampled_sort_offset(a, EnginePlan{}, false),
+                                           nullptr, 1, stream);
 }
 
 size_t full_softmax_forward_workspace_floats(const FullSoftmaxParams& p) {

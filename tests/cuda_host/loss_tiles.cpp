@@ -7,6 +7,11 @@
 //   d hidden, d weight) has one writer, ignored rows' zeros included, and split partials
 //   stay inside the forward scratch and the backward workspace; the full softmax's target
 //   logit is found exactly once;
+// - the deterministic sampled d weight: the d weight kernel's partials [splits, G * K, D]
+//   (every present (split, slot, D column) entry written exactly once, idle splits' zeros
+//   included, absent negatives' at most once, all inside the workspace before the sort),
+//   and sampled_weight_grad_partials's sum over each item's sorted slots, emulated on
+//   integer values: each item's d weight the sum over its slots, written once;
 // - ignored rows: compact_rows's order is a stable per-group partition (counted rows first),
 //   and with 0%, 50%, 90% and 100% of the rows ignored the engine's work (whole tiles)
 //   follows the counted rows (at 90%, at most 15% of the work with none ignored);
@@ -14,8 +19,10 @@
 // - shared memory within the A100 / H100 opt-in limits for every D in 1..1024 and dtype,
 //   grids within CUDA's limits and int-typed counters without overflow for T, N up to 10^7.
 // The loops mirror the kernels' (CTAs, pipeline stages, warps, lanes, fragment entries).
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 #include <vector>
 
@@ -129,11 +136,24 @@ i64 engine_work(const LossShape& s, const EnginePlan& p, int kind, const std::ve
   return work;
 }
 
+// The deterministic sampled d weight's partials [splits, G * K, D] (sampled_part_floats),
+// emulated: entry (split, slot, d) = (d + 1) * the sum of t + 1 over the rows t that the
+// split's CTA scored against the slot; kUnwritten where no CTA wrote it.
+constexpr i64 kUnwritten = INT64_MIN;
+struct ItemPartials {
+  std::vector<uint8_t> absent;  // [G * K] absent negatives (id outside [0, N): kNoItem)
+  std::vector<i64> value;       // [splits, G * K, D]
+};
+// Negative slot idx of the host checks: absent for one slot in 7, else an item in [0, N).
+bool absent_slot(i64 idx) { return idx % 7 == 3; }
+i64 negative_of(const LossShape& s, i64 idx) { return absent_slot(idx) ? -1 : (idx * 104729 + 17) % s.N; }
+
 // engine_kernel<T, kind> under plan p, with the rows `counted` compacted by compact_rows:
 // visits of (output chunk, row t, candidate) with the candidate an item (full) or negative
-// slot of t's group (sampled), and its writes.
+// slot of t's group (sampled), and its writes. partials != null: the sampled d weight
+// without atomics (deterministic), workspace_floats the partials' end in the workspace.
 void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace_floats,
-                  const std::vector<uint8_t>& counted) {
+                  const std::vector<uint8_t>& counted, ItemPartials* partials = nullptr) {
   const LossShape& s = c.s;
   const bool f32 = c.es == 4;
   const Compaction comp = compact_replay(s, counted);
@@ -146,7 +166,9 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
   std::vector<uint8_t> visits(static_cast<size_t>(nout) * s.T * C, 0), found(s.T, 0);
   // Output entries: forward [splits, T] (loss / LSE or partials), d hidden [splits, T, D],
   // d weight [splits, N or G * K, D].
-  const i64 x_rows = kind == kBwdItems ? (s.sampled ? s.T / s.rpg * s.K : s.N) : s.T;
+  const i64 x_rows = kind == kBwdItems ? items_rows(s, p) : s.T;
+  CHECK(x_rows == (kind == kBwdItems ? (s.sampled ? s.T / s.rpg * s.K : s.N) : s.T), "%s: %lld X rows", c.what,
+        (long long)x_rows);
   // (Counted when they fit in memory; the visits above cover every case.)
   const size_t entries = static_cast<size_t>(p.splits) * x_rows * (kind == kFwd ? 1 : s.D);
   std::vector<uint8_t> writes(entries <= (size_t{1} << 26) ? entries : 0, 0);
@@ -154,7 +176,22 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
     if (!writes.empty()) ++writes[index];
   };
   const uint32_t all_chunks = p.nchunks >= 32 ? ~0u : (1u << p.nchunks) - 1;
-  const size_t part_offset = full_backward_part_offset(s);  // full backward partials in the workspace
+  // Backward partials in the workspace: full, or the deterministic sampled d weight's.
+  const size_t part_offset = partials != nullptr ? sampled_part_offset(s) : full_backward_part_offset(s);
+  if (partials != nullptr) {
+    CHECK(kind == kBwdItems && s.sampled && workspace_floats == part_offset + sampled_part_floats(s, p), "%s: partials",
+          c.what);
+    partials->absent.assign(x_rows, 0);
+    for (i64 idx = 0; idx < x_rows; ++idx) partials->absent[idx] = absent_slot(idx);
+    partials->value.assign(static_cast<size_t>(p.splits) * x_rows * s.D, kUnwritten);
+  }
+  // A partial write at index of the [splits, x_rows, D] partials: inside the workspace.
+  auto part_write = [&](i64 index, i64 value) {
+    CHECK(index >= 0 && index < p.splits * x_rows * s.D && static_cast<size_t>(index) + part_offset < workspace_floats,
+          "%s: partial %lld of a %zu-float workspace", c.what, (long long)index, workspace_floats);
+    if (partials != nullptr && index >= 0 && index < p.splits * x_rows * s.D) partials->value[index] = value;
+  };
+  std::vector<i64> line_sum(rows_x);  // a CTA's sum of t + 1 over its scored rows, per line
   i64 work = 0;
 
   for (i64 bx = 0; bx < grid.x; ++bx)
@@ -176,17 +213,13 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
         if (kind == kFwd) {
           if (p.splits == 1)
             for (int r = 0; r < cta.x_count; ++r) write(slot_row[cta.x0 + r]);
-        } else if (kind == kBwdRows || !s.sampled) {
+        } else if (kind == kBwdRows || !s.sampled || partials != nullptr) {  // (atomics: nothing)
           for (int u = 0; u < cta.x_count * kChunk; ++u) {
             const int r = u / kChunk;
             const i64 d = static_cast<i64>(cta.oc) * kChunk + (u - r * kChunk);
             if (d >= s.D) continue;
-            const i64 line = kind == kBwdRows ? slot_row[cta.x0 + r] : cta.x0 + r;
-            if (p.splits > 1) {
-              const i64 index = bwd_part_index(cta.split, x_rows, line, s.D, d);
-              CHECK(index >= 0 && static_cast<size_t>(index) + part_offset < workspace_floats,
-                    "%s: zero partial %lld of a %zu-float workspace", c.what, (long long)index, workspace_floats);
-            }
+            const i64 line = kind == kBwdRows ? slot_row[cta.x0 + r] : items_line(s, cta.grp, cta.x0 + r);
+            if (p.splits > 1 || partials != nullptr) part_write(bwd_part_index(cta.split, x_rows, line, s.D, d), 0);
             write((static_cast<size_t>(cta.split) * x_rows + line) * s.D + d);
           }
         }
@@ -194,6 +227,7 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
       }
       uint32_t chunks = 0;
       int expected_step = 0;
+      std::fill(line_sum.begin(), line_sum.end(), 0);
       for (int st = 0; st < cta.nstages; ++st) {
         const Stage sg = stage_of(st, p.nchunks);
         const int chunk = stage_chunk(cta.oc, sg.step, p.nchunks);
@@ -228,6 +262,7 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
                   const i64 t = kind == kBwdItems ? slot_row[y] : slot_row[x];
                   const i64 cand = kind == kBwdItems ? x : y;
                   ++visits[(static_cast<size_t>(kind == kFwd ? 0 : cta.oc) * s.T + t) * C + cand];
+                  line_sum[r] += t + 1;
                   if (frag::score_col(j, 0, e) == target_col) ++found[t];
                 }
             }
@@ -243,8 +278,8 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
           for (int rr = 0; rr < 2; ++rr) {
             const int r = r0 + frag::score_row(g, rr);
             if (r >= cta.x_count) continue;
-            const i64 line =
-                kind == kBwdItems ? (s.sampled ? cta.grp * s.K + cta.x0 + r : cta.x0 + r) : slot_row[cta.x0 + r];
+            const i64 line = kind == kBwdItems ? items_line(s, cta.grp, cta.x0 + r) : slot_row[cta.x0 + r];
+            if (partials != nullptr && partials->absent[line]) continue;  // kNoItem: no d weight row
             if (kind == kFwd) {
               if (tig != 0) continue;  // lane tig == 0 writes the row
               if (p.splits > 1) {
@@ -260,12 +295,9 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
               for (int e = 0; e < 2; ++e) {
                 const i64 d = static_cast<i64>(cta.oc) * kChunk + chunk_col(f32, j, e, tig);
                 if (d >= s.D) continue;
-                // Full, split: partials [splits, X rows, D] in the workspace after kScaleMaxWords.
-                if (p.splits > 1 && !s.sampled) {
-                  const i64 index = bwd_part_index(cta.split, x_rows, line, s.D, d);
-                  CHECK(index >= 0 && static_cast<size_t>(index) + part_offset < workspace_floats,
-                        "%s: partial %lld of a %zu-float workspace", c.what, (long long)index, workspace_floats);
-                }
+                // Full, split, or sampled deterministic: partials [splits, X rows, D] in the workspace.
+                if ((p.splits > 1 && !s.sampled) || partials != nullptr)
+                  part_write(bwd_part_index(cta.split, x_rows, line, s.D, d), line_sum[r] * (d + 1));
                 write((static_cast<size_t>(cta.split) * x_rows + line) * s.D + d);
               }
           }
@@ -288,14 +320,106 @@ void check_engine(const Case& c, const EnginePlan& p, int kind, size_t workspace
     CHECK(wrong == 0, "%s: %ld counted rows whose target logit is not found exactly once", c.what, wrong);
   }
   // Every entry once, but: split forward partials of ignored rows (combine_forward writes
-  // their zeros, reading none) and the sampled d weight (atomics: idle CTAs add nothing).
+  // their zeros, reading none), the sampled d weight by atomics (idle CTAs add nothing) and
+  // the deterministic one's absent negatives (zeros from idle CTAs only, never read).
   wrong = 0;
   for (size_t i = 0; i < writes.size(); ++i) {
-    const bool optional = (kind == kFwd && p.splits > 1 && !counted[i % s.T]) || (kind == kBwdItems && s.sampled);
+    const bool optional =
+        (kind == kFwd && p.splits > 1 && !counted[i % s.T]) ||
+        (kind == kBwdItems && s.sampled && (partials == nullptr || partials->absent[(i / s.D) % x_rows]));
     wrong += optional ? writes[i] > 1 : writes[i] != 1;
   }
   CHECK(wrong == 0, "%s: %ld output entries without exactly one writer", c.what, wrong);
   CHECK(work == engine_work(s, p, kind, comp.count), "%s: work %lld", c.what, (long long)work);
+}
+
+// sampled_weight_grad_partials after the deterministic d weight kernel (partials from
+// check_engine): the slots sorted by key as sampled_slot_keys and the stable radix sort
+// make them (row t's positive, or N when ignored; a negative slot's item, or N when
+// absent), then warp (bx, w) owns the item at sorted position partial_sum_position(bx, w)
+// if its run starts there and adds, per lane column, its slots in sorted order: a positive
+// slot's row value, a negative slot's partials in split order. Each item's d weight must
+// be the sum over its slots, written once; the partials read written and in the workspace.
+void check_partial_sum(const Case& c, const EnginePlan& p, const std::vector<uint8_t>& counted,
+                       const ItemPartials& partials) {
+  const LossShape& s = c.s;
+  const i64 num_slots = sort_slots(s), rows = items_rows(s, p);
+  CHECK(num_slots == s.T + rows, "%s: %lld sort slots", c.what, (long long)num_slots);
+  auto pos_value = [&](i64 t, i64 d) { return -(t + 1) * 1000003 * (d + 1); };  // row t's positive row
+  std::vector<i64> key(num_slots), order(num_slots);
+  for (i64 slot = 0; slot < num_slots; ++slot) {
+    const i64 id = slot < s.T ? (counted[slot] ? target_of(s, slot) : -1) : negative_of(s, slot - s.T);
+    key[slot] = id >= 0 && id < s.N ? id : s.N;
+    order[slot] = slot;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](i64 x, i64 y) { return key[x] < key[y]; });
+  const int vpl = vpl_for_dim(s.D);
+  std::vector<i64> dw(static_cast<size_t>(s.N) * s.D, 0), expected(dw.size(), 0);
+  std::vector<uint8_t> dw_writes(dw.size(), 0);
+  long unwritten = 0;
+  for (i64 bx = 0; bx < partial_sum_blocks(num_slots); ++bx)
+    for (int warp = 0; warp < kRowWarps; ++warp) {
+      const i64 q0 = partial_sum_position(bx, warp);
+      if (q0 >= num_slots) continue;
+      const i64 item = key[order[q0]];
+      if (item >= s.N || (q0 > 0 && key[order[q0 - 1]] == item)) continue;
+      for (int lane = 0; lane < 32; ++lane)
+        for (int i = 0; i < vpl; ++i) {
+          const i64 d = static_cast<i64>(i) * 32 + lane;
+          if (d >= s.D) continue;
+          i64 acc = 0;
+          for (i64 q = q0; q < num_slots && key[order[q]] == item; ++q) {
+            const i64 slot = order[q];
+            if (slot < s.T) {
+              acc += pos_value(slot, d);
+              continue;
+            }
+            CHECK(!partials.absent[slot - s.T], "%s: absent slot %lld summed", c.what, (long long)(slot - s.T));
+            for (int sp = 0; sp < p.splits; ++sp) {
+              const i64 index = bwd_part_index(sp, rows, slot - s.T, s.D, d);
+              CHECK(
+                  index >= 0 && index < p.splits * rows * s.D && static_cast<size_t>(index) < sampled_part_floats(s, p),
+                  "%s: partial %lld read", c.what, (long long)index);
+              const i64 v = partials.value[index];
+              unwritten += v == kUnwritten;
+              acc += v == kUnwritten ? 0 : v;
+            }
+          }
+          dw[item * s.D + d] = acc;
+          ++dw_writes[item * s.D + d];
+        }
+    }
+  // The sum over each item's slots, from the definitions.
+  for (i64 t = 0; t < s.T; ++t)
+    if (counted[t])
+      for (i64 d = 0; d < s.D; ++d) expected[target_of(s, t) * s.D + d] += pos_value(t, d);
+  std::vector<i64> group_sum(s.T / s.rpg, 0);  // sum of t + 1 over each group's counted rows
+  for (i64 t = 0; t < s.T; ++t) group_sum[t / s.rpg] += counted[t] ? t + 1 : 0;
+  std::vector<uint8_t> has_slot(s.N, 0);
+  for (i64 t = 0; t < s.T; ++t)
+    if (counted[t]) has_slot[target_of(s, t)] = 1;
+  for (i64 idx = 0; idx < rows; ++idx) {
+    const i64 id = negative_of(s, idx);
+    if (id < 0) continue;
+    has_slot[id] = 1;
+    for (i64 d = 0; d < s.D; ++d) expected[id * s.D + d] += group_sum[idx / s.K] * (d + 1);
+  }
+  long wrong = 0;
+  for (size_t i = 0; i < dw.size(); ++i) wrong += dw_writes[i] != has_slot[i / s.D] || dw[i] != expected[i];
+  CHECK(unwritten == 0 && wrong == 0, "%s: deterministic d weight: %ld unwritten partials read, %ld entries wrong",
+        c.what, unwritten, wrong);
+}
+
+// The deterministic sampled d weight (partials, then their sum) under plan p, where its
+// partials fit in memory.
+void check_deterministic_weight(const LossShape& s, int es, const EnginePlan& p, int pct,
+                                const std::vector<uint8_t>& counted) {
+  if (static_cast<i64>(p.splits) * items_rows(s, p) * s.D > (i64{1} << 23)) return;
+  ItemPartials partials;
+  Case c = make_case(s, es, kBwdItems, p, pct);
+  std::snprintf(c.what + std::strlen(c.what), sizeof c.what - std::strlen(c.what), " deterministic");
+  check_engine(c, p, kBwdItems, sampled_part_offset(s) + sampled_part_floats(s, p), counted, &partials);
+  check_partial_sum(c, p, counted, partials);
 }
 
 // Every plan the launchers make for a shape, with 0%, 50%, 90% and 100% of the rows
@@ -318,6 +442,7 @@ void check_shape(const LossShape& s, std::initializer_list<int> sm_counts = {108
           const EnginePlan rows = engine_plan(s, kBwdRows, es), items = sampled_weight_plan(s, es, sms);
           if (first_sms) check_engine(make_case(s, es, kBwdRows, rows, pct), rows, kBwdRows, 0, counted);
           check_engine(make_case(s, es, kBwdItems, items, pct), items, kBwdItems, 0, counted);
+          check_deterministic_weight(s, es, items, pct, counted);
         } else {
           const FullBackwardPlan plan = full_backward_plan(s, es, sms);
           const size_t workspace = full_backward_workspace_floats(s, plan);
@@ -349,14 +474,30 @@ void check_sampled_weight_split() {
         }
         CHECK(next == s.rpg, "sampled d weight es=%d: rows up to %lld", es, (long long)next);
       }
+    // Deterministic: the partials [splits, G * K, D] after the row order, before the sort.
+    const size_t floats = sampled_part_floats(s, p);
+    std::printf(
+        "deterministic sampled d weight T=%lld K=%lld D=%lld es=%d, 132 SMs: %d splits, partials at word %zu, "
+        "%zu floats (%.1f MB)\n",
+        (long long)s.T, (long long)s.K, (long long)s.D, es, p.splits, sampled_part_offset(s), floats,
+        floats * 4.0 / 1e6);
+    CHECK(static_cast<size_t>(bwd_part_index(p.splits - 1, s.K, s.K - 1, s.D, s.D - 1)) < floats &&
+              floats == static_cast<size_t>(p.splits) * s.K * s.D && uses_partials(s, p),
+          "sampled d weight es=%d: %zu partial floats", es, floats);
+    // Many groups of many negatives (4,096 lists of 1,024, 1 GB of partials): no partials.
+    const LossShape many{65536, 1000000, 64, 1024, 16, true};
+    CHECK(!uses_partials(many, sampled_weight_plan(many, es, 132)), "sampled d weight es=%d: 1 GB of partials", es);
   }
   // The same plan at a size whose (chunk, slot, row) visits fit in memory.
   const LossShape small{4096, 5000, 64, 1024, 4096, true};
   for (int es : {4, 2}) {
     const EnginePlan p = sampled_weight_plan(small, es, 132);
     CHECK(p.splits >= 2, "sampled d weight T=4096 es=%d: %d splits", es, p.splits);
-    for (int pct : {0, 90})
-      check_engine(make_case(small, es, kBwdItems, p, pct), p, kBwdItems, 0, counted_rows(small.T, pct));
+    for (int pct : {0, 90, 100}) {
+      const std::vector<uint8_t> counted = counted_rows(small.T, pct);
+      if (pct != 100) check_engine(make_case(small, es, kBwdItems, p, pct), p, kBwdItems, 0, counted);
+      check_deterministic_weight(small, es, p, pct, counted);
+    }
   }
 }
 
@@ -504,6 +645,15 @@ void check_large() {
             CHECK(static_cast<size_t>(fwd_part_index(p.splits - 1, s.T, s.T - 1) + 1) <
                       forward_scratch_floats(p.splits, s.T),
                   "%s: forward scratch", c.what);
+          // Deterministic sampled d weight: the partials' last entry inside them; split only
+          // when under 2 CTAs per SM, then under 2 * 2 * sms * 128 * kChunk floats.
+          if (kind == kBwdItems && s.sampled) {
+            const i64 rows = items_rows(s, p), largest = bwd_part_index(p.splits - 1, rows, rows - 1, s.D, s.D - 1);
+            const size_t floats = sampled_part_floats(s, p);
+            CHECK(rows == s.T / s.rpg * s.K && static_cast<size_t>(largest) < floats &&
+                      (p.splits == 1 || floats <= align_words(4 * static_cast<size_t>(sms) * 128 * kChunk)),
+                  "%s: deterministic partial %lld of %zu", c.what, (long long)largest, floats);
+          }
           if (kind != kFwd && !s.sampled && p.splits > 1) {
             const i64 x_rows = kind == kBwdRows ? s.T : s.N;
             const i64 largest = bwd_part_index(p.splits - 1, x_rows, x_rows - 1, s.D, s.D - 1);
