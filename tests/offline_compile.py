@@ -347,9 +347,9 @@ def is_16bit(row: dict) -> bool:
 
 def expects_tensor_cores(row: dict) -> bool:
     """Tile products on tensor cores: 16-bit inputs, float32 ones under the "medium" matmul
-    precision (bfloat16 operands) and under "high" (3xTF32, which the kernels use up to D=256)."""
+    precision (bfloat16 operands) and under "high" (3xTF32, which the kernels use up to D=512)."""
     tensor_core_operands = (
-        is_16bit(row) or row.get("precision") == "medium" or (row.get("precision") == "high" and row["D"] <= 256)
+        is_16bit(row) or row.get("precision") == "medium" or (row.get("precision") == "high" and row["D"] <= 512)
     )
     return tensor_core_operands and row["kernel"] in TILE_PRODUCT_KERNELS and row.get("layout") != "per_row"
 

@@ -418,8 +418,9 @@ FLOAT32_DOT = {"highest": (tl.float32, "ieee"), "high": (tl.float32, "tf32x3"), 
 
 def _dot_options(dtype, head_dim: int) -> dict:
     """DOT_DTYPE (what tl.dot multiplies) and DOT_PRECISION (its float32 input precision)
-    for inputs of `dtype` and a head (hidden) dim of `head_dim`. 3xTF32 only up to D=256:
-    beyond, its split operands spilled kilobytes and overflowed shared memory; IEEE there.
+    for inputs of `dtype` and a head (hidden) dim of `head_dim`. 3xTF32 only up to D=512:
+    beyond, the backward's products with whole [BN, D] operand tiles, split in two, spilled
+    40-150 B per thread (D=1024, sm_90); IEEE there.
     Under the interpreter: float32 products, since it multiplies bfloat16 bit patterns
     (triton-lang/triton#11584) and ignores input_precision; for 16-bit inputs float32 gives
     the same products (a 16-bit product is exact in float32)."""
@@ -427,7 +428,7 @@ def _dot_options(dtype, head_dim: int) -> dict:
         return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
     if dtype == torch.float32:
         dot_dtype, precision = FLOAT32_DOT[torch.get_float32_matmul_precision()]
-        if precision == "tf32x3" and head_dim > 256:
+        if precision == "tf32x3" and head_dim > 512:
             precision = "ieee"
         return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     return dict(DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], DOT_PRECISION="tf32")
