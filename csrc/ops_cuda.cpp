@@ -13,6 +13,7 @@
 #include "checks.h"
 #include "cuda/dropout_hash.h"
 #include "cuda/kernels.h"
+#include "cuda/tile_plan.h"
 #include "op_impls.h"
 
 namespace seqrec {
@@ -41,6 +42,22 @@ Tensor scratch(size_t floats, const Tensor& like) {  // not initialized: the ker
   return at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
 }
 
+// The operand rows the kernels read (tile_plan.h's padded_read_dim): `t` itself, or, for
+// 16-bit rows that allow only 2-byte copies (an odd head dim, row stride or start) where
+// the kernels re-read them (a sequence longer than kPadAfterRows), a copy whose rows are
+// zero-padded to padded_read_dim elements (16-byte cp.async).
+bool pads_rows(const Tensor& q, int64_t max_seqlen) {
+  if (q.element_size() != 2 || max_seqlen <= cuda::attn_plan::kPadAfterRows) return false;
+  const int64_t batch_stride = q.size(0) > 1 ? q.stride(0) : 0;  // unused with one batch row
+  const bool odd = ((q.size(3) | batch_stride | q.stride(1) | q.stride(2)) & 1) != 0;
+  return odd || reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 != 0;
+}
+Tensor read_rows(const Tensor& t, bool pad) {
+  if (!pad) return t;
+  const int64_t d = t.size(3);
+  return at::constant_pad_nd(t, {0, cuda::attn_plan::padded_read_dim(static_cast<int>(d)) - d});
+}
+
 cuda::AttentionParams attention_params(const AttentionArgs& a, const Tensor& out, const Tensor& lse) {
   TORCH_CHECK_VALUE(
       a.max_seqlen <= std::numeric_limits<int32_t>::max() && a.q.size(2) <= std::numeric_limits<int32_t>::max(),
@@ -56,7 +73,8 @@ cuda::AttentionParams attention_params(const AttentionArgs& a, const Tensor& out
   p.batch = static_cast<int>(a.q.size(0));
   p.num_heads = static_cast<int>(a.q.size(1));
   p.num_rows = static_cast<int>(a.q.size(2));
-  p.head_dim = static_cast<int>(a.q.size(3));
+  p.head_dim = static_cast<int>(out.size(3));
+  p.read_dim = static_cast<int>(a.q.size(3));
   p.num_seqs = static_cast<int>(a.seq_len.size(0));
   p.max_seqlen = static_cast<int>(a.max_seqlen);
   p.causal = a.causal;
@@ -139,7 +157,10 @@ std::tuple<Tensor, Tensor> impl::attention_fwd<c10::DispatchKey::CUDA>(const Att
       at::full(a.q.sizes().slice(0, 3), -std::numeric_limits<float>::infinity(), a.q.options().dtype(at::kFloat));
   // No launch with an empty grid.
   if (a.q.numel() == 0 || a.seq_len.numel() == 0 || a.max_seqlen == 0) return {out, lse};
-  auto p = attention_params(a, out, lse);
+  const bool pad = pads_rows(a.q, a.max_seqlen) || pads_rows(a.k, a.max_seqlen) || pads_rows(a.v, a.max_seqlen);
+  const Tensor q = read_rows(a.q, pad), k = read_rows(a.k, pad), v = read_rows(a.v, pad);
+  auto p = attention_params(
+      {q, k, v, a.seq_start, a.seq_len, a.max_seqlen, a.causal, a.scale, a.dropout_p, a.dropout_seed}, out, lse);
   C10_CUDA_CHECK(cuda::attention_forward(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
@@ -151,11 +172,17 @@ std::tuple<Tensor, Tensor, Tensor> impl::attention_bwd<c10::DispatchKey::CUDA>(c
   c10::cuda::CUDAGuard guard(a.q.device());
   auto dq = at::zeros_like(a.q), dk = at::zeros_like(a.k), dv = at::zeros_like(a.v);
   if (a.q.numel() == 0 || a.seq_len.numel() == 0 || a.max_seqlen == 0) return {dq, dk, dv};
-  auto dout_unit = unit_stride_rows(dout);  // kept alive until the kernels are queued
+  const bool pad = pads_rows(a.q, a.max_seqlen) || pads_rows(a.k, a.max_seqlen) || pads_rows(a.v, a.max_seqlen) ||
+                   pads_rows(dout, a.max_seqlen);
+  // Kept alive until the kernels are queued.
+  const Tensor q = read_rows(a.q, pad), k = read_rows(a.k, pad), v = read_rows(a.v, pad);
+  const Tensor dout_read = read_rows(unit_stride_rows(dout), pad);
   auto lse_contiguous = lse.contiguous();
   cuda::AttentionBackwardParams p{};
-  p.fwd = attention_params(a, out, lse_contiguous);
-  p.dout = bhld(dout_unit);
+  p.fwd =
+      attention_params({q, k, v, a.seq_start, a.seq_len, a.max_seqlen, a.causal, a.scale, a.dropout_p, a.dropout_seed},
+                       out, lse_contiguous);
+  p.dout = bhld(dout_read);
   p.dq = bhld(dq);
   p.dk = bhld(dk);
   p.dv = bhld(dv);

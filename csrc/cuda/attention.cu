@@ -78,11 +78,12 @@ __device__ __forceinline__ i64 dropout_key0(const AttentionParams& p, const Seq&
 }
 
 // What a program with a tile (Seq::first < Seq::len) works with: the tile's first
-// position, the sequence's length and position 0 in q, k and v, the head dim D, and this
-// thread's place in the warp fragments: lane = 4 g + tig of warp `warp`.
+// position, the sequence's length and position 0 in q, k and v, the head dim D, the width
+// read_dim of the rows it reads (AttentionParams), and this thread's place in the warp
+// fragments: lane = 4 g + tig of warp `warp`.
 template <typename T>
 struct Program {
-  int first, len, D;
+  int first, len, D, read_dim;
   int lane, warp, g, tig;
   const T *q, *k, *v, *dout;  // dout: the backward's upstream gradient
 };
@@ -98,6 +99,7 @@ __device__ __forceinline__ Program<T> this_program(const AttentionParams& p, con
   pg.dout = dout != nullptr ? seq_rows<const T>(*dout, sq) : nullptr;
   pg.len = sq.len;
   pg.D = p.head_dim;
+  pg.read_dim = p.read_dim;
   pg.lane = threadIdx.x & 31;
   pg.warp = threadIdx.x >> 5;
   pg.g = pg.lane >> 2;
@@ -106,7 +108,8 @@ __device__ __forceinline__ Program<T> this_program(const AttentionParams& p, con
 }
 
 // dst[r, c] = src[r * stride + c] for r < rows, c < DP; zeros where r >= valid_rows or
-// c >= D. D * sizeof(T) is a multiple of BYTES, so a copy is wholly inside or outside D.
+// c >= D (the read width). D * sizeof(T) is a multiple of BYTES, so a copy is wholly
+// inside or outside D.
 template <typename T, int DP, int BYTES>
 __device__ __forceinline__ void copy_tile(T* dst, int rows, const T* src, i64 stride, int valid_rows, int D) {
   constexpr int kElems = BYTES / sizeof(T), kPerRow = DP / kElems, kLd = tile_ld(sizeof(T), DP);
@@ -274,10 +277,10 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
   }
 
   // Groups in flight: {Q, K tile 0}, {V tile 0}; then K t+1 and V t+1 as each buffer frees.
-  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
-  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.D, vec);
+  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.read_dim, vec);
+  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.read_dim, vec);
   cp_async_commit();
-  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.D, vec);
+  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.read_dim, vec);
   cp_async_commit();
 
   float o[DP / 8][4] = {};                             // [16, DP] output rows, unnormalized
@@ -334,12 +337,12 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     cp_async_wait<0>();
     __syncthreads();  // V tile t landed; every warp is done with K tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.D, vec);
+      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
     cp_async_commit();
     if (active) tile_accumulate<T, DP, kNK>(o, s, vs, pg.lane);
     __syncthreads();  // every warp is done with V tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.D, vec);
+      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
     cp_async_commit();
   }
 
@@ -479,12 +482,13 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   const i64 stats = stat_base(p, sq);
 
   // Groups in flight: {dO}, {Q, V tile 0}, {K tile 0}; then V t+1 and K t+1 as each buffer frees.
-  load_tile<T, DP>(dos, kM, pg.dout + pg.first * bp.dout.row_stride, bp.dout.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(dos, kM, pg.dout + pg.first * bp.dout.row_stride, bp.dout.row_stride, pg.len - pg.first, pg.read_dim,
+                   vec);
   cp_async_commit();
-  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.D, vec);
-  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.D, vec);
+  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.read_dim, vec);
+  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.read_dim, vec);
   cp_async_commit();
-  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.D, vec);
+  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.read_dim, vec);
   cp_async_commit();
 
   // Rows g, g + 8 of this warp: base-2 LSE, dropout row hashes, and delta = rowsum(dout *
@@ -528,7 +532,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     cp_async_wait<0>();
     __syncthreads();  // K tile t landed; every warp is done with V tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.D, vec);
+      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
     cp_async_commit();
     if (active) {
       tile_scores<T, DP, kNK>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
@@ -552,7 +556,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     }
     __syncthreads();  // every warp is done with K tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.D, vec);
+      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
     cp_async_commit();
   }
 
@@ -592,7 +596,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 
   // The query tile at m (Q rows, LSE, delta and dropout hashes): one cp.async group.
   auto load_queries = [&](int m) {
-    load_tile<T, DP>(qs, kN, pg.q + m * p.q.row_stride, p.q.row_stride, pg.len - m, pg.D, vec);
+    load_tile<T, DP>(qs, kN, pg.q + m * p.q.row_stride, p.q.row_stride, pg.len - m, pg.read_dim, vec);
     for (int i = threadIdx.x; i < kN; i += blockDim.x) {
       const bool ok = m + i < pg.len;
       cp_async<4>(lse_s + i, p.lse + stats + (ok ? m + i : 0), ok);
@@ -603,11 +607,12 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 
   // Groups in flight: {K, V, query tile 0}, {dO tile 0}; then the next query tile and dO
   // tile as each buffer frees.
-  load_tile<T, DP>(ks, kM, pg.k + pg.first * p.k.row_stride, p.k.row_stride, pg.len - pg.first, pg.D, vec);
-  load_tile<T, DP>(vs, kM, pg.v + pg.first * p.v.row_stride, p.v.row_stride, pg.len - pg.first, pg.D, vec);
+  load_tile<T, DP>(ks, kM, pg.k + pg.first * p.k.row_stride, p.k.row_stride, pg.len - pg.first, pg.read_dim, vec);
+  load_tile<T, DP>(vs, kM, pg.v + pg.first * p.v.row_stride, p.v.row_stride, pg.len - pg.first, pg.read_dim, vec);
   load_queries(q_begin);
   cp_async_commit();
-  load_tile<T, DP>(dos, kN, pg.dout + q_begin * bp.dout.row_stride, bp.dout.row_stride, pg.len - q_begin, pg.D, vec);
+  load_tile<T, DP>(dos, kN, pg.dout + q_begin * bp.dout.row_stride, bp.dout.row_stride, pg.len - q_begin, pg.read_dim,
+                   vec);
   cp_async_commit();
 
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};  // [16, DP] each
@@ -648,8 +653,8 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     if (active && kDv) tile_accumulate<T, DP, kNK>(dv, s, dos, pg.lane);
     __syncthreads();  // every warp is done with dO tile t
     if (t + 1 < ntiles)
-      load_tile<T, DP>(dos, kN, pg.dout + (m0 + kN) * bp.dout.row_stride, bp.dout.row_stride, pg.len - m0 - kN, pg.D,
-                       vec);
+      load_tile<T, DP>(dos, kN, pg.dout + (m0 + kN) * bp.dout.row_stride, bp.dout.row_stride, pg.len - m0 - kN,
+                       pg.read_dim, vec);
     cp_async_commit();
   }
 
@@ -671,11 +676,13 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 // ------------------------------------------------------------------ host side ------------
 
 // f(TypeTag<T>, IntTag<DP>) for the dtype and the padded head dim; cudaErrorInvalidValue
-// for an unknown dtype or a head dim outside 1..kMaxHeadDim.
+// for an unknown dtype, a head dim outside 1..kMaxHeadDim or another read width than
+// head_dim or padded_read_dim(head_dim).
 template <typename F>
-cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
+cudaError_t with_config(ScalarType dtype, int head_dim, int read_dim, F&& f) {
   return with_dtype(dtype, [&](auto tag) -> cudaError_t {
     if (head_dim < 1 || head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+    if (read_dim != head_dim && read_dim != padded_read_dim(head_dim)) return cudaErrorInvalidValue;
     switch (padded_head_dim(head_dim)) {
       case 32:
         return f(tag, IntTag<32>{});
@@ -690,13 +697,14 @@ cudaError_t with_config(ScalarType dtype, int head_dim, F&& f) {
 }
 
 // The copy width (common.cuh) that the rows of every [B, H, L, D] tensor in `ts` allow:
-// their starts (the batch stride only when there are several batch rows) and D elements.
-int bhld_copy_width(const AttentionParams& p, std::initializer_list<Bhld> ts) {
+// their starts (the batch stride only when there are several batch rows) and `width`
+// elements (read_dim for the inputs, head_dim for the outputs).
+int bhld_copy_width(const AttentionParams& p, int width, std::initializer_list<Bhld> ts) {
   const i64 es = static_cast<i64>(element_size(p.dtype));
   int vec = 16;
   for (const Bhld& t : ts) {
     const i64 batch_bytes = p.batch > 1 ? t.batch_stride * es : 0;
-    vec = min(vec, copy_width(t.data, {batch_bytes, t.head_stride * es, t.row_stride * es, p.head_dim * es}));
+    vec = min(vec, copy_width(t.data, {batch_bytes, t.head_stride * es, t.row_stride * es, width * es}));
   }
   return vec;
 }
@@ -714,14 +722,15 @@ cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
 }  // namespace
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
-  return with_config(p.dtype, p.head_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
+  return with_config(p.dtype, p.head_dim, p.read_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
     using T = typename decltype(type_tag)::type;
     constexpr int DP = decltype(dp_tag)::value;
     using Tiles = FwdTiles<T, DP>;
     dim3 grid;
     const cudaError_t err = attention_grid(p, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    const int vec = bhld_copy_width(p, {p.q, p.k, p.v}), out_vec = bhld_copy_width(p, {p.out});
+    const int vec = bhld_copy_width(p, p.read_dim, {p.q, p.k, p.v});
+    const int out_vec = bhld_copy_width(p, p.head_dim, {p.out});
     return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec, out_vec);
   });
 }
@@ -732,17 +741,17 @@ size_t attention_backward_workspace_floats(const AttentionBackwardParams& p) {
 
 cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t stream) {
   const AttentionParams& f = p.fwd;
-  return with_config(f.dtype, f.head_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
+  return with_config(f.dtype, f.head_dim, f.read_dim, [&](auto type_tag, auto dp_tag) -> cudaError_t {
     using T = typename decltype(type_tag)::type;
     constexpr int DP = decltype(dp_tag)::value;
     using Tiles = BwdTiles<T, DP>;
     dim3 grid;
     cudaError_t err = attention_grid(f, Tiles::kM, &grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    const int vec = bhld_copy_width(f, {f.q, f.k, f.v, p.dout});
+    const int vec = bhld_copy_width(f, f.read_dim, {f.q, f.k, f.v, p.dout});
     // Each output's own width (O is read by the dq kernel's delta).
-    const int out_vec = bhld_copy_width(f, {f.out}), dq_vec = bhld_copy_width(f, {p.dq});
-    const int dk_vec = bhld_copy_width(f, {p.dk}), dv_vec = bhld_copy_width(f, {p.dv});
+    const int out_vec = bhld_copy_width(f, f.head_dim, {f.out}), dq_vec = bhld_copy_width(f, f.head_dim, {p.dq});
+    const int dk_vec = bhld_copy_width(f, f.head_dim, {p.dk}), dv_vec = bhld_copy_width(f, f.head_dim, {p.dv});
     const int threads = Tiles::kWarps * 32;
     // dq first: it writes the delta that the dk/dv kernel reads.
     err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec, out_vec, dq_vec);

@@ -35,6 +35,8 @@ struct AttentionParams {
   const int32_t* seq_start;    // [S]
   const int32_t* seq_len;      // [S]
   int batch, num_heads, num_rows, head_dim, num_seqs, max_seqlen;
+  int read_dim;                // width of the q, k, v (and dout) rows read: head_dim, or
+                               // padded_read_dim(head_dim) with zeros past head_dim
   bool causal;
   float scale;
   // Dropout on the probabilities (csrc/cuda/dropout_hash.h): keep iff the hash's top 24

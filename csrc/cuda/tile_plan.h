@@ -72,6 +72,14 @@ SEQREC_HD constexpr int padded_head_dim(int head_dim) {
 }
 static_assert(padded_head_dim(kMaxHeadDim) >= kMaxHeadDim, "the kernels have no tiles for kMaxHeadDim");
 
+// q, k, v and dout rows go to shared memory by cp.async, which copies 4, 8 or 16 bytes:
+// 16-bit rows of an odd head dim (or stride) allow only synchronous 2-byte loads. Where the
+// kernels re-read them (a sequence longer than kPadAfterRows), the glue first copies them
+// into rows of padded_read_dim(D) elements, zero past D (16-byte copies; zeros add nothing
+// to a product), and the kernels read that width. It fits the tiles: <= padded_head_dim.
+constexpr int kPadAfterRows = 64;  // the forward's query rows per program
+SEQREC_HD constexpr int padded_read_dim(int head_dim) { return (head_dim + 7) / 8 * 8; }
+
 // Shared tiles are [rows, DP + pad] (ES = element bytes: 4 float32, 2 float16/bfloat16): the
 // pad makes ldmatrix rows (16-bit) and float4 rows (float32) of consecutive tile rows fall
 // into different banks.

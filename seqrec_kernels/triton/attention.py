@@ -402,6 +402,9 @@ def _launch_config(head_dim, dtype, backward):
         block_m, block_n, num_warps, num_stages = (
             (16, 32, 8, wide_stages) if wide else (32, 64, 4 if block_d <= 64 else 8, 2)
         )
+        if dtype == torch.float32 and block_d > 128:
+            # dk/dv accumulators of 16 key rows: 32 spilled 40 B (sm_80, D=256, 3xTF32, dropout).
+            block_n = 16
         # 8 warps at D=128: else dk/dv spilled at 16-bit (D=128 with dropout).
         return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
     block_m, block_n, num_stages = (32, 32, wide_stages) if wide else (64, 64 if block_d <= 64 else 32, 2)

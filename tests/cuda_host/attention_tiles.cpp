@@ -353,6 +353,8 @@ void check_head_dims() {
     const int dp = padded_head_dim(d);
     CHECK((dp == 32 || dp == 64 || dp == 128 || dp == 256) && dp >= d && (dp == 32 || dp / 2 < d),
           "head dim %d -> DP %d", d, dp);
+    const int read = padded_read_dim(d);  // the glue's zero-padded rows: 16-byte copies, same tiles
+    CHECK(read >= d && read * 2 % 16 == 0 && padded_head_dim(read) == dp, "head dim %d: read width %d", d, read);
     check_copies(4, d);
     check_copies(2, d);
   }
