@@ -67,19 +67,23 @@ class Expect:
     cp_async: bool  # LDGSTS present: it streams tiles through shared memory with cp.async
     why: str
     wide_stores: bool = False  # STG.128 present: it writes output rows 16 bytes at a time where aligned
+    tf32: bool = False  # HMMA present: float32 scores on 3xTF32 tensor cores (operands from plain shared loads)
     threads: int | None = None  # threads per launch, for kernels without __launch_bounds__
 
 
 HALF = r"(__half|__nv_bfloat16)"
 # The table of expectations. Tensor cores (HMMA fed by LDSM) where a kernel multiplies
-# 16-bit tiles; the float32 tile kernels use FFMA by design (no TF32), and the warp-per-row
+# 16-bit tiles; the float32 tile kernels use FFMA (IEEE, "highest") or, instantiated with
+# TF32X3 = true ("high"), 3xTF32 tensor cores for their scores (HMMA); the warp-per-row
 # and elementwise kernels have no tile product at all (each row gathers its own negatives;
 # dot products are warp shuffles).
 EXPECTED = (
     # softmax_loss.cu: the tile engine; __launch_bounds__(256, 2), (256, 1) for float32 backward.
-    Expect(rf"engine_kernel<{HALF}, \d>", min_ctas=2, mma=True, cp_async=True, why="loss tile engine, 16-bit"),
-    Expect(r"engine_kernel<float, 0>", min_ctas=2, mma=False, cp_async=True, why="loss tile engine, float32 forward"),
-    Expect(r"engine_kernel<float, [12]>", min_ctas=1, mma=False, cp_async=True, why="loss tile engine, float32 bwd"),
+    Expect(rf"engine_kernel<{HALF}, \d, false>", 2, mma=True, cp_async=True, why="loss tile engine, 16-bit"),
+    Expect(r"engine_kernel<float, 0, false>", 2, mma=False, cp_async=True, why="loss tile engine, float32 forward"),
+    Expect(r"engine_kernel<float, [12], false>", 1, mma=False, cp_async=True, why="loss tile engine, float32 bwd"),
+    Expect(r"engine_kernel<float, 0, true>", 2, mma=False, tf32=True, cp_async=True, why="float32 forward, 3xTF32"),
+    Expect(r"engine_kernel<float, [12], true>", 1, mma=False, tf32=True, cp_async=True, why="float32 bwd, 3xTF32"),
     # softmax_loss.cu: per-row negatives and the deterministic d weight, warp per row; elementwise.
     Expect(r"sampled_rows_(forward|backward)<", min_ctas=1, mma=False, cp_async=False, why="warp per row"),
     Expect(r"sampled_weight_grad_sorted<", min_ctas=1, mma=False, cp_async=False, why="CTA per item, warp per row"),
@@ -92,6 +96,15 @@ EXPECTED = (
     Expect(
         rf"attention_\w+_kernel<{HALF},", 2, mma=True, cp_async=True, why="attention tiles, 16-bit", wide_stores=True
     ),
+    Expect(
+        r"attention_\w+_kernel<float, [\d, ]+true>",
+        2,
+        mma=False,
+        cp_async=True,
+        why="attention tiles, float32 3xTF32",
+        wide_stores=True,
+        tf32=True,
+    ),  # fmt: skip
     Expect(
         r"attention_\w+_kernel<float,", 2, mma=False, cp_async=True, why="attention tiles, float32", wide_stores=True
     ),
@@ -271,6 +284,7 @@ def check(row: dict) -> list[str]:
         )
     required = (
         *(MMA_REQUIRED if expect.mma else ()),
+        *(("HMMA",) if expect.tf32 else ()),
         *(("LDGSTS",) if expect.cp_async else ()),
         *(("STG.128",) if expect.wide_stores else ()),
     )

@@ -2,6 +2,7 @@
 // inputs): allocation and launch of the kernels in csrc/cuda/*.cu (declared in
 // cuda/kernels.h) on the current stream of the inputs' device. Compiled only when the
 // extension is built with CUDA.
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -30,6 +31,14 @@ cuda::ScalarType kernel_dtype(const Tensor& t) {
     default:
       return cuda::ScalarType::kFloat32;  // the checks allow nothing else
   }
+}
+
+// float32 tile products on 3xTF32 tensor cores under torch.set_float32_matmul_precision(
+// "high") (also set by torch.backends.cuda.matmul.allow_tf32), IEEE FFMA under "highest";
+// "medium" never reaches here (the Python glue casts its operands to bfloat16).
+bool uses_tf32x3(const Tensor& t) {
+  return t.scalar_type() == at::kFloat &&
+         at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGH;
 }
 
 cuda::Bhld bhld(const Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
@@ -83,13 +92,14 @@ cuda::AttentionParams attention_params(const AttentionArgs& a, const Tensor& out
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
   p.dropout_seed = a.dropout_seed ? a.dropout_seed->data_ptr<int64_t>() : nullptr;
   p.dtype = kernel_dtype(a.q);
+  p.tf32x3 = uses_tf32x3(a.q);
   return p;
 }
 
 cuda::LossInputs loss_inputs(const Tensor& hidden, const Tensor& weight, double temperature, int64_t ignore_index) {
-  return {hidden.data_ptr(), weight.data_ptr(),   hidden.stride(0), weight.stride(0),
-          hidden.size(0),    weight.size(0),      hidden.size(1),   static_cast<float>(temperature),
-          ignore_index,      kernel_dtype(hidden)};
+  return {hidden.data_ptr(), weight.data_ptr(),    hidden.stride(0),   weight.stride(0),
+          hidden.size(0),    weight.size(0),       hidden.size(1),     static_cast<float>(temperature),
+          ignore_index,      kernel_dtype(hidden), uses_tf32x3(hidden)};
 }
 
 // Keeps the converted ids and log_q alive while the kernels read them.

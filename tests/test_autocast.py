@@ -1,14 +1,15 @@
 """torch.autocast: every fused op computes on 16-bit operands (its autocast rule casts the
 matmul operands; losses and LSE stay float32), exactly as if the caller had cast them,
 and a SASRec training step under autocast feeds 16-bit operands to every fused op. The
-extension's ops under torch's "medium" float32 matmul precision: bfloat16 operands."""
+extension's ops under torch's "medium" float32 matmul precision: bfloat16 operands; on a GPU,
+the kernels' float32 "high" (3xTF32) and "medium" (bfloat16) modes against the float64 truth."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqrec_kernels as sk
-from backends_under_test import ALL
+from backends_under_test import ALL, GPU_CUDA
 from seqrec_kernels.backends import EXTENSION_ERROR
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.models import SASRec, SASRecConfig
@@ -123,3 +124,58 @@ def test_sasrec_step_under_autocast_feeds_16bit_operands_to_every_fused_op(loss,
     assert {name.split("_fwd_")[0] for name in dtypes.seen} == {"seqrec::attention", f"seqrec::{loss_op}"}
     assert all(seen == {torch.bfloat16} for seen in dtypes.seen.values()), dtypes.seen
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def _gpu_cases():
+    """(op, inputs) at sizes that span several tiles: attention [3, 2, 70, 64] with lengths
+    70/41/5, losses over 300 rows of 64 and 1,000 items (128 shared negatives)."""
+    targets = torch.randint(0, 1000, (300,))
+    negatives = torch.randint(0, 1000, (128,))
+    return {
+        "attention": (
+            lambda q, k, v, b: sk.fused_attention(
+                q, k, v, seq_lens=torch.tensor([70, 41, 5], device=q.device), backend=b
+            ),
+            [torch.randn(3, 2, 70, 64) for _ in range(3)],
+        ),
+        "sampled": (
+            lambda h, w, b: sk.sampled_softmax_loss(h, w, targets.to(h.device), negatives.to(h.device), backend=b),
+            [torch.randn(300, 64), torch.randn(1000, 64)],
+        ),
+        "full": (
+            lambda h, w, b: sk.full_softmax_loss(h, w, targets.to(h.device), backend=b),
+            [torch.randn(300, 64), torch.randn(1000, 64)],
+        ),
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", GPU_CUDA])
+@pytest.mark.parametrize("precision", ["high", "medium"])
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_float32_precision_modes_keep_their_tolerance(case, precision, backend, matmul_precision):
+    """float32 inputs on the GPU kernels under "high" (3xTF32) stay within 3x the error of
+    float32 IEEE arithmetic (the reference under "highest"), and under "medium" within 3x
+    that of the reference on bfloat16 casts, for the output and every gradient, against
+    the float64 truth (plus a floor of 1e-5 of the truth's largest magnitude)."""
+    torch.manual_seed(12)
+    op, inputs = _gpu_cases()[case]
+    upstream = None  # one fixed upstream gradient for every run
+
+    def run(backend, dtype, precision, device):
+        nonlocal upstream
+        matmul_precision(precision)
+        leaves = [t.to(device, dtype, copy=True).requires_grad_() for t in inputs]
+        out = op(*leaves, backend)
+        if upstream is None:
+            upstream = torch.randn(out.shape, dtype=torch.float64)
+        (out.double() * upstream.to(out.device)).sum().backward()
+        return [out.detach().double().cpu(), *(t.grad.double().cpu() for t in leaves)]
+
+    truth = run("reference", torch.float64, "highest", "cpu")
+    baseline_dtype = torch.float32 if precision == "high" else torch.bfloat16
+    baseline = run("reference", baseline_dtype, "highest", "cuda")
+    got = run(backend, torch.float32, precision, "cuda")
+    for name, g, b, t in zip(["out", *(f"grad {i}" for i in range(len(inputs)))], got, baseline, truth):
+        error, allowed = (g - t).abs().max().item(), 3 * (b - t).abs().max().item() + 1e-5 * t.abs().max().item()
+        assert error <= allowed, f"{case} {precision} {backend} {name}: error {error:.3g} > {allowed:.3g}"

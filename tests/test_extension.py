@@ -189,14 +189,17 @@ def test_cuda_sources_compile_and_their_sass_meets_expectations():
             assert re.search(rf"^{source} {arch}: \d+ kernels .* 0 spilling, 0 SASS violations$", result.stdout, re.M)
     # A 16-bit tile kernel's row: registers, 256 threads, 2 CTAs/SM (2 intended), no local, HMMA LDSM LDGSTS.
     assert re.search(
-        r"^  engine_kernel<__half, 1> +\d+ +256 +2 \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]", result.stdout, re.M
+        r"^  engine_kernel<__half, 1, false> +\d+ +256 +2 \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]", result.stdout, re.M
     )
     # An attention kernel's row: HMMA LDSM LDGSTS, and 128-bit global stores (STG.128) of its output rows.
     assert re.search(
-        r"^  attention_fwd_kernel<__half, 64> +\d+ +128 +\d+ \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]\d* +[1-9]",
+        r"^  attention_fwd_kernel<__half, 64, false> +\d+ +128 +\d+ \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]\d* +[1-9]",
         result.stdout,
         re.M,
     )
+    # float32 under 3xTF32: tensor cores (HMMA) from plain shared loads (no LDSM), cp.async, STG.128.
+    for kernel in ("attention_fwd_kernel<float, 64, true>", "engine_kernel<float, 0, true>"):
+        assert re.search(rf"^  {re.escape(kernel)} +\d+ +\d+ +\d+ \(\d\) +0 +[1-9]\d* +0 +[1-9]", result.stdout, re.M)
 
 
 def test_sass_check_arithmetic_and_parsing():
@@ -217,21 +220,29 @@ def test_sass_check_arithmetic_and_parsing():
     assert nvcc_check.parse_sass(sass) == {
         "_Z1sv": collections.Counter({"STG": 3, "STG.128": 2, "LDGSTS": 1, "LDGSTS.128": 1})
     }
-    demangled = "void seqrec::cuda::(anonymous namespace)::engine_kernel<__half, 1>(seqrec::cuda::LossArgs)"
-    assert nvcc_check.short_name(demangled) == "engine_kernel<__half, 1>"
+    demangled = "void seqrec::cuda::(anonymous namespace)::engine_kernel<__half, 1, false>(seqrec::cuda::LossArgs)"
+    assert nvcc_check.short_name(demangled) == "engine_kernel<__half, 1, false>"
     resources = dict(registers=129, stack=0, shared=0, local=0)
-    row = dict(kernel="engine_kernel<__half, 1>", source="softmax_loss.cu", arch="sm_90", spills=0, launch_threads=256,
-               resources=resources, HMMA=0, LDSM=4, LDGSTS=9, STL=0, LDL=0, **{"STG.128": 0})  # fmt: skip
+    row = dict(kernel="engine_kernel<__half, 1, false>", source="softmax_loss.cu", arch="sm_90", spills=0,
+               launch_threads=256, resources=resources, HMMA=0, LDSM=4, LDGSTS=9, STL=0, LDL=0,
+               **{"STG.128": 0})  # fmt: skip
     problems = nvcc_check.check(row)
     assert len(problems) == 2, problems
     assert "129 registers x 256 threads allow 1 CTAs per SM, 2 intended" in problems[0]
     assert "no HMMA in the SASS" in problems[1]
     # The attention kernels store their output rows 16 bytes at a time: STG.128 required.
-    attention = {**row, "kernel": "attention_fwd_kernel<__half, 64>", "source": "attention.cu", "launch_threads": 128}
+    attention = {**row, "kernel": "attention_fwd_kernel<__half, 64, false>", "source": "attention.cu"}
+    attention.update(launch_threads=128)
     attention.update(resources={**resources, "registers": 144}, HMMA=64, LDSM=36, LDGSTS=15)
     missing = f"attention.cu sm_90 {attention['kernel']}: no STG.128 in the SASS (attention tiles, 16-bit)"
     assert nvcc_check.check(attention) == [missing]
     assert nvcc_check.check({**attention, "STG.128": 4}) == []
+    # float32 kernels instantiated for 3xTF32 ("high"): HMMA required, fed by plain shared loads (no LDSM).
+    tf32 = {**attention, "kernel": "attention_fwd_kernel<float, 64, true>", "HMMA": 0, "LDSM": 0, "STG.128": 4}
+    assert nvcc_check.check(tf32) == [
+        f"attention.cu sm_90 {tf32['kernel']}: no HMMA in the SASS (attention tiles, float32 3xTF32)"
+    ]
+    assert nvcc_check.check({**tf32, "HMMA": 48}) == []
     assert "no entry in nvcc_check.EXPECTED" in nvcc_check.check({**row, "kernel": "new_kernel<float>"})[0]
 
 

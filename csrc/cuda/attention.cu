@@ -146,14 +146,14 @@ __device__ __forceinline__ void load_tile(T* dst, int rows, const T* src, i64 st
 
 // ------------------------------------------------------------------ tile products --------
 
-// s[16, 8 NK] = x[16, DP] y[8 NK, DP]^T for one warp (common.cuh's warp_scores); x is its
-// first row, both have row stride tile_ld.
-template <typename T, int DP, int NK>
+// s[16, 8 NK] = x[16, DP] y[8 NK, DP]^T for one warp (common.cuh's warp_scores, 3xTF32
+// under TF32X3); x is its first row, both have row stride tile_ld.
+template <typename T, int DP, int NK, bool TF32X3>
 __device__ __forceinline__ void tile_scores(float (&s)[NK][4], const T* x, const T* y, int lane) {
   constexpr int ld = tile_ld(sizeof(T), DP);
 #pragma unroll
   for (int j = 0; j < NK; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  warp_scores<T, DP, NK>(s, x, ld, y, ld, lane);
+  warp_scores<T, DP, NK, TF32X3>(s, x, ld, y, ld, lane);
 }
 
 // acc[16, DP] += p[16, 8 NK] y[8 NK, DP] for one warp (common.cuh's warp_accumulate; y
@@ -255,7 +255,7 @@ __device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc
 template <typename T, int DP>
 using FwdTiles = FwdPlan<sizeof(T), DP>;
 
-template <typename T, int DP>
+template <typename T, int DP, bool TF32X3>
 __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     attention_fwd_kernel(const AttentionParams p, const int vec, const int out_vec) {
   using Tiles = FwdTiles<T, DP>;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     cp_async_wait<1>();
     __syncthreads();  // Q and K tile t landed
     if (active) {
-      tile_scores<T, DP, kNK>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
+      tile_scores<T, DP, kNK, TF32X3>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
       float safe_max[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -464,7 +464,7 @@ using BwdTiles = BwdPlan<sizeof(T), DP>;
 
 enum Grads : int { kGradV = 1, kGradK = 2 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool TF32X3>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     attention_bwd_dq_kernel(const AttentionBackwardParams bp, const int vec, const int out_vec, const int dq_vec) {
   using Tiles = BwdTiles<T, DP>;
@@ -528,14 +528,14 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     float dp[kNK][4], s[kNK][4];  // [16, kN]: dP; scores, then dS
     cp_async_wait<1>();
     __syncthreads();  // Q, dO and V tile t landed
-    if (active) tile_scores<T, DP, kNK>(dp, dos + 16 * pg.warp * kLd, vs, pg.lane);
+    if (active) tile_scores<T, DP, kNK, TF32X3>(dp, dos + 16 * pg.warp * kLd, vs, pg.lane);
     cp_async_wait<0>();
     __syncthreads();  // K tile t landed; every warp is done with V tile t
     if (t + 1 < ntiles)
       load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
     cp_async_commit();
     if (active) {
-      tile_scores<T, DP, kNK>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
+      tile_scores<T, DP, kNK, TF32X3>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = r0 + frag::score_row(pg.g, h);
@@ -570,7 +570,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
 // dk and/or dv (GRADS) of kM keys, streaming the query tiles that can see them; needs the
 // delta that the dq kernel wrote to the workspace. Products are transposed: a warp's
 // scores are [16 keys, kN queries], so the query statistics are per column.
-template <typename T, int DP, int GRADS>
+template <typename T, int DP, int GRADS, bool TF32X3>
 __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     attention_bwd_dkdv_kernel(const AttentionBackwardParams bp, const int vec, const int dk_vec, const int dv_vec) {
   using Tiles = BwdTiles<T, DP>;
@@ -624,11 +624,11 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
     float s[kNK][4], dp[kNK][4];  // [16 keys, kN queries]: scores, then dropped P; dP, then dS
     cp_async_wait<1>();
     __syncthreads();  // query tile t landed
-    if (active) tile_scores<T, DP, kNK>(s, ks + 16 * pg.warp * kLd, qs, pg.lane);
+    if (active) tile_scores<T, DP, kNK, TF32X3>(s, ks + 16 * pg.warp * kLd, qs, pg.lane);
     cp_async_wait<0>();
     __syncthreads();  // dO tile t landed
     if (active) {
-      if (kDk) tile_scores<T, DP, kNK>(dp, vs + 16 * pg.warp * kLd, dos, pg.lane);
+      if (kDk) tile_scores<T, DP, kNK, TF32X3>(dp, vs + 16 * pg.warp * kLd, dos, pg.lane);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -731,7 +731,10 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
     if (err != cudaSuccess || grid.x == 0) return err;
     const int vec = bhld_copy_width(p, p.read_dim, {p.q, p.k, p.v});
     const int out_vec = bhld_copy_width(p, p.head_dim, {p.out});
-    return launch(attention_fwd_kernel<T, DP>, grid, Tiles::kWarps * 32, Tiles::kSmem, stream, p, vec, out_vec);
+    return with_tf32x3<T>(p.tf32x3, [&](auto tf32x3) -> cudaError_t {
+      return launch(attention_fwd_kernel<T, DP, decltype(tf32x3)::value>, grid, Tiles::kWarps * 32, Tiles::kSmem,
+                    stream, p, vec, out_vec);
+    });
   });
 }
 
@@ -753,18 +756,24 @@ cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t st
     const int out_vec = bhld_copy_width(f, f.head_dim, {f.out}), dq_vec = bhld_copy_width(f, f.head_dim, {p.dq});
     const int dk_vec = bhld_copy_width(f, f.head_dim, {p.dk}), dv_vec = bhld_copy_width(f, f.head_dim, {p.dv});
     const int threads = Tiles::kWarps * 32;
-    // dq first: it writes the delta that the dk/dv kernel reads.
-    err = launch(attention_bwd_dq_kernel<T, DP>, grid, threads, Tiles::kSmemDq, stream, p, vec, out_vec, dq_vec);
-    if (err != cudaSuccess) return err;
-    const size_t smem = Tiles::kSmemDkDv;
-    if constexpr (split_dkdv(DP)) {
-      err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV>, grid, threads, smem, stream, p, vec, dk_vec, dv_vec);
+    return with_tf32x3<T>(f.tf32x3, [&](auto tf32x3) -> cudaError_t {
+      constexpr bool kTf32x3 = decltype(tf32x3)::value;
+      // dq first: it writes the delta that the dk/dv kernel reads.
+      err = launch(attention_bwd_dq_kernel<T, DP, kTf32x3>, grid, threads, Tiles::kSmemDq, stream, p, vec, out_vec,
+                   dq_vec);
       if (err != cudaSuccess) return err;
-      return launch(attention_bwd_dkdv_kernel<T, DP, kGradK>, grid, threads, smem, stream, p, vec, dk_vec, dv_vec);
-    } else {
-      return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK>, grid, threads, smem, stream, p, vec, dk_vec,
-                    dv_vec);
-    }
+      const size_t smem = Tiles::kSmemDkDv;
+      if constexpr (split_dkdv(DP)) {
+        err = launch(attention_bwd_dkdv_kernel<T, DP, kGradV, kTf32x3>, grid, threads, smem, stream, p, vec, dk_vec,
+                     dv_vec);
+        if (err != cudaSuccess) return err;
+        return launch(attention_bwd_dkdv_kernel<T, DP, kGradK, kTf32x3>, grid, threads, smem, stream, p, vec, dk_vec,
+                      dv_vec);
+      } else {
+        return launch(attention_bwd_dkdv_kernel<T, DP, kGradV | kGradK, kTf32x3>, grid, threads, smem, stream, p, vec,
+                      dk_vec, dv_vec);
+      }
+    });
   });
 }
 

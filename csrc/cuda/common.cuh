@@ -2,7 +2,8 @@
 // - device: element conversions, the launch's dynamic shared memory, the PTX wrappers
 //   (cp.async, ldmatrix, mma.sync m16n8k16), warp reductions, and the two warp tile
 //   products of both ops in the mma accumulator layout (frag:: of tile_plan.h): tensor
-//   cores for float16 / bfloat16, FFMA in the same layout for float32 (no TF32);
+//   cores for float16 / bfloat16, FFMA in the same layout for float32, and 3xTF32 tensor
+//   cores for float32 scores under the "high" matmul precision;
 // - host: the dtype dispatch (TypeTag / IntTag, with_dtype), element sizes, the copy
 //   width of strided rows, and the kernel launch.
 // nvcc only (CUDA headers, no torch). Everything here is inline: each .cu includes it.
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kernels.h"
 #include "tile_plan.h"
@@ -128,6 +130,21 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// x as a TF32 value (round to nearest, 10-bit mantissa) plus the TF32 value of the
+// remainder: big + small carries ~21 bits of x's 24 (3xTF32).
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(x - __uint_as_float(big)));
+}
+// c[16x8] += a[16x8] b[8x8], TF32 operands (frag::tf32_*), float32 accumulators.
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // c0 and c1 (n tiles 2jp, 2jp + 1) += a b, b = (c0's k lo, k hi, c1's k lo, k hi): one x4 ldmatrix.
 template <typename T>
 __device__ __forceinline__ void mma_pair(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
@@ -158,10 +175,32 @@ __device__ __forceinline__ float quad_sum(float v) {
 // column score_col(j, tig, e); s[j][2 + e] is row g + 8. Operands are in shared memory,
 // rows of K (or 8 NC) elements at row strides xld / yld (padded: tile_plan.h).
 
-// s[16, 8 NK] += x[16, K] y[8 NK, K]^T; x is the warp's first row.
-template <typename T, int K, int NK>
+// s[16, 8 NK] += x[16, K] y[8 NK, K]^T; x is the warp's first row. float32 under TF32x3
+// (the "high" matmul precision): tensor cores, each operand split into a TF32 value and its
+// TF32 remainder, products big*big + big*small + small*big (the small*small term, ~2^-22
+// relative, dropped), small terms first; else FFMA.
+template <typename T, int K, int NK, bool TF32X3 = false>
 __device__ __forceinline__ void warp_scores(float (&s)[NK][4], const T* x, int xld, const T* y, int yld, int lane) {
-  if constexpr (IsF32<T>::value) {
+  static_assert(!TF32X3 || IsF32<T>::value, "TF32x3 is a float32 mode");
+  if constexpr (TF32X3) {
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll 2
+    for (int k = 0; k < K; k += 8) {
+      uint32_t a_big[4], a_small[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        split_tf32(x[frag::tf32_a_row(g, i) * xld + k + frag::tf32_a_col(tig, i)], a_big[i], a_small[i]);
+#pragma unroll
+      for (int j = 0; j < NK; ++j) {
+        uint32_t b_big[2], b_small[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) split_tf32(y[(8 * j + g) * yld + k + frag::tf32_b_k(tig, i)], b_big[i], b_small[i]);
+        mma_1688_tf32(s[j], a_small, b_big[0], b_big[1]);
+        mma_1688_tf32(s[j], a_big, b_small[0], b_small[1]);
+        mma_1688_tf32(s[j], a_big, b_big[0], b_big[1]);
+      }
+    }
+  } else if constexpr (IsF32<T>::value) {
     const int g = lane >> 2, tig = lane & 3;
 #pragma unroll 2
     for (int k = 0; k < K; k += 4) {
@@ -261,6 +300,16 @@ cudaError_t with_dtype(ScalarType dtype, F&& f) {
       return f(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
+}
+
+// f(std::true_type) for float32 inputs under 3xTF32 (the "high" matmul precision), else
+// f(std::false_type): kernels with 3xTF32 scores exist for float32 only.
+template <typename T, typename F>
+cudaError_t with_tf32x3(bool tf32x3, F&& f) {
+  if constexpr (IsF32<T>::value) {
+    if (tf32x3) return f(std::true_type{});
+  }
+  return f(std::false_type{});
 }
 
 inline size_t element_size(ScalarType dtype) { return dtype == ScalarType::kFloat32 ? 4 : 2; }

@@ -37,6 +37,7 @@ struct AttentionParams {
   int batch, num_heads, num_rows, head_dim, num_seqs, max_seqlen;
   int read_dim;                // width of the q, k, v (and dout) rows read: head_dim, or
                                // padded_read_dim(head_dim) with zeros past head_dim
+  bool tf32x3;                 // float32: q k^T and dO v^T on 3xTF32 tensor cores ("high")
   bool causal;
   float scale;
   // Dropout on the probabilities (csrc/cuda/dropout_hash.h): keep iff the hash's top 24
@@ -71,6 +72,7 @@ struct LossInputs {
   float temperature;
   int64_t ignore_index;
   ScalarType dtype;
+  bool tf32x3;                 // float32: logits on 3xTF32 tensor cores ("high")
 };
 
 struct LossGradients {

@@ -10,7 +10,8 @@
 //   kChunk-wide D chunks; a warp owns 16 X lines and a [16, kTile] float32 score tile in
 //   registers, in the m16n8k16 accumulator layout (rows g, g+8; columns 8j + 2*tig + e).
 // - float16/bfloat16: mma.sync m16n8k16 tensor cores with float32 accumulation;
-//   float32: plain FFMA in the same layout (no TF32).
+//   float32: plain FFMA in the same layout; under the "high" matmul precision (tf32x3) the
+//   scores on 3xTF32 tensor cores (mma.sync m16n8k8), the products with them on FFMA.
 // - forward (X = hidden rows, Y = items): online log-sum-exp per row; when the rows alone
 //   do not fill the GPU the item range is split across CTAs (blockIdx.y), with (max,
 //   sumexp) partials in a stream-ordered scratch allocation (the forward has no workspace
@@ -74,6 +75,7 @@ struct LossArgs {
   const float* lse;            // [T] backward only
   const float* scale_max;      // [1] max |grad| / temperature over kept rows (d weight tiles)
   int vec_h, vec_w;            // widest copy (bytes: 16, 8, 4, or 2 = element-wise) for hidden / weight rows
+  bool tf32x3;                 // float32: the engine's logits on 3xTF32 tensor cores ("high")
   const int32_t* order;        // [T] engine: each group's rows, counted first (compact_rows)
   const int32_t* count;        // [G] engine: counted rows per group
 };
@@ -196,11 +198,11 @@ __device__ __forceinline__ void for_chunk_cols(int oc, i64 D, int tig, F&& f) {
 }
 
 // The engine's warp tile products (common.cuh): s[16, kTile] += x[16, kChunk] y[kTile,
-// kChunk]^T, x at the warp's first row; acc[16, kChunk] += p[16, kTile] y[kTile, kChunk],
-// acc's float32 columns those of chunk_col.
-template <typename T>
+// kChunk]^T (3xTF32 under TF32X3), x at the warp's first row; acc[16, kChunk] += p[16,
+// kTile] y[kTile, kChunk], acc's float32 columns those of chunk_col.
+template <typename T, bool TF32X3>
 __device__ __forceinline__ void tile_scores(float (&s)[8][4], const T* x, int xld, const T* y, int yld, int lane) {
-  warp_scores<T, kChunk, kTile / 8>(s, x, xld, y, yld, lane);
+  warp_scores<T, kChunk, kTile / 8, TF32X3>(s, x, xld, y, yld, lane);
 }
 template <typename T>
 __device__ __forceinline__ void tile_accumulate(float (&acc)[8][4], const float (&p)[8][4], const T* y, int yld,
@@ -228,7 +230,7 @@ struct EngineOut {
 // kBwdItems: X = items (full) or negative slots (sampled), Y = hidden rows of the group.
 // Hidden lines are slots of the group's order (counted rows first): x0 + r or y.
 // Two CTAs per SM (128 registers), except the float32 backward (FFMA tiles, no spills).
-template <typename T, int KIND>
+template <typename T, int KIND, bool TF32X3>
 __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd ? 1 : 2)
     engine_kernel(const LossArgs a, const EnginePlan p, const EngineOut o) {
   constexpr bool kRowsX = KIND != kBwdItems;
@@ -366,7 +368,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
 #pragma unroll
         for (int j = 0; j < 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
       }
-      tile_scores<T>(s, xs + r0 * xld + stage_chunk(oc, q, p.nchunks) * kChunk, xld, yb, yld, lane);
+      tile_scores<T, TF32X3>(s, xs + r0 * xld + stage_chunk(oc, q, p.nchunks) * kChunk, xld, yb, yld, lane);
       if (q == p.nchunks - 1) {  // the tile's scores are complete
         const Line* yl = ylines + (i & 1) * kTile;
         const i64 first = tile_first_line(ybeg, i);
@@ -899,6 +901,7 @@ cudaError_t common_args(const LossInputs& in, LossArgs* a) {
   const i64 es = static_cast<i64>(element_size(in.dtype));
   a->vec_h = copy_width(in.hidden, {in.hidden_row_stride * es, in.dim * es});
   a->vec_w = copy_width(in.weight, {in.weight_row_stride * es, in.dim * es});
+  a->tf32x3 = in.tf32x3;
   return cudaSuccess;
 }
 
@@ -951,7 +954,9 @@ cudaError_t launch_engine(const LossArgs& a, const EnginePlan& p, const EngineOu
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
-    return launch(engine_kernel<T, KIND>, blocks, p.warps * 32, p.smem, stream, a, p, o);
+    return with_tf32x3<T>(a.tf32x3, [&](auto tf32x3) {
+      return launch(engine_kernel<T, KIND, decltype(tf32x3)::value>, blocks, p.warps * 32, p.smem, stream, a, p, o);
+    });
   });
 }
 

@@ -56,6 +56,13 @@ SEQREC_HD constexpr int ldsm_a_col(int lane) { return 8 * (lane >> 4); }
 SEQREC_HD constexpr int ldsm_b_row(int lane) { return 8 * (lane >> 4) + (lane & 7); }
 SEQREC_HD constexpr int ldsm_b_col(int lane) { return 8 * ((lane >> 3) & 1); }
 
+// mma.sync m16n8k8 with TF32 operands (float32 "high": 3xTF32 scores), one float32 element
+// per register: A [16, 8] register i of lane (g, tig) at (tf32_a_row(g, i), tf32_a_col(tig,
+// i)); B [8 k, 8 n] register i at (k = tf32_b_k(tig, i), n = g); C as m16n8k16's.
+SEQREC_HD constexpr int tf32_a_row(int g, int i) { return g + 8 * (i & 1); }
+SEQREC_HD constexpr int tf32_a_col(int tig, int i) { return tig + 4 * (i >> 1); }
+SEQREC_HD constexpr int tf32_b_k(int tig, int i) { return tig + 4 * i; }
+
 }  // namespace frag
 
 // ------------------------------------------------------------------ attention ----------

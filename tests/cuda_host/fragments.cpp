@@ -4,7 +4,7 @@
 // fragments; the addresses come from tile_plan.h's frag:: helpers and the column maps from
 // its acc_col / chunk_col, exactly as the kernels compute them. Checked against X Y^T and
 // P V for every padded head dim of the attention (its kN tiles) and the loss engine's
-// [16, 64] tiles, float32 (FFMA) and 16-bit (mma) paths:
+// [16, 64] tiles, float32 (FFMA; 3xTF32 mma.sync m16n8k8 scores) and 16-bit (mma) paths:
 // - scores: s[j][2h + e] == (X Y^T)[score_row(g, h), score_col(j, tig, e)];
 // - products: acc[j][2h + e] == (P V)[score_row(g, h), acc_col(j, e, tig)];
 // - ldmatrix row addresses 16-byte aligned and conflict-free (8 rows of a matrix in 8
@@ -12,7 +12,9 @@
 // What the kernels write around these calls (which register feeds which mma, the float4
 // lanes .x-.w into acc[2q][0..1], acc[2q + 1][0..1]) is mirrored in the loops below.
 #include <array>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "host_check.h"
@@ -90,13 +92,98 @@ void mma_16816(float (&c)[32][4], const Pair (&a)[32][4], const Pair (&b)[32][2]
     }
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: lane (g, tig) holds A (16x8) rows g
+// (a[0], a[2]) and g + 8 (a[1], a[3]) at k tig (a[0], a[1]) and tig + 4 (a[2], a[3]); B
+// (8x8) at k tig (b0) and tig + 4 (b1), column g; C as m16n8k16's. One element per register.
+void mma_1688(float (&c)[32][4], const float (&a)[32][4], const float (&b)[32][2]) {
+  float A[16][8], B[8][8];
+  int held_a[16][8] = {}, held_b[8][8] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, tig = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+      A[g + 8 * (i & 1)][tig + 4 * (i >> 1)] = a[lane][i];
+      ++held_a[g + 8 * (i & 1)][tig + 4 * (i >> 1)];
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[tig + 4 * i][g] = b[lane][i];
+      ++held_b[tig + 4 * i][g];
+    }
+  }
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 8; ++k) CHECK(held_a[r][k] == 1 && (r >= 8 || held_b[r][k] == 1), "m16n8k8 fragment holes");
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const int row = (lane >> 2) + 8 * (i >> 1), col = 2 * (lane & 3) + (i & 1);
+      float sum = 0.f;
+      for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];
+      c[lane][i] += sum;
+    }
+}
+
+// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, ties away from zero (finite x).
+float round_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// The 32 lanes' 4-byte shared loads of one instruction at word offsets `addr`: 32 banks.
+void check_banks(const int (&addr)[32], const char* what) {
+  bool used[32] = {};
+  for (int lane = 0; lane < 32; ++lane) {
+    const int bank = addr[lane] % 32;
+    CHECK(!used[bank], "%s: 3xTF32 operand load has a bank conflict (bank %d)", what, bank);
+    used[bank] = true;
+  }
+}
+
 // Registers of a warp: acc[lane][j][i] for NT n tiles.
 using Acc = std::vector<std::vector<std::array<float, 4>>>;
 Acc zeros(int tiles) { return Acc(32, std::vector<std::array<float, 4>>(tiles, {0.f, 0.f, 0.f, 0.f})); }
 
 // tile_scores: s[16, 8 NK] = x[16, K] y[8 NK, K]^T, x and y starting at element offsets.
-Acc scores(const Tile& x, int x0, const Tile& y, int y0, int K, int NK, bool f32, const char* what) {
+// tf32x3 (float32 under "high"): each operand split into TF32 big + small, three mma.sync
+// m16n8k8 per k step and n tile, small terms first (common.cuh's warp_scores).
+Acc scores(const Tile& x, int x0, const Tile& y, int y0, int K, int NK, bool f32, bool tf32x3, const char* what) {
   Acc s = zeros(NK);
+  if (tf32x3) {
+    for (int k = 0; k < K; k += 8) {
+      float a_big[32][4], a_small[32][4];
+      for (int i = 0; i < 4; ++i) {
+        int addr[32];
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane >> 2, tig = lane & 3;
+          addr[lane] = x0 + frag::tf32_a_row(g, i) * x.ld + k + frag::tf32_a_col(tig, i);
+          a_big[lane][i] = round_tf32(x.at(addr[lane]));
+          a_small[lane][i] = round_tf32(x.at(addr[lane]) - a_big[lane][i]);
+        }
+        check_banks(addr, what);
+      }
+      for (int j = 0; j < NK; ++j) {
+        float b_big[32][2], b_small[32][2], c[32][4];
+        for (int i = 0; i < 2; ++i) {
+          int addr[32];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane >> 2, tig = lane & 3;
+            addr[lane] = y0 + (8 * j + g) * y.ld + k + frag::tf32_b_k(tig, i);
+            b_big[lane][i] = round_tf32(y.at(addr[lane]));
+            b_small[lane][i] = round_tf32(y.at(addr[lane]) - b_big[lane][i]);
+          }
+          check_banks(addr, what);
+        }
+        for (int lane = 0; lane < 32; ++lane)
+          for (int i = 0; i < 4; ++i) c[lane][i] = s[lane][j][i];
+        mma_1688(c, a_small, b_big);
+        mma_1688(c, a_big, b_small);
+        mma_1688(c, a_big, b_big);
+        for (int lane = 0; lane < 32; ++lane)
+          for (int i = 0; i < 4; ++i) s[lane][j][i] = c[lane][i];
+      }
+    }
+    return s;
+  }
   if (f32) {  // FFMA: rows score_row(g, h) of x, score_col(j, tig, e) of y, float4 at a time
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane >> 2, tig = lane & 3;
@@ -204,8 +291,8 @@ Acc accumulate(const Acc& p, const Tile& y, int y0, int W, int NK, bool f32, Acc
 // with W output columns (the attention's V, or the loss engine's output chunk of Y).
 template <typename AccCol>
 void check_products(const Tile& x, int x0, const Tile& y, int y0, const Tile& v, int v0, int K, int NK, int W, bool f32,
-                    AccCol acc_col, const char* what) {
-  const Acc s = scores(x, x0, y, y0, K, NK, f32, what);
+                    bool tf32x3, AccCol acc_col, const char* what) {
+  const Acc s = scores(x, x0, y, y0, K, NK, f32, tf32x3, what);
   std::vector<std::vector<float>> S(16, std::vector<float>(8 * NK, 0.f));  // the scores, from the kernel's layout
   long wrong = 0;
   for (int lane = 0; lane < 32; ++lane)
@@ -246,7 +333,9 @@ void check_attention(const char* kernel) {
   std::snprintf(what, sizeof what, "attention %s es=%d DP=%d kN=%d", kernel, ES, DP, KN);
   const Tile x(KM, DP, ld, 1), y(KN, DP, ld, 2), v(KN, DP, ld, 3);
   const int x0 = (KM - 16) * ld;
-  check_products(x, x0, y, 0, v, 0, DP, KN / 8, DP, ES == 4, attn_plan::acc_col, what);
+  check_products(x, x0, y, 0, v, 0, DP, KN / 8, DP, ES == 4, false, attn_plan::acc_col, what);
+  if (ES == 4)  // and the 3xTF32 scores of "high"
+    check_products(x, x0, y, 0, v, 0, DP, KN / 8, DP, true, true, attn_plan::acc_col, what);
 }
 
 template <int ES, int DP>
@@ -266,7 +355,8 @@ void check_loss(int es, int dpad, int warps) {
     char what[96];
     std::snprintf(what, sizeof what, "loss es=%d dpad=%d warps=%d chunk=%d", es, dpad, warps, chunk);
     const int x0 = 16 * (warps - 1) * xld + chunk * kChunk;
-    check_products(x, x0, y, 0, y, 0, kChunk, kTile / 8, kChunk, es == 4, loss_plan::chunk_col, what);
+    check_products(x, x0, y, 0, y, 0, kChunk, kTile / 8, kChunk, es == 4, false, loss_plan::chunk_col, what);
+    if (es == 4) check_products(x, x0, y, 0, y, 0, kChunk, kTile / 8, kChunk, true, true, loss_plan::chunk_col, what);
   }
 }
 
