@@ -67,6 +67,10 @@ Tensor read_rows(const Tensor& t, bool pad) {
   return at::constant_pad_nd(t, {0, cuda::attn_plan::padded_read_dim(static_cast<int>(d)) - d});
 }
 
+// Whether the attention kernels launch: an empty grid (no rows, sequences or heads, or
+// max_seqlen 0) launches nothing.
+bool launches(const AttentionArgs& a) { return a.q.numel() > 0 && a.seq_len.numel() > 0 && a.max_seqlen > 0; }
+
 cuda::AttentionParams attention_params(const AttentionArgs& a, const Tensor& out, const Tensor& lse) {
   TORCH_CHECK_VALUE(
       a.max_seqlen <= std::numeric_limits<int32_t>::max() && a.q.size(2) <= std::numeric_limits<int32_t>::max(),
@@ -162,11 +166,14 @@ cuda::FullSoftmaxParams full_params(const FullSoftmaxArgs& a, const Tensor& targ
 template <>
 std::tuple<Tensor, Tensor> impl::attention_fwd<c10::DispatchKey::CUDA>(const AttentionArgs& a) {
   c10::cuda::CUDAGuard guard(a.q.device());
-  auto out = at::zeros_like(a.q);  // rows outside every sequence stay zero
-  auto lse =
-      at::full(a.q.sizes().slice(0, 3), -std::numeric_limits<float>::infinity(), a.q.options().dtype(at::kFloat));
-  // No launch with an empty grid.
-  if (a.q.numel() == 0 || a.seq_len.numel() == 0 || a.max_seqlen == 0) return {out, lse};
+  const auto lse_sizes = a.q.sizes().slice(0, 3);
+  const auto lse_options = a.q.options().dtype(at::kFloat);
+  // The kernels write every row, padding included; without a launch (an empty grid) every
+  // row is padding.
+  if (!launches(a))
+    return {at::zeros_like(a.q), at::full(lse_sizes, -std::numeric_limits<float>::infinity(), lse_options)};
+  auto out = at::empty_like(a.q);
+  auto lse = at::empty(lse_sizes, lse_options);
   const bool pad = pads_rows(a.q, a.max_seqlen) || pads_rows(a.k, a.max_seqlen) || pads_rows(a.v, a.max_seqlen);
   const Tensor q = read_rows(a.q, pad), k = read_rows(a.k, pad), v = read_rows(a.v, pad);
   auto p = attention_params(
@@ -180,8 +187,8 @@ std::tuple<Tensor, Tensor, Tensor> impl::attention_bwd<c10::DispatchKey::CUDA>(c
                                                                                const Tensor& dout, const Tensor& out,
                                                                                const Tensor& lse) {
   c10::cuda::CUDAGuard guard(a.q.device());
-  auto dq = at::zeros_like(a.q), dk = at::zeros_like(a.k), dv = at::zeros_like(a.v);
-  if (a.q.numel() == 0 || a.seq_len.numel() == 0 || a.max_seqlen == 0) return {dq, dk, dv};
+  if (!launches(a)) return {at::zeros_like(a.q), at::zeros_like(a.k), at::zeros_like(a.v)};
+  auto dq = at::empty_like(a.q), dk = at::empty_like(a.k), dv = at::empty_like(a.v);  // written in full
   const bool pad = pads_rows(a.q, a.max_seqlen) || pads_rows(a.k, a.max_seqlen) || pads_rows(a.v, a.max_seqlen) ||
                    pads_rows(dout, a.max_seqlen);
   // Kept alive until the kernels are queued.
@@ -196,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> impl::attention_bwd<c10::DispatchKey::CUDA>(c
   p.dq = bhld(dq);
   p.dk = bhld(dk);
   p.dv = bhld(dv);
-  auto workspace = float_workspace(cuda::attention_backward_workspace_floats(p), a.q);
+  auto workspace = scratch(cuda::attention_backward_workspace_floats(p), a.q);  // delta: the dq kernel writes it
   p.workspace = workspace.data_ptr<float>();
   C10_CUDA_CHECK(cuda::attention_backward(p, c10::cuda::getCurrentCUDAStream()));
   return {dq, dk, dv};

@@ -61,10 +61,40 @@ __device__ __forceinline__ Seq this_seq(const AttentionParams& p, int rows) {
   return q;
 }
 
+// This program's sequence's padding rows (tile_plan.h's pad_rows).
+__device__ __forceinline__ PadRows seq_pad_rows(const AttentionParams& p, const Seq& q) {
+  const int next_start = q.s + 1 < p.num_seqs ? p.seq_start[q.s + 1] : 0;
+  return pad_rows(SeqRange{static_cast<int>(q.start), q.len}, q.s, p.num_seqs, p.batch == p.num_seqs, next_start,
+                  p.num_rows);
+}
+
+// Writes `value` to elements [0, width) of this program's padding rows (pad_row; blocks of
+// `rows` rows, strided over the (sequence, head)'s programs), in rows of `stride` elements
+// from `base`, row 0 of its batch row and head.
+template <typename T>
+__device__ __forceinline__ void write_padding(T* base, i64 stride, int width, T value, PadRows pad, int rows) {
+  const int count = pad_count(pad);
+  const i64 programs = static_cast<i64>(gridDim.y) * gridDim.z;
+  for (i64 first = tile_index(blockIdx.y, blockIdx.z) * rows; first < count; first += programs * rows)
+    for (int u = threadIdx.x; u < rows * width; u += blockDim.x) {
+      const i64 i = first + u / width;
+      if (i < count) base[static_cast<i64>(pad_row(pad, static_cast<int>(i))) * stride + u % width] = value;
+    }
+}
+
+// Row 0 of (b, h) in a [B, H, L, D] output, and in the [B, H, L] LSE.
+template <typename T>
+__device__ __forceinline__ T* row0(const Bhld& t, const Seq& q) {
+  return static_cast<T*>(t.data) + q.b * t.batch_stride + q.h * t.head_stride;
+}
+__device__ __forceinline__ float* lse_row0(const AttentionParams& p, const Seq& q) {
+  return p.lse + stat_index(q.b, q.h, p.num_heads, p.num_rows, 0);
+}
+
 // Element (sequence position 0, column 0) of (b, h) in a [B, H, L, D] tensor.
 template <typename T>
 __device__ __forceinline__ T* seq_rows(const Bhld& t, const Seq& q) {
-  return static_cast<T*>(t.data) + q.b * t.batch_stride + q.h * t.head_stride + q.start * t.row_stride;
+  return row0<T>(t, q) + q.start * t.row_stride;
 }
 
 // Index of the sequence's first row in the contiguous [B, H, L] lse / delta.
@@ -261,6 +291,9 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
   using Tiles = FwdTiles<T, DP>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const Seq sq = this_seq(p, kM);
+  const PadRows pad = seq_pad_rows(p, sq);
+  write_padding(row0<T>(p.out, sq), p.out.row_stride, p.head_dim, from_f<T>(0.f), pad, kM);
+  write_padding(lse_row0(p, sq), 1, 1, -kInf, pad, kM);
   if (sq.first >= sq.len) return;
   // Shared tiles, row stride kLd: Q [kM rows], K and V [kN rows].
   T *qs = reinterpret_cast<T*>(dynamic_smem), *ks = qs + kM * kLd, *vs = ks + kN * kLd;
@@ -471,6 +504,7 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const AttentionParams& p = bp.fwd;
   const Seq sq = this_seq(p, kM);
+  write_padding(row0<T>(bp.dq, sq), bp.dq.row_stride, p.head_dim, from_f<T>(0.f), seq_pad_rows(p, sq), kM);
   if (sq.first >= sq.len) return;
   // Shared tiles, row stride kLd: Q and dO [kM rows], K and V [kN rows].
   T *qs = reinterpret_cast<T*>(dynamic_smem), *dos = qs + kM * kLd, *ks = dos + kM * kLd, *vs = ks + kN * kLd;
@@ -578,6 +612,9 @@ __global__ void __launch_bounds__(BwdTiles<T, DP>::kWarps * 32, 1)
   constexpr bool kDv = (GRADS & kGradV) != 0, kDk = (GRADS & kGradK) != 0;
   const AttentionParams& p = bp.fwd;
   const Seq sq = this_seq(p, kM);
+  const PadRows pad = seq_pad_rows(p, sq);
+  if (kDk) write_padding(row0<T>(bp.dk, sq), bp.dk.row_stride, p.head_dim, from_f<T>(0.f), pad, kM);
+  if (kDv) write_padding(row0<T>(bp.dv, sq), bp.dv.row_stride, p.head_dim, from_f<T>(0.f), pad, kM);
   if (sq.first >= sq.len) return;
   // Shared tiles, row stride kLd: K and V [kM rows], Q and dO [kN rows]; then per streamed query:
   T *ks = reinterpret_cast<T*>(dynamic_smem), *vs = ks + kM * kLd, *qs = vs + kM * kLd, *dos = qs + kN * kLd;

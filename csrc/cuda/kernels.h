@@ -26,12 +26,13 @@ struct Bhld {
 // Sequence s occupies rows seq_start[s] .. seq_start[s] + seq_len[s] - 1 of batch row s
 // when batch == num_seqs (padded form) or of batch row 0 when batch == 1 (packed form).
 // Query i sees key j iff both are in the same sequence and (!causal or pos(j) <= pos(i)),
-// positions counted from the sequence's first token. Rows outside every sequence, and
-// rows that see no key, are never written: the caller pre-fills them (zeros, -inf LSE).
+// positions counted from the sequence's first token. The kernels write every row of
+// their outputs: rows outside every sequence get zeros (-inf LSE), in the packed form for
+// sequences in row order (as cu_seqlens gives them; gaps between them allowed).
 struct AttentionParams {
   Bhld q, k, v;                // [B, H, L, D] inputs
-  Bhld out;                    // [B, H, L, D] output, dtype of q; zero-filled by the caller
-  float* lse;                  // [B, H, L] contiguous; forward writes it (caller fills -inf)
+  Bhld out;                    // [B, H, L, D] output, dtype of q (the forward writes every row)
+  float* lse;                  // [B, H, L] contiguous (the forward writes every row: -inf at padding)
   const int32_t* seq_start;    // [S]
   const int32_t* seq_len;      // [S]
   int batch, num_heads, num_rows, head_dim, num_seqs, max_seqlen;
@@ -52,8 +53,8 @@ struct AttentionParams {
 struct AttentionBackwardParams {
   AttentionParams fwd;         // inputs, out and lse of the forward (all read-only here)
   Bhld dout;                   // [B, H, L, D] upstream gradient, dtype of q
-  Bhld dq, dk, dv;             // [B, H, L, D] outputs, dtype of q; zero-filled by the caller
-  float* workspace;            // attention_backward_workspace_floats(p) floats, zero-filled
+  Bhld dq, dk, dv;             // [B, H, L, D] outputs, dtype of q (the kernels write every row)
+  float* workspace;            // attention_backward_workspace_floats(p) floats, uninitialized
 };
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);

@@ -167,10 +167,28 @@ constexpr bool attention_grid(int batch, int num_seqs, int num_heads, int num_ro
                static_cast<unsigned>(y == 0 ? 1 : ceil_div(tiles, y))};
   return true;
 }
-// First position of the tile of program (., y, z); programs at or past the sequence's end exit.
-SEQREC_HD constexpr int64_t tile_first(unsigned y, unsigned z, int rows) {
-  return (static_cast<int64_t>(z) * kMaxGridYZ + y) * rows;
+// Index of program (., y, z) among the gridDim.y * gridDim.z of its (sequence, head), and
+// the first position of its tile; programs at or past the sequence's end exit.
+SEQREC_HD constexpr int64_t tile_index(unsigned y, unsigned z) { return static_cast<int64_t>(z) * kMaxGridYZ + y; }
+SEQREC_HD constexpr int64_t tile_first(unsigned y, unsigned z, int rows) { return tile_index(y, z) * rows; }
+
+// The outputs start uninitialized: the programs of each (sequence, head) write the rows of
+// its batch row that no sequence holds, [0, lead_end) and [tail_begin, tail_end). Padded
+// (one sequence per batch row): the rows before and after it. Packed (batch row 0, the
+// sequences in order): sequence 0 also the rows before it, each sequence those from its
+// end to the next one's start (the last: to num_rows). r: sequence s (clamp_seq);
+// next_start: seq_start[s + 1] as given (unread in the padded form and for the last).
+struct PadRows {
+  int lead_end, tail_begin, tail_end;
+};
+SEQREC_HD constexpr PadRows pad_rows(SeqRange r, int s, int num_seqs, bool padded, int next_start, int num_rows) {
+  const int tail_end = padded || s == num_seqs - 1 ? num_rows : imin(imax(next_start, 0), num_rows);
+  return {padded || s == 0 ? r.start : 0, r.start + r.len, imax(r.start + r.len, tail_end)};
 }
+SEQREC_HD constexpr int pad_count(PadRows p) { return p.lead_end + (p.tail_end - p.tail_begin); }
+// Padding row number u (0 <= u < pad_count): its row. Program i of G writes rows u of blocks
+// [b * rows, (b + 1) * rows) for b = i, i + G, ... (one block when the padding fits G tiles).
+SEQREC_HD constexpr int pad_row(PadRows p, int u) { return u < p.lead_end ? u : p.tail_begin + (u - p.lead_end); }
 
 // Forward and dq: a program's queries [m0, m0 + kM) see keys [0, key_end), streamed in
 // tiles of kN; warp rows [r0, r0 + 16) skip the key tile at n0 when none of them sees it.

@@ -3,9 +3,11 @@
 Op-level contract shared by all backends (see `seqrec_kernels/ops/attention.py`):
 q, k, v are [B, H, L, D]; sequence s occupies rows seq_start[s] .. seq_start[s] +
 seq_len[s] - 1 of batch row `s` when B == S (padded form) or of batch row 0 when B == 1
-(packed form). Query i sees key j iff both belong to the same sequence and (not causal or
-pos(j) <= pos(i)), positions counted from the sequence's first token. Rows that belong to
-no sequence output zeros, get zero gradients and have LSE -inf.
+(packed form; its sequences in row order and end to end, as cu_seqlens gives them: the
+kernels write the rows before the first and after the last themselves). Query i sees key
+j iff both belong to the same sequence and (not causal or pos(j) <= pos(i)), positions
+counted from the sequence's first token. Rows that belong to no sequence output zeros,
+get zero gradients and have LSE -inf.
 
 The math runs on blocks of sequences, [N, H, L_b, D] batches with one sequence per batch
 row: the padded input is one such block as it is; the packed input is cut into a few

@@ -5,6 +5,7 @@
 //   packed layouts, causal or not, each padded head dim and each dtype path (float32 FFMA,
 //   16-bit mma: the tile shapes differ);
 // - every output row, LSE and delta entry has one writer, delta within the workspace;
+//   every padding row (no sequence's) written once by the programs' padding blocks;
 //   every head-dim column is stored once: the warp's result tile staged in shared memory
 //   (every padded column once, aligned stores), then copied out in the output's copy
 //   width (each element of a valid row and column once, nothing else, aligned copies);
@@ -255,13 +256,14 @@ void check_dtype_path(const Case& c) {
 }
 
 // Padded: two sequences, the first left-padded, the second shorter (empty for n = 1).
-// Packed: four sequences in one batch row with gaps, one of them empty.
+// Packed: four sequences in one batch row, in row order (as cu_seqlens gives them), with
+// gaps, one of them empty.
 std::vector<Layout> layouts(int n) {
   Layout padded{"padded", 2, n + 5, n, {5, 0}, {n, 2 * n / 3}};
   const int half = (n + 1) / 2;
   Layout packed{
-      "packed",       1, 3 + n + 2 + half + 1 + 1 + 2, n, {3, 3 + n + 2, 3 + n + 2 + half + 1, 3 + n + 2 + half},
-      {n, half, 1, 0}};
+      "packed",       1, 3 + n + 2 + half + 1 + 1 + 2, n, {3, 3 + n + 2, 3 + n + 2 + half, 3 + n + 2 + half + 1},
+      {n, half, 0, 1}};
   return {padded, packed};
 }
 
@@ -407,6 +409,37 @@ void check_grids() {
   CHECK(attention_grid(3, 3, 2, 0, 0, 64, &g) && g.x == 0, "no rows: an empty grid");
 }
 
+// The outputs start uninitialized: every row of every (batch row, head) is written once,
+// the rows of its sequences by the tiles (check_rows), the others by the programs' padding
+// blocks (attention.cu's write_padding, from pad_rows / pad_row) for programs of `rows`.
+void check_padding(const Layout& L, int heads, int rows) {
+  const int num_seqs = static_cast<int>(L.len.size());
+  const bool padded = L.batch == num_seqs;
+  Grid g{};
+  CHECK(attention_grid(L.batch, num_seqs, heads, L.num_rows, L.max_seqlen, rows, &g), "grid of %s", L.name);
+  std::vector<int> writes(static_cast<size_t>(L.batch) * heads * L.num_rows, 0);
+  for (int s = 0; s < num_seqs; ++s)
+    for (int h = 0; h < heads; ++h)
+      for (int r = 0; r < L.len[s]; ++r)
+        ++writes[(batch_row(s, L.batch, num_seqs) * heads + h) * L.num_rows + L.start[s] + r];
+  const int64_t programs = static_cast<int64_t>(g.y) * g.z;
+  for (unsigned x = 0; x < g.x; ++x)
+    for (unsigned z = 0; z < g.z; ++z)
+      for (unsigned y = 0; y < g.y; ++y) {
+        const int s = static_cast<int>(x) / heads, h = static_cast<int>(x) - s * heads;
+        const SeqRange seq = clamp_seq(L.start[s], L.len[s], L.num_rows, L.max_seqlen);
+        const PadRows pad = pad_rows(seq, s, num_seqs, padded, s + 1 < num_seqs ? L.start[s + 1] : 0, L.num_rows);
+        const int count = pad_count(pad);
+        for (int64_t first = tile_index(y, z) * rows; first < count; first += programs * rows)
+          for (int u = 0; u < rows && first + u < count; ++u)
+            ++writes[(batch_row(s, L.batch, num_seqs) * heads + h) * L.num_rows +
+                     pad_row(pad, static_cast<int>(first + u))];
+      }
+  long wrong = 0;
+  for (int w : writes) wrong += w != 1;
+  CHECK(wrong == 0, "%s (%d rows per program): %ld rows written the wrong number of times", L.name, rows, wrong);
+}
+
 // Out-of-range starts and lengths are clamped into the batch row and max_seqlen.
 void check_clamping() {
   for (int start : {-5, 0, 3, 9, 10, 12})
@@ -435,6 +468,13 @@ int main() {
   std::vector<int> lengths;
   for (int n = 1; n <= 139; ++n) lengths.push_back(n);
   for (int n : {255, 256, 257, 513}) lengths.push_back(n);
+  // A packed tail longer than the grid's tiles: each program writes several padding blocks.
+  const Layout long_tail{"packed long tail", 1, 500, 10, {4, 14}, {10, 5}};
+  for (int rows : {32, 64}) check_padding(long_tail, 3, rows);
+  for (int n : lengths)
+    for (const Layout& layout : layouts(n)) {
+      for (int rows : {32, 64}) check_padding(layout, 2, rows);  // the kernels' kM
+    }
   for (int n : lengths)
     for (const Layout& layout : layouts(n))
       for (int causal = 0; causal < 2; ++causal)
