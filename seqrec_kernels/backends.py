@@ -48,6 +48,12 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton decides between its interpreter and its compiler when a kernel is decorated, that
+# is when this package is imported: setting TRITON_INTERPRET later cannot make our kernels
+# run on CPU tensors (the variable must be set before `import seqrec_kernels`).
+TRITON_INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
+
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # without importing it
 
 
@@ -86,9 +92,14 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
     if backend is Backend.TRITON:
         if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled()):
+        if device.type == "cuda" or (
+            device.type == "cpu" and TRITON_INTERPRETED_AT_IMPORT and triton_interpreter_enabled()
+        ):
             return None
-        return f"it runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
+        return (
+            f"it runs on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 is set before "
+            f"seqrec_kernels is imported), got tensors on {device}"
+        )
     if backend in (Backend.CUDA, Backend.CPP) and EXTENSION_ERROR is not None:
         return EXTENSION_ERROR
     if backend is Backend.CPP:

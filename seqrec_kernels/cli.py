@@ -16,12 +16,15 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import traceback
 import typing
 from pathlib import Path
 
 import torch
+
+from . import backends
 
 
 def _info() -> None:
@@ -282,8 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "demo" and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    if args.command == "demo" and not torch.cuda.is_available() and not backends.TRITON_INTERPRETED_AT_IMPORT:
+        # Triton's interpreter is chosen when our kernels are decorated, at import, which has
+        # happened: the demo reruns itself in a fresh interpreter with it on, so that it shows
+        # the triton backend on CPU tensors too.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        raise SystemExit(subprocess.run([sys.executable, "-m", "seqrec_kernels", *argv], env=env).returncode)
     commands = dict(train=_train, eval=_eval, recommend=_recommend, plot=_plot, info=lambda a: _info(),
                     demo=lambda a: _demo(a.batch, a.length, a.head_dim))  # fmt: skip
     commands[args.command](args)

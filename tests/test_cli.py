@@ -4,6 +4,7 @@ output off a terminal, and every SASRecConfig field settable from the command li
 import contextlib
 import dataclasses
 import io
+import os
 import subprocess
 import sys
 import typing
@@ -188,3 +189,20 @@ def test_checkpoints_written_before_the_model_config_still_load(run, tmp_path, c
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     main(["eval", str(tmp_path / "old.pt")])
     assert "NDCG@10" in capsys.readouterr().out
+
+
+def test_demo_runs_every_backend_from_a_plain_shell():
+    """`seqrec demo` as a user types it: TRITON_INTERPRET unset at import (the crash of issue
+    27: Triton kernels decorated for the GPU, then called on CPU tensors). Every backend
+    available on this machine prints a row per dtype, with errors that are small numbers."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = subprocess.run([sys.executable, "-m", "seqrec_kernels", "demo", "--batch", "3", "--length", "9",
+                             "--head-dim", "5"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    expected = ["reference", "triton", "cpp"] if device == "cpu" else ["reference", "triton", "cuda"]
+    assert sorted({row[0] for row in rows}) == sorted(expected), result.stdout
+    assert len(rows) == 2 * len(expected)
+    for row in rows:
+        assert all(float(error) < 0.1 for error in row[2:]), row
