@@ -15,6 +15,11 @@ MAX_HEAD_DIM = 256
 # (triton, cuda). The reference has no such limit, by design: it is the path for any D.
 MAX_KERNEL_HIDDEN_DIM = 1024
 
+# Retrieval: topk_items' k is at most MAX_KERNEL_K on the Triton backend, which keeps each row's
+# best k (padded to a power of two) in registers while it sorts them; beyond this it would spill.
+# The reference takes any k. Python only: the C++ extension has no retrieval ops.
+MAX_KERNEL_K = 2048
+
 
 def check_head_dim(head_dim: int, layout: str = "[B, H, L, D]") -> None:
     """Raises ValueError unless 1 <= head_dim <= MAX_HEAD_DIM; `layout` names q's dimensions."""
@@ -29,3 +34,9 @@ def check_kernel_hidden_dim(backend: str, dim: int) -> None:
             f"hidden: expected D <= {MAX_KERNEL_HIDDEN_DIM} (the kernel backends' limit; "
             f"backend='reference' has none), got D={dim}"
         )
+
+
+def check_kernel_k(backend: str, k: int) -> None:
+    """Raises ValueError if `backend` (a backend's value) is 'triton' and k > MAX_KERNEL_K."""
+    if backend == "triton" and k > MAX_KERNEL_K:
+        raise ValueError(f"k: expected k <= {MAX_KERNEL_K} on backend 'triton' (the reference has no limit), got {k}")

@@ -26,9 +26,13 @@ def _python_limits():
     return {name: value for name, value in vars(_limits).items() if name.isupper() and isinstance(value, int)}
 
 
+# Limits of ops the C++ extension does not have (retrieval), so without a C++ twin.
+PYTHON_ONLY = {"MAX_KERNEL_K"}
+
+
 def test_the_two_tables_agree():
-    assert _python_limits() == {"MAX_HEAD_DIM": 256, "MAX_KERNEL_HIDDEN_DIM": 1024}
-    assert _cpp_limits() == _python_limits()
+    assert _python_limits() == {"MAX_HEAD_DIM": 256, "MAX_KERNEL_HIDDEN_DIM": 1024, "MAX_KERNEL_K": 2048}
+    assert _cpp_limits() == {name: value for name, value in _python_limits().items() if name not in PYTHON_ONLY}
 
 
 def test_no_limit_is_stated_elsewhere():

@@ -13,13 +13,9 @@ from collections.abc import Sequence
 import torch
 
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, accumulation_dtype, check_tensor, value_checks_enabled
-from .._limits import check_kernel_hidden_dim
+from .._limits import check_kernel_hidden_dim, check_kernel_k
 from ..backends import Backend, resolve_for
 from ._library import define_forward_ops
-
-# The Triton backend keeps each row's best k (padded to a power of two) in registers while
-# it sorts them; beyond this it would spill. The reference takes any k.
-MAX_KERNEL_K = 2048
 
 _TOPK_SCHEMA = "(Tensor hidden, Tensor weight, Tensor exclude, Tensor excluded_ids, int k) -> (Tensor, Tensor)"
 _RANKS_SCHEMA = "(Tensor hidden, Tensor weight, Tensor targets, Tensor exclude, Tensor excluded_ids) -> Tensor"
@@ -115,8 +111,7 @@ def topk_items(
     if k < 1:
         raise ValueError(f"k: expected an int >= 1, got {k}")
     chosen = _resolve(backend, hidden, "topk_items")
-    if chosen is Backend.TRITON and k > MAX_KERNEL_K:
-        raise ValueError(f"k: expected k <= {MAX_KERNEL_K} on backend 'triton' (the reference has no limit), got {k}")
+    check_kernel_k(chosen.value, k)
     return _TOPK_OPS[chosen](hidden.detach(), item_weight.detach(), exclude, excluded_ids, k)
 
 

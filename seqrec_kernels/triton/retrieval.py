@@ -27,9 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._limits import check_kernel_hidden_dim
+from .._limits import check_kernel_hidden_dim, check_kernel_k
 from ..backends import triton_interpreter_enabled
-from ..ops.retrieval import MAX_KERNEL_K
 from .attention import MAX_REGISTERS, _dot_options
 
 KEY_NONE = -(2**63)  # an empty slot: below every item's key; decodes to score -inf, id -1
@@ -289,8 +288,7 @@ def _decode(keys):
 
 def topk_forward(hidden, weight, exclude, excluded_ids, k):
     check_kernel_hidden_dim("triton", hidden.shape[1])
-    if k > MAX_KERNEL_K:
-        raise ValueError(f"k: expected k <= {MAX_KERNEL_K} on backend 'triton' (the reference has no limit), got {k}")
+    check_kernel_k("triton", k)
     hidden, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (hidden, weight))
     exclude = exclude.contiguous()
     rows, num_items = hidden.shape[0], weight.shape[0]
