@@ -50,6 +50,36 @@ def test_malformed_files_name_file_and_line(tmp_path, name, text, line):
         read_interactions(path)
 
 
+@pytest.mark.parametrize(
+    "name, data, line",
+    [
+        ("latin1.txt", "1 a\n1 b\n2 caf\xe9\n".encode("latin-1"), 3),  # guessing the format reads line 1 only
+        ("first.txt", b"\xff\xfe1 2\n", 1),
+        ("seq.txt", b"1 2 3\n4 \xff\n", 2),
+        ("x.inter", b"user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\t\xff\t2\n", 3),
+        ("x.csv", b"user,item,timestamp\nu,\xe9,1\n", 2),
+    ],
+)
+def test_non_utf8_files_name_file_and_line(tmp_path, name, data, line):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataFormatError, match=f"{name}:{line}: not UTF-8 text"):
+        read_interactions(path, format="sequences" if name == "seq.txt" else None)
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.inter", "a.csv"])
+def test_windows_line_ends_read_as_unix_ones(tmp_path, name):
+    text = {
+        "a.txt": "7 100\n7 50\n3 50\n",
+        # the item last and no final line end: a kept "\r" would make "50\r" and "50" two items
+        "a.inter": "user_id:token\ttimestamp:float\titem_id:token\n7\t1\t100\n7\t2\t50\n3\t3\t50",
+        "a.csv": "user,item,timestamp\n7,100,1\n7,50,2\n3,50,3\n",
+    }[name]
+    unix = read_interactions(write(tmp_path, name, text))
+    (tmp_path / name).write_bytes(text.replace("\n", "\r\n").encode())
+    assert read_interactions(tmp_path / name).sequences == unix.sequences == [[1, 2], [2]]
+
+
 def test_missing_file_and_k_core(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_interactions(tmp_path / "nope.txt")

@@ -46,8 +46,7 @@ def guess_format(path: Path) -> str:
         return "inter"
     if suffix == ".csv":
         return "csv"
-    with path.open() as f:
-        first = f.readline().split()
+    first = next(_lines(path), (1, ""))[1].split()
     return "sasrec" if len(first) == 2 else "sequences"
 
 
@@ -55,26 +54,37 @@ def _fail(path, line_number, message):
     raise DataFormatError(f"{path}:{line_number}: {message}")
 
 
+def _lines(path):
+    """(line number, text) of each line of a UTF-8 file, "\r\n" read as "\n"; a line that is
+    not UTF-8 raises DataFormatError naming the file and line (decoding a whole file at once
+    would name neither)."""
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                _fail(path, line_number, f"not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})")
+            yield line_number, text[:-2] + "\n" if text.endswith("\r\n") else text
+
+
 def _read_sasrec(path):
     events = {}  # user -> [(order, item)]
-    with path.open() as f:
-        for line_number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                _fail(path, line_number, f"expected 'user item', got {line.strip()!r}")
-            events.setdefault(fields[0], []).append((line_number, fields[1]))
+    for line_number, line in _lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            _fail(path, line_number, f"expected 'user item', got {line.strip()!r}")
+        events.setdefault(fields[0], []).append((line_number, fields[1]))
     return events
 
 
 def _read_sequences(path):
     events = {}
-    with path.open() as f:
-        for line_number, line in enumerate(f, 1):
-            items = line.split()
-            if items:
-                events[f"line{line_number}"] = list(enumerate(items))
+    for line_number, line in _lines(path):
+        items = line.split()
+        if items:
+            events[f"line{line_number}"] = list(enumerate(items))
     return events
 
 
@@ -87,33 +97,33 @@ def _parse_time(path, line_number, value):
 
 def _read_inter(path):
     events = {}
-    with path.open() as f:
-        header = [name.split(":")[0] for name in f.readline().rstrip("\n").split("\t")]
-        missing = {"user_id", "item_id", "timestamp"} - set(header)
-        if missing:
-            _fail(path, 1, f"header lacks {sorted(missing)} (expected user_id:token, item_id:token, timestamp:float)")
-        user, item, time = (header.index(n) for n in ("user_id", "item_id", "timestamp"))
-        for line_number, line in enumerate(f, 2):
-            fields = line.rstrip("\n").split("\t")
-            if fields == [""]:
-                continue
-            if len(fields) != len(header):
-                _fail(path, line_number, f"expected {len(header)} tab-separated fields, got {len(fields)}")
-            events.setdefault(fields[user], []).append((_parse_time(path, line_number, fields[time]), fields[item]))
+    lines = _lines(path)
+    header = [name.split(":")[0] for name in next(lines, (1, ""))[1].rstrip("\n").split("\t")]
+    missing = {"user_id", "item_id", "timestamp"} - set(header)
+    if missing:
+        _fail(path, 1, f"header lacks {sorted(missing)} (expected user_id:token, item_id:token, timestamp:float)")
+    user, item, time = (header.index(n) for n in ("user_id", "item_id", "timestamp"))
+    for line_number, line in lines:
+        fields = line.rstrip("\n").split("\t")
+        if fields == [""]:
+            continue
+        if len(fields) != len(header):
+            _fail(path, line_number, f"expected {len(header)} tab-separated fields, got {len(fields)}")
+        events.setdefault(fields[user], []).append((_parse_time(path, line_number, fields[time]), fields[item]))
     return events
 
 
 def _read_csv(path):
     events = {}
-    with path.open(newline="") as f:
-        for line_number, fields in enumerate(csv.reader(f), 1):
-            if not fields:
-                continue
-            if line_number == 1 and fields[:2] == ["user", "item"]:
-                continue  # header
-            if len(fields) not in (3, 4):
-                _fail(path, line_number, f"expected user,item,timestamp[,rating], got {len(fields)} fields")
-            events.setdefault(fields[0], []).append((_parse_time(path, line_number, fields[2]), fields[1]))
+    for line_number, line in _lines(path):
+        fields = next(csv.reader([line]), [])
+        if not fields:
+            continue
+        if line_number == 1 and fields[:2] == ["user", "item"]:
+            continue  # header
+        if len(fields) not in (3, 4):
+            _fail(path, line_number, f"expected user,item,timestamp[,rating], got {len(fields)} fields")
+        events.setdefault(fields[0], []).append((_parse_time(path, line_number, fields[2]), fields[1]))
     return events
 
 
