@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from .._limits import check_head_dim
 from ..backends import triton_interpreter_enabled
 from ..reference.dropout import keep_threshold
@@ -388,11 +389,22 @@ def _attention_bwd_dq_kernel(
 # ---------------------------------------------------------------------------- launchers
 
 
-def _launch_config(head_dim, dtype, backward):
-    """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg})."""
+def _launch_config(head_dim, dtype, backward, max_seqlen, device):
+    """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg}),
+    today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning) measured a faster
+    configuration for this kernel, dtype, head dim and length class."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    default = _default_launch_config(block_d, dtype, backward)
+    key = f"{tuning.dtype_key(dtype)}/d{block_d}/L{tuning.length_bucket(max_seqlen)}"
+    config = tuning.launch_config("attention_bwd" if backward else "attention_fwd", key, device, default)
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
+    return config["BLOCK_M"], config["BLOCK_N"], block_d, launch
+
+
+def _default_launch_config(block_d, dtype, backward):
+    """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages}."""
     if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
-        return 32, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     # float32 operand tiles take twice the registers: the narrow tiles at any D (64-row tiles
     # spilled kilobytes at D=50 in every float32 precision mode).
     wide = block_d > 128 or dtype == torch.float32
@@ -406,10 +418,10 @@ def _launch_config(head_dim, dtype, backward):
             # dk/dv accumulators of 16 key rows: 32 spilled 40 B (sm_80, D=256, 3xTF32, dropout).
             block_n = 16
         # 8 warps at D=128: else dk/dv spilled at 16-bit (D=128 with dropout).
-        return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     block_m, block_n, num_stages = (32, 32, wide_stages) if wide else (64, 64 if block_d <= 64 else 32, 2)
     num_warps = 8 if dtype == torch.float32 else 4  # 4 spilled at float32 (IEEE, D=50, no causal mask)
-    return block_m, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 # float32 tile products by torch.get_float32_matmul_precision() (torch.backends.cuda.matmul.
@@ -520,7 +532,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     if q.numel() == 0:
         return out, lse
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
-    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=False)
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, False, max_seqlen, q.device)
     read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
     if read_dim != q.shape[3]:
         q, k, v = _pad_rows(read_dim, block_d, q, k, v)
@@ -547,7 +559,7 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
     packed, num_pairs = c["packed"], seq_len.shape[0] * q.shape[1]
     lse_strides = _strides(lse, packed)[:2]
-    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, backward=True)
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, True, max_seqlen, q.device)
 
     delta = torch.empty_like(lse)  # [B, H, L]: rowsum(dout * out), read at rows of sequences only
     _attention_bwd_delta_kernel[(num_pairs, _row_blocks(max_seqlen, block_m))](

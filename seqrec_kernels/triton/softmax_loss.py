@@ -31,16 +31,27 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tuning
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
 from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
 
-def _blocks(hidden_dim, dtype):
-    """(BLOCK_T, BLOCK_N, BLOCK_D, launch options) of the tile kernels (shared negatives, full)."""
+def _blocks(hidden_dim, dtype, kernel, device):
+    """(BLOCK_T, BLOCK_N, BLOCK_D, launch options) of the tile kernels (shared negatives, full):
+    today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning) measured a
+    faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the hidden dim."""
     block_d = max(16, triton.next_power_of_2(hidden_dim))
+    default = _default_blocks(block_d, hidden_dim, dtype)
+    config = tuning.launch_config(kernel, f"{tuning.dtype_key(dtype)}/d{block_d}", device, default)
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
+    return config["BLOCK_T"], config["BLOCK_N"], block_d, launch
+
+
+def _default_blocks(block_d, hidden_dim, dtype):
+    """Today's configuration: {BLOCK_T, BLOCK_N, num_warps, num_stages}."""
     if triton_interpreter_enabled():
-        return 16, 16, block_d, dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
+        return dict(BLOCK_T=16, BLOCK_N=16, num_warps=4, num_stages=1)
     block_t = block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
     if dtype == torch.float32:  # operand tiles of twice the registers: 64 rows spilled KBs (IEEE or 3xTF32)
         block_t = block_n = max(16, block_t // 2)
@@ -53,7 +64,7 @@ def _blocks(hidden_dim, dtype):
     num_stages = max(1, min(3, (64 * 1024) // tile_bytes))
     if _dot_options(dtype, hidden_dim)["DOT_PRECISION"] == "ieee" and dtype == torch.float32:
         num_stages = 1  # IEEE products wait on the FMA units, not on loads; 3 stages spilled 8 B at D=50 (sm_90)
-    return block_t, block_n, block_d, dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAX_REGISTERS)
+    return dict(BLOCK_T=block_t, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def _per_row_blocks(hidden_dim):
@@ -541,7 +552,7 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
         launch = dict(num_warps=8, maxnreg=MAX_REGISTERS)  # 4 warps spilled at D=50 under Triton 3.6
         groups, segments = 1, _row_segments(hidden.shape[0], block_t)  # compacted together: each row has its list
     else:
-        block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
+        block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "sampled_softmax", hidden.device)
         # 16 negatives per step in the backward (the item-gradient tile [BK, BD] and its atomics'
         # addresses: 32 spilled) and in the float32 forward (32 spilled 8 B at D=50, IEEE products).
         if backward or hidden.dtype == torch.float32:
@@ -861,7 +872,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     lse = torch.empty_like(loss)
     if num_rows == 0:
         return loss, lse
-    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
+    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "full_softmax_fwd", hidden.device)
     segments = _row_segments(num_rows, block_t)  # one group: every row against every item
     order, count = _compact(targets, weight.shape[0], ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
@@ -886,7 +897,7 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     if num_rows == 0:
         return torch.empty_like(hidden), torch.zeros_like(weight)
     d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)  # the kernels write every row
-    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype)
+    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "full_softmax_bwd", hidden.device)
     segments = _row_segments(num_rows, block_t)
     order, count = _compact(targets, num_items, ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
