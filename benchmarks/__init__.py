@@ -1,10 +1,11 @@
 """The benchmark suite (a folder of the checkout, not part of the installed package).
 
-    python -m benchmarks {attention,softmax_loss,sasrec,retrieval,all,plot} [options]
+    python -m benchmarks {attention,softmax_loss,sasrec,retrieval,host,all,plot} [options]
     python -m benchmarks.<name> [options]        # the same, one benchmark
     pytest benchmarks/ --benchmark-only          # pytest-benchmark: each backend vs the reference
 
-`all` runs the four benchmarks with the same options, then draws the charts.
+`all` runs the four benchmarks with the same options, then draws the charts. `host` (host time
+per op call, device work stubbed) runs on its own: it must import seqrec_kernels first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ BENCHMARKS = ("attention", "softmax_loss", "sasrec", "retrieval")
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    names = (*BENCHMARKS, "all", "plot")
+    names = (*BENCHMARKS, "host", "all", "plot")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return

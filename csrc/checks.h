@@ -108,11 +108,16 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
                       dropout_seed->sizes());
   }
   // Sequences must lie inside their batch row: cheap on the host, a sync on a device.
-  if (q.is_cpu() && num_seqs > 0) {
-    auto end = seq_start.to(at::kLong) + seq_len.to(at::kLong);
-    TORCH_CHECK_VALUE(seq_start.min().item<int>() >= 0 && seq_len.min().item<int>() >= 0 &&
-                          end.max().item<int64_t>() <= q.size(2) && seq_len.max().item<int>() <= max_seqlen,
-                      "seq_start/seq_len: every sequence must lie in rows [0, L=", q.size(2),
+  // A loop over the int32 values (contiguous, checked above), no tensor ops: host time.
+  if (q.is_cpu()) {
+    const int32_t* start = seq_start.data_ptr<int32_t>();
+    const int32_t* length = seq_len.data_ptr<int32_t>();
+    bool inside = true;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      inside &=
+          start[s] >= 0 && length[s] >= 0 && int64_t{start[s]} + length[s] <= q.size(2) && length[s] <= max_seqlen;
+    }
+    TORCH_CHECK_VALUE(inside, "seq_start/seq_len: every sequence must lie in rows [0, L=", q.size(2),
                       ") of its batch row and be at most max_seqlen=", max_seqlen, " long");
   }
 }
@@ -150,15 +155,33 @@ inline void check_loss_inputs(const at::Tensor& hidden, const at::Tensor& weight
   TORCH_CHECK_VALUE(temperature > 0.0, "temperature: expected a value > 0, got ", temperature);
 }
 
+// Whether every one of the n ids is in [0, num_items) or == ignore_index (a loop: host time).
+template <typename index_t>
+bool ids_in_range(const index_t* ids, int64_t n, int64_t num_items, std::optional<int64_t> ignore_index) {
+  bool in_range = true;
+  for (int64_t i = 0; i < n; ++i) {
+    in_range &= (ids[i] >= 0 && ids[i] < num_items) || (ignore_index && ids[i] == *ignore_index);
+  }
+  return in_range;
+}
+
+template <typename index_t>
+bool strictly_increasing(const index_t* ids, int64_t n) {
+  bool increasing = true;
+  for (int64_t i = 1; i < n; ++i) increasing &= ids[i - 1] < ids[i];
+  return increasing;
+}
+
 // ids of `shape` in [0, N) or == ignore_index (values checked on the host only).
 inline void check_ids(const char* name, const at::Tensor& ids, at::IntArrayRef shape, const at::Tensor& hidden,
                       int64_t num_items, std::optional<int64_t> ignore_index) {
   check_index(name, ids, hidden);
   TORCH_CHECK_VALUE(ids.sizes() == shape, name, ": expected shape ", shape, ", got ", ids.sizes());
-  if (ids.is_cpu() && ids.numel() > 0 && item_id_checks) {
-    auto in_range = ids.ge(0).logical_and(ids.lt(num_items));
-    if (ignore_index) in_range = in_range.logical_or(ids.eq(*ignore_index));
-    TORCH_CHECK_VALUE(in_range.all().item<bool>(), name, ": expected item ids in [0, ", num_items, ") (N)");
+  if (ids.is_cpu() && item_id_checks) {
+    bool in_range = ids.scalar_type() == at::kInt
+                        ? ids_in_range(ids.data_ptr<int32_t>(), ids.numel(), num_items, ignore_index)
+                        : ids_in_range(ids.data_ptr<int64_t>(), ids.numel(), num_items, ignore_index);
+    TORCH_CHECK_VALUE(in_range, name, ": expected item ids in [0, ", num_items, ") (N)");
   }
 }
 
@@ -200,9 +223,11 @@ inline void check_full_inputs(const at::Tensor& hidden, const at::Tensor& weight
   check_ids("excluded_ids", excluded_ids, excluded_ids.sizes(), hidden, num_items, std::nullopt);
   TORCH_CHECK_VALUE(excluded_ids.size(0) < num_items, "excluded_ids: excludes all ", num_items,
                     " items, leaving no class");
-  if (excluded_ids.is_cpu() && excluded_ids.numel() > 1 && item_id_checks) {
-    auto ids = excluded_ids.to(at::kLong);
-    TORCH_CHECK_VALUE(ids.diff().gt(0).all().item<bool>(), "excluded_ids: expected sorted, distinct ids");
+  if (excluded_ids.is_cpu() && item_id_checks) {
+    bool increasing = excluded_ids.scalar_type() == at::kInt
+                          ? strictly_increasing(excluded_ids.data_ptr<int32_t>(), excluded_ids.numel())
+                          : strictly_increasing(excluded_ids.data_ptr<int64_t>(), excluded_ids.numel());
+    TORCH_CHECK_VALUE(increasing, "excluded_ids: expected sorted, distinct ids");
   }
 }
 

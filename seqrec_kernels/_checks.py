@@ -62,16 +62,22 @@ def check_real(name: str, value, *, low: float, high: float, high_inclusive: boo
     return float(value)
 
 
-_value_checks = True  # value_checks() switches it
+_value_checks: bool | None = None  # value_checks() sets it; None: the default (see value_checks)
 
 
 @contextlib.contextmanager
 def value_checks(enabled: bool):
-    """Within `with value_checks(False):` the ops skip the checks that read index values
-    on the host (seq_lens, cu_seqlens, item ids in range). On a GPU each such check is a
-    device sync per call; a training loop whose batches are valid by construction (the
-    trainer's) turns them off. Out-of-range ids are still masked by the kernels, but
-    invalid sequence offsets are then undefined behaviour."""
+    """How the ops check index values (seq_lens, cu_seqlens, item ids in range).
+
+    By default values are checked where they live: index tensors on the CPU at once (a clear
+    ValueError from the call), index tensors on a device without a host sync: the check runs
+    on the device and sets an error flag that `seqrec_kernels.check()` turns into the same
+    ValueError (one sync, where the caller chooses). The kernels never read or write out of
+    bounds for any value (out-of-range ids are masked, sequence offsets clamped).
+
+    Within `with value_checks(True):` device values are read at once too (a sync per check:
+    for debugging, to find the call). Within `with value_checks(False):` nothing is checked
+    (a training loop whose batches are valid by construction, as the trainer's)."""
     global _value_checks
     check_bool("enabled", enabled)
     previous, _value_checks = _value_checks, enabled
@@ -81,9 +87,9 @@ def value_checks(enabled: bool):
         _value_checks = previous
 
 
-def value_checks_enabled() -> bool:
-    """Whether an op checks index values now: enabled and readable (values_checkable())."""
-    return _value_checks and values_checkable()
+def values_on_host(values: torch.Tensor) -> bool:
+    """Whether reading `values` costs no device sync (the one place that decides it)."""
+    return values.device.type == "cpu"
 
 
 def values_checkable() -> bool:
@@ -92,6 +98,67 @@ def values_checkable() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def value_check_mode(values: torch.Tensor) -> str | None:
+    """How the index values of `values` are checked now: "now" (read on the host), "deferred"
+    (a device-side flag for check()) or None (not at all)."""
+    if _value_checks is False or not values.numel() or not values_checkable():
+        return None
+    return "now" if _value_checks or values_on_host(values) else "deferred"
+
+
+# Device-side error flags of the deferred checks: (argument, device) -> [bool flag, message].
+_device_errors: dict[tuple[str, torch.device], list] = {}
+
+
+def defer_error(name: str, bad: torch.Tensor, message: str) -> None:
+    """Records on the device, without a sync, that the check of `name` failed if the bool
+    scalar `bad` is true; check() raises ValueError(message) then."""
+    entry = _device_errors.get((name, bad.device))
+    if entry is None:
+        _device_errors[(name, bad.device)] = [bad, message]
+    else:
+        entry[0].logical_or_(bad)
+        entry[1] = message
+
+
+def check() -> None:
+    """Raises the ValueError of the first invalid index values that ops saw on device tensors
+    since the last check() (value_checks' default); one host sync. Clears the flags."""
+    errors = list(_device_errors.values())
+    _device_errors.clear()
+    for flag, message in errors:
+        if bool(flag):
+            raise ValueError(
+                f"{message} (in a call on {flag.device} before this seqrec_kernels.check(); under "
+                "seqrec_kernels.value_checks(True) the call itself raises)"
+            )
+
+
+def check_values(name: str, values: torch.Tensor, low: int, high: int, expected: str, *,
+                 allowed: int | None = None, show_all: bool = False) -> None:  # fmt: skip
+    """Index values in [low, high] (or equal to `allowed`), as value_check_mode says: at once
+    ValueError("<name>: expected <expected>, got ..."), the first five bad values (show_all:
+    every value), or deferred to check() on a device."""
+    mode = value_check_mode(values)
+    if mode is None:
+        return
+    if mode == "deferred":
+        bad = values.clamp(low, high).ne(values)
+        if allowed is not None and not low <= allowed <= high:
+            bad &= values.ne(allowed)
+        defer_error(name, bad.any(), f"{name}: expected {expected}, got values outside")
+        return
+    smallest, largest = (int(x) for x in torch.aminmax(values))
+    if low <= smallest and largest <= high:
+        return
+    bad = (values < low) | (values > high)
+    if allowed is not None:
+        bad &= values != allowed
+    if bool(bad.any()):
+        got = values.tolist() if show_all else f"e.g. {values[bad][:5].tolist()}"
+        raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -20,10 +20,18 @@ Under torch.autocast those leading (differentiable) arguments are the ones cast 
 autocast dtype: the matmul operands (q, k, v; hidden, item_weight), as torch casts a
 linear layer's. Everything else (ids, log-q corrections, the float32 losses and LSE the
 kernels return) keeps its dtype.
+
+Two entry points run each op (`Op`): the registered custom op, for torch.compile, fake
+tensors, opcheck and dispatch modes, and a lean eager path for plain eager calls: one
+`torch.autograd.Function` that calls the same forward and backward implementations with
+the same saved values and backward rule, without the Python wrappers of custom_op /
+register_autograd (about 150 us of host time per call). docs/host-path.md has the numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 
@@ -56,6 +64,23 @@ def extension_operands(backend: Backend, *operands: torch.Tensor) -> tuple[torch
     if backend in (Backend.CUDA, Backend.CPP) and _medium_float32_precision():
         return tuple(t.to(torch.bfloat16) if t.dtype == torch.float32 else t for t in operands)
     return operands
+
+
+def excluded_items(exclude_items, num_items: int, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The ids of exclude_items, sorted and distinct, checked to be in [0, N), and as an int32
+    tensor on `device`: built once per (ids, N, device), not per call (a host-to-device copy)."""
+    if torch.compiler.is_compiling():
+        return _excluded_items.__wrapped__(tuple(exclude_items), num_items, device)
+    return _excluded_items(tuple(exclude_items), num_items, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _excluded_items(exclude_items: tuple, num_items: int, device: torch.device):
+    excluded = tuple(sorted(set(exclude_items)))
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_items for i in excluded):
+        raise ValueError(f"exclude_items: expected item ids in [0, {num_items}) (N), got {list(exclude_items)}")
+    with torch.inference_mode(False):  # a tensor autograd may save, even if first built in inference mode
+        return excluded, torch.tensor(excluded, dtype=torch.int32, device=device)
 
 
 def empty_stats(like: torch.Tensor, shape) -> torch.Tensor:
@@ -98,14 +123,59 @@ def define_ops(
         if backend in python_impls:  # else seqrec_kernels._C defines the pair
             for name, function, schema in zip(names, python_impls[backend], schemas):
                 torch.library.custom_op(name, function, mutates_args=(), schema=schema)
-        ops[backend] = _register(*names, outputs, fake, dict(backward_options or {}))
+            impls = python_impls[backend]
+        else:  # the C++ ops below autograd and autocast: their CPU or CUDA kernel
+            impls = [_below_autograd(cpp_op(name)) for name in names]
+        ops[backend] = _register(*names, outputs, fake, dict(backward_options or {}), impls)
     if Backend.CUDA in ops:  # the same C++ ops: CUDA kernels on CUDA tensors, C++ loops on CPU tensors
         ops[Backend.CPP] = ops[Backend.CUDA]
     return ops
 
 
-def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options):
-    """Registers the fake impls and autograd of the defined pair; returns the forward op."""
+# The backend dispatch key of each device type the extension's ops run on.
+_BACKEND_KEYS = {t: torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, t.upper())) for t in ("cpu", "cuda")}
+
+
+def _below_autograd(op) -> Callable:
+    """op(*args) dispatched straight to its kernel for the device of args[0] (CPU or CUDA),
+    below autograd and autocast: what the eager path calls inside its autograd.Function."""
+
+    def run(*args):
+        return op.redispatch(_BACKEND_KEYS[args[0].device.type], *args)
+
+    return run
+
+
+def _eager_possible(first: torch.Tensor) -> bool:
+    """Whether an eager call may skip the custom op: nothing traces or intercepts dispatch (no
+    torch.compile, no TorchDispatchMode such as fake tensors or a counter, no functorch
+    transform, no tensor subclass). Otherwise the custom op runs, which all of them support."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._are_functorch_transforms_active()
+        or type(first) not in (torch.Tensor, torch.nn.Parameter)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One backend's op of a family: `op` is the registered custom op; calling an Op runs the
+    eager path (`eager`, the same implementations under one autograd.Function) when
+    _eager_possible, else the custom op. Both apply the autocast rule of _register_autocast."""
+
+    op: Callable
+    eager: Callable
+
+    def __call__(self, *args):
+        if _eager_possible(args[0]):
+            return self.eager(*args)
+        return self.op(*args)
+
+
+def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options, impls) -> Op:
+    """Registers the fake impls and autograd of the defined pair; returns the family's Op,
+    whose eager path runs impls (forward, backward implementations) with the same rule."""
     fwd, bwd = cpp_op(fwd_name), cpp_op(bwd_name)
     arguments = [arg.name for arg in fwd._schema.arguments]
     _gradient, *needed = [arg.name for arg in bwd._schema.arguments]
@@ -133,18 +203,64 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options):
         ctx.save_for_backward(*(values[name] for name in saved))
         ctx.options = [values[name] for name in options]
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # the other outputs' gradients are never read: no zeros
 
-    def backward_rule(ctx, grad, *_other_grads):
-        values = dict(zip(saved, ctx.saved_tensors)) | dict(zip(options, ctx.options))
-        values.update((name, read()) for name, read in backward_options.items())
-        grads = bwd(grad, *(values[name] for name in needed))
-        return (*grads, *([None] * num_non_differentiable))
+    def backward_with(backward):
+        """The backward rule, running `backward` on the gradient of the first output."""
 
-    torch.library.register_autograd(fwd_name, backward_rule, setup_context=setup_context)
+        def rule(ctx, grad, *_other_grads):
+            if grad is None:  # the first output took no part in what is differentiated
+                return (None,) * len(arguments)
+            values = dict(zip(saved, ctx.saved_tensors)) | dict(zip(options, ctx.options))
+            values.update((name, read()) for name, read in backward_options.items())
+            grads = backward(grad, *(values[name] for name in needed))
+            return (*grads, *([None] * num_non_differentiable))
+
+        return rule
+
+    torch.library.register_autograd(fwd_name, backward_with(bwd), setup_context=setup_context)
     for device_type in _AUTOCAST_KEYS:
         _register_autocast(fwd, device_type, len(differentiable))
         _register_autocast(bwd, device_type, 0)  # a backward inside the region runs on what the forward saved
-    return fwd
+
+    forward_impl, backward_impl = impls
+
+    class Eager(torch.autograd.Function):  # the custom op's autograd, on the implementations
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward_impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        backward = staticmethod(backward_with(backward_impl))
+
+    Eager.__name__ = Eager.__qualname__ = f"{fwd_name.split('::')[1]}_eager"
+    return Op(fwd, _with_autocast(Eager.apply, len(differentiable)))
+
+
+def _with_autocast(apply: Callable, num_operands: int) -> Callable:
+    """apply(*args), under torch.autocast on the first num_operands arguments cast as the
+    custom ops' autocast rule (_register_autocast) casts them, autocast off inside."""
+
+    def call(*args):
+        device_type = args[0].device.type
+        if device_type not in _AUTOCAST_KEYS or not torch.is_autocast_enabled(device_type):
+            return apply(*args)
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [_autocast_cast(arg, device_type, dtype) for arg in args[:num_operands]]
+        with torch.autocast(device_type, enabled=False):
+            return apply(*cast, *args[num_operands:])
+
+    return call
+
+
+def _autocast_cast(arg, device_type: str, dtype: torch.dtype):
+    """arg in the autocast dtype if torch's autocast would cast it (a floating tensor of the
+    region's device, not float64), else arg."""
+    eligible = isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dtype != torch.float64
+    if not eligible or arg.device.type != device_type:
+        return arg
+    return arg.to(dtype)
 
 
 def _register_autocast(op, device_type: str, num_operands: int) -> None:
@@ -157,14 +273,9 @@ def _register_autocast(op, device_type: str, num_operands: int) -> None:
     key = _AUTOCAST_KEYS[device_type]
     exclude_autocast = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def cast(arg):
-        eligible = isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.dtype != torch.float64
-        if not eligible or arg.device.type != device_type:
-            return arg
-        return arg.to(torch.get_autocast_dtype(device_type))
-
     def rule(*args):
-        args = [cast(arg) for arg in args[:num_operands]] + list(args[num_operands:])
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [_autocast_cast(arg, device_type, dtype) for arg in args[:num_operands]] + list(args[num_operands:])
         with torch._C._ExcludeDispatchKeyGuard(exclude_autocast):
             return op(*args)
 
@@ -199,7 +310,7 @@ def define_forward_ops(
         op_name = f"seqrec::{family}_{backend.value}"
         torch.library.custom_op(op_name, function, mutates_args=(), schema=schema)
         torch.library.register_fake(op_name, fake)
-        ops[backend] = cpp_op(op_name)
+        ops[backend] = Op(cpp_op(op_name), _with_autocast(function, 2))
         for device_type in _AUTOCAST_KEYS:
-            _register_autocast(ops[backend], device_type, 2)
+            _register_autocast(ops[backend].op, device_type, 2)
     return ops

@@ -23,7 +23,9 @@ from .._checks import (
     check_real,
     check_same,
     check_tensor,
-    value_checks_enabled,
+    check_values,
+    defer_error,
+    value_check_mode,
 )
 from .._limits import check_head_dim
 from ..backends import Backend, resolve_for
@@ -62,6 +64,27 @@ def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
     if scale is None:
         return dropout_p, 1.0 / math.sqrt(head_dim)
     return dropout_p, check_real("scale", scale, low=-math.inf, high=math.inf)
+
+
+def _check_offsets(cu_seqlens, seq_len, total, max_seqlen) -> None:
+    """cu_seqlens non-decreasing from 0 to at most T, no sequence longer than max_seqlen
+    (value_checks says when and where; seq_len = cu_seqlens.diff())."""
+    mode = value_check_mode(cu_seqlens)
+    if mode == "deferred":
+        bad = seq_len.clamp(0, max_seqlen).ne(seq_len).any() | cu_seqlens[0].ne(0) | cu_seqlens[-1].gt(total)
+        defer_error("cu_seqlens", bad, f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total},"
+                    f" sequences at most max_seqlen={max_seqlen} long")  # fmt: skip
+    if mode != "now":
+        return
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] > total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(
+            f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total} (rows past the last"
+            f" offset are padding), got {offsets}"
+        )
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
 
 
 def _attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, backend, op_name):
@@ -114,8 +137,7 @@ def fused_attention(
             raise ValueError(
                 f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}"
             )
-        if value_checks_enabled() and seq_lens.numel() and not bool(((seq_lens >= 0) & (seq_lens <= length)).all()):
-            raise ValueError(f"seq_lens: expected values in [0, {length}] (L), got {seq_lens.tolist()}")
+        check_values("seq_lens", seq_lens, 0, length, f"values in [0, {length}] (L)", show_all=True)
         seq_len = seq_lens.to(torch.int32)
     seq_start = length - seq_len if padding_side == "left" else torch.zeros_like(seq_len)
 
@@ -156,16 +178,7 @@ def fused_attention_varlen(
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
     seq_start, seq_len = cu_seqlens[:-1].to(torch.int32), cu_seqlens.diff().to(torch.int32)
-    if value_checks_enabled():
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] > total or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(
-                f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total} (rows past the last"
-                f" offset are padding), got {offsets}"
-            )
-        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-        if longest > max_seqlen:
-            raise ValueError(f"max_seqlen: expected >= the longest sequence ({longest}), got {max_seqlen}")
+    _check_offsets(cu_seqlens, seq_len, total, max_seqlen)
 
     def as_batch_view(t):  # [T, H, D] -> [1, H, T, D], no copy
         return t.unsqueeze(0).transpose(1, 2)

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .._checks import FLOAT_DTYPES, INDEX_DTYPES, accumulation_dtype, check_tensor, value_checks_enabled
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, accumulation_dtype, check_tensor, check_values
 from .._limits import check_kernel_hidden_dim, check_kernel_k
 from ..backends import Backend, resolve_for
-from ._library import define_forward_ops
+from ._library import define_forward_ops, excluded_items
 
 _TOPK_SCHEMA = "(Tensor hidden, Tensor weight, Tensor exclude, Tensor excluded_ids, int k) -> (Tensor, Tensor)"
 _RANKS_SCHEMA = "(Tensor hidden, Tensor weight, Tensor targets, Tensor exclude, Tensor excluded_ids) -> Tensor"
@@ -42,12 +42,7 @@ def _check_ids(name, ids, shape_text, ndim, rows, num_items, device):
     check_tensor(name, ids, ndim=ndim, layout=shape_text, dtypes=INDEX_DTYPES, device=device)
     if ids.shape[0] != rows:
         raise ValueError(f"{name}: expected {rows} rows (the rows of hidden), got shape {tuple(ids.shape)}")
-    if value_checks_enabled() and ids.numel():
-        in_range = (ids >= 0) & (ids < num_items)
-        if not bool(in_range.all()):
-            raise ValueError(
-                f"{name}: expected item ids in [0, {num_items}) (N), got e.g. {ids[~in_range][:5].tolist()}"
-            )
+    check_values(name, ids, 0, num_items - 1, f"item ids in [0, {num_items}) (N)")
 
 
 def _checked_inputs(hidden, item_weight, exclude, exclude_items):
@@ -69,10 +64,7 @@ def _checked_inputs(hidden, item_weight, exclude, exclude_items):
     _check_ids("exclude", exclude, "[B, M] (0 = padding)", 2, hidden.shape[0], num_items, hidden.device)
     if isinstance(exclude_items, (str, bytes)) or not isinstance(exclude_items, Sequence):
         raise TypeError(f"exclude_items: expected a sequence of item ids, got {type(exclude_items).__name__}")
-    excluded = sorted(set(exclude_items))
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_items for i in excluded):
-        raise ValueError(f"exclude_items: expected item ids in [0, {num_items}) (N), got {list(exclude_items)}")
-    excluded_ids = torch.tensor(excluded, dtype=torch.int32, device=hidden.device)
+    _, excluded_ids = excluded_items(exclude_items, num_items, hidden.device)
     return exclude.contiguous(), excluded_ids
 
 

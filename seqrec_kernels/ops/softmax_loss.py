@@ -22,11 +22,13 @@ from .._checks import (
     check_choice,
     check_real,
     check_tensor,
-    value_checks_enabled,
+    check_values,
+    defer_error,
+    value_check_mode,
 )
 from .._limits import check_kernel_hidden_dim
 from ..backends import Backend, resolve_for
-from ._library import define_ops, empty_stats, extension_operands
+from ._library import define_ops, empty_stats, excluded_items, extension_operands
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -83,13 +85,22 @@ def _check_ids(name, ids, shape, device, num_items, ignore_index=None):
     check_tensor(name, ids, dtypes=INDEX_DTYPES, device=device)
     if ids.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if value_checks_enabled() and ids.numel():
-        in_range = (ids >= 0) & (ids < num_items)
-        if ignore_index is not None:
-            in_range |= ids == ignore_index
-        if not bool(in_range.all()):
-            bad = ids[~in_range][:5].tolist()
-            raise ValueError(f"{name}: expected item ids in [0, {num_items}) (N), got e.g. {bad}")
+    check_values(name, ids, 0, num_items - 1, f"item ids in [0, {num_items}) (N)", allowed=ignore_index)
+
+
+def _check_targets_not_excluded(targets, excluded, excluded_ids, ignore_index) -> None:
+    """No target that counts is an excluded item (value_checks says when and where)."""
+    if not set(excluded) - {ignore_index}:  # only the ignored id is excluded: nothing to check
+        return
+    mode = value_check_mode(targets)
+    if mode is None:
+        return
+    excluded_target = (torch.isin(targets, excluded_ids) & (targets != ignore_index)).any()
+    message = f"targets: a non-ignored target is an excluded item ({excluded}); excluded items are never classes"
+    if mode == "deferred":
+        defer_error("targets", excluded_target, message)
+    elif bool(excluded_target):
+        raise ValueError(message)
 
 
 def _check_log_q(name, log_q, ids_name, ids):
@@ -122,9 +133,10 @@ def _resolve(backend, hidden, op_name) -> Backend:
 
 def _valid_rows(ids, ignore_index, num_items):
     """Rows that count: positive/target not ignore_index and in [0, N). An id out of range
-    reaches the kernels only when the host check was skipped (torch.compile, CUDA graph
-    capture); they treat its row as ignored, and so does `mean`."""
-    return (ids != ignore_index) & (ids >= 0) & (ids < num_items)
+    reaches the kernels only when the host check was skipped or deferred; they treat its row
+    as ignored, and so does `mean`."""
+    valid = ids.clamp(0, num_items - 1) == ids
+    return valid & (ids != ignore_index) if 0 <= ignore_index < num_items else valid
 
 
 def _reduce(row_loss, valid, reduction, row_shape):
@@ -220,18 +232,10 @@ def full_softmax_loss(
     check_bool("return_lse", return_lse)
     row_shape, num_items = hidden.shape[:-1], item_weight.shape[0]
     _check_ids("targets", targets, row_shape, hidden.device, num_items, ignore_index)
-    excluded = sorted(set(exclude_items))
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_items for i in excluded):
-        raise ValueError(f"exclude_items: expected item ids in [0, {num_items}) (N), got {list(exclude_items)}")
+    excluded, excluded_ids = excluded_items(exclude_items, num_items, hidden.device)
     if len(excluded) >= num_items:
         raise ValueError(f"exclude_items: excludes all {num_items} items, leaving no class")
-    excluded_ids = torch.tensor(excluded, dtype=torch.int32, device=hidden.device)
-    if value_checks_enabled() and excluded and targets.numel():
-        excluded_target = torch.isin(targets, excluded_ids) & (targets != ignore_index)
-        if bool(excluded_target.any()):
-            raise ValueError(
-                f"targets: a non-ignored target is an excluded item ({excluded}); excluded items are never classes"
-            )
+    _check_targets_not_excluded(targets, excluded, excluded_ids, ignore_index)
 
     chosen = _resolve(backend, hidden, "full_softmax_loss")
     targets_flat = targets.reshape(-1).contiguous()
