@@ -67,31 +67,17 @@ lint: setup
 	$(PY) -m ruff format --check $(PY_SOURCES)
 	$(VENV)/bin/clang-format --dry-run --Werror $(CLANG_FORMAT_FILES)
 
-# On a GPU machine, with its own python3 (torch + triton preinstalled, no network):
-# build the extension with its CUDA kernels for this GPU; then the GPU tests and
-# compute-sanitizer (memcheck, racecheck) over a small grid side by side (none of them is
-# timed); then the short benchmarks alone. Each phase has a time limit and runs even when an
-# earlier one failed; its log lands in $(GPU_RESULTS) (default benchmarks/results/) and the
-# target fails if any phase did. Benchmark rows go to benchmarks/results/results.csv.
-GPU_NAME = $(shell nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
-GPU_ARCH = $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
-SANITIZER = $(shell command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+# make gpu-check [PYTHON=python3] [GPU_RESULTS=dir] [BUDGET=530] [DRY=1]: the whole GPU lease as one
+# prioritized script (benchmarks/gpu_check.py; docs/gpu-check.md): build for this GPU, the
+# correctness sweep, compute-sanitizer, the tuning sweep (-> seqrec_kernels/tuning/<gpu>.json),
+# the key benchmarks, a profile, then the `gpu` tests with what time is left; at most 8 result
+# files in GPU_RESULTS (default benchmarks/results/). On a GPU machine run it with that machine's
+# own python3 (torch + triton preinstalled, no network). DRY=1 runs every phase on the CPU on
+# tiny shapes (part of `make test`, through tests/test_gpu_check.py).
 GPU_RESULTS ?= benchmarks/results
-XDIST = $(shell $(PYTHON) -c 'import xdist' 2>/dev/null && printf -- '-n 8')  # pytest-xdist where installed
-GPU_LOG = $(GPU_RESULTS)/gpu-$(1)-$(GPU_NAME).txt
-# $(call gpu_phase,name,seconds,command): run command under a time limit, log to GPU_LOG(name).
-# The limit sends SIGINT first: pytest then still prints the failures it has seen.
-gpu_phase = (PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 timeout -s INT -k 15 $(2) $(3); echo "[$(1): exit $$?]") > $(call GPU_LOG,$(1)) 2>&1
-gpu-check:
-	mkdir -p $(GPU_RESULTS)
-	nvidia-smi > $(call GPU_LOG,smi) 2>&1 || true
-	$(call gpu_phase,build,150,env SEQREC_CUDA_ARCHS="$(GPU_ARCH)" $(PYTHON) setup.py -q build_ext --inplace)
-	$(call gpu_phase,tests,160,$(PYTHON) -m pytest -q -p no:cacheprovider $(XDIST) -rf -W ignore::pytest_benchmark.logger.PytestBenchmarkWarning -m gpu tests) & \
-	$(call gpu_phase,memcheck,160,$(SANITIZER) --tool memcheck --error-exitcode 1 $(PYTHON) tests/sanitizer_grid.py) & \
-	$(call gpu_phase,racecheck,160,$(SANITIZER) --tool racecheck --error-exitcode 1 $(PYTHON) tests/sanitizer_grid.py) & \
-	wait
-	$(call gpu_phase,bench,240,$(PYTHON) -m benchmarks all --quick)
-	! grep -h '^\[.*: exit [1-9]' $(GPU_RESULTS)/gpu-*-$(GPU_NAME).txt
+BUDGET ?= 530
+gpu-check: $(if $(DRY),setup)
+	$(if $(DRY),$(PY),$(PYTHON)) -m benchmarks.gpu_check --results $(GPU_RESULTS) --budget $(BUDGET) $(if $(DRY),--dry-run)
 
 # make bench [BENCH=attention|softmax_loss|sasrec|retrieval|all|plot] [ARGS="--quick"]: the benchmarks (README,
 # "Benchmarks"; e.g. BENCH=attention ARGS="--shapes SASRec"), run by .venv's python when `make setup`

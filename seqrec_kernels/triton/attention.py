@@ -25,6 +25,7 @@ from .. import tuning
 from .._limits import check_head_dim
 from ..backends import triton_interpreter_enabled
 from ..reference.dropout import keep_threshold
+from ._launch import launch_kernel
 from .dropout import keep_mask, row_hash
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
@@ -395,7 +396,7 @@ def _launch_config(head_dim, dtype, backward, max_seqlen, device):
     configuration for this kernel, dtype, head dim and length class."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     default = _default_launch_config(block_d, dtype, backward)
-    key = f"{tuning.dtype_key(dtype)}/d{block_d}/L{tuning.length_bucket(max_seqlen)}"
+    key = tuning.attention_key(dtype, block_d, max_seqlen)
     config = tuning.launch_config("attention_bwd" if backward else "attention_fwd", key, device, default)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
     return config["BLOCK_M"], config["BLOCK_N"], block_d, launch
@@ -490,7 +491,7 @@ def _pad_rows(padded_dim, block_d, q, k, v, dout=None):
     padded = torch.empty((len(operands), batch, num_heads, num_rows, padded_dim), dtype=q.dtype, device=q.device)
     dout_strides = (0, 0, 0) if dout is None else dout.stride()[:3]
     grid = (batch * num_heads * triton.cdiv(num_rows, PAD_BLOCK_ROWS),)
-    _pad_rows_kernel[grid](
+    launch_kernel(_pad_rows_kernel, grid,
         padded, q, k, v, dout, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout_strides,
         num_heads, num_rows, head_dim, padded_dim,
         WITH_DOUT=dout is not None, BLOCK=PAD_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4, maxnreg=MAX_REGISTERS,
@@ -537,7 +538,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     if read_dim != q.shape[3]:
         q, k, v = _pad_rows(read_dim, block_d, q, k, v)
     grid = (seq_len.shape[0] * q.shape[1], _row_blocks(max_seqlen, block_m))
-    _attention_fwd_kernel[grid](
+    launch_kernel(_attention_fwd_kernel, grid,
         q, k, v, out, lse, seq_start, seq_len, dropout_seed,
         *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
         *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
@@ -562,7 +563,7 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, True, max_seqlen, q.device)
 
     delta = torch.empty_like(lse)  # [B, H, L]: rowsum(dout * out), read at rows of sequences only
-    _attention_bwd_delta_kernel[(num_pairs, _row_blocks(max_seqlen, block_m))](
+    launch_kernel(_attention_bwd_delta_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
         out, dout, delta, seq_start, seq_len,
         *_strides(out, packed), *_strides(dout, packed), *lse_strides,
         *c["sizes"], BLOCK_M=block_m, BLOCK_D=block_d,
@@ -576,11 +577,11 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
         *c["drop"],
     )  # fmt: skip
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
-    _attention_bwd_dkdv_kernel[(num_pairs, _row_blocks(max_seqlen, block_n))](
+    launch_kernel(_attention_bwd_dkdv_kernel, (num_pairs, _row_blocks(max_seqlen, block_n)),
         q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
         *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,
     )  # fmt: skip
-    _attention_bwd_dq_kernel[(num_pairs, _row_blocks(max_seqlen, block_m))](
+    launch_kernel(_attention_bwd_dq_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
         q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed), **launch
     )
     return dq, dk, dv

@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import tuning
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
+from ._launch import launch_kernel
 from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
 
@@ -43,7 +44,7 @@ def _blocks(hidden_dim, dtype, kernel, device):
     faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the hidden dim."""
     block_d = max(16, triton.next_power_of_2(hidden_dim))
     default = _default_blocks(block_d, hidden_dim, dtype)
-    config = tuning.launch_config(kernel, f"{tuning.dtype_key(dtype)}/d{block_d}", device, default)
+    config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d), device, default)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
     return config["BLOCK_T"], config["BLOCK_N"], block_d, launch
 
@@ -130,7 +131,7 @@ def _pad_columns(*operands):
         rows_b = b.shape[0] if len(copies) == 2 else 0  # one operand: no rows of a second
         block_c = triton.next_power_of_2(padded_cols)
         block_r = max(1, 4096 // block_c)
-        _pad_columns_kernel[(triton.cdiv(a.shape[0], block_r) + triton.cdiv(rows_b, block_r),)](
+        launch_kernel(_pad_columns_kernel, (triton.cdiv(a.shape[0], block_r) + triton.cdiv(rows_b, block_r),),
             a, padded_a, a.shape[0], a.stride(0), b, padded_b, rows_b, b.stride(0), cols, padded_cols,
             ALIGN=_alignment(cols, a, b), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
@@ -187,7 +188,7 @@ def _compact(ids, num_items, ignore_index, segments):
     num_segments = triton.cdiv(ids.shape[0], rows_per_group) * segments_per_group
     order = torch.empty(ids.shape[0], dtype=torch.int32, device=ids.device)
     count = torch.empty(num_segments, dtype=torch.int32, device=ids.device)
-    _compact_rows_kernel[(num_segments,)](
+    launch_kernel(_compact_rows_kernel, (num_segments,),
         ids, order, count, ids.shape[0], num_items, rows_per_group, segments_per_group, ignore_index,
         SEGMENT=segment, num_warps=4,
     )  # fmt: skip
@@ -595,7 +596,7 @@ def sampled_forward(
     grid, segments, meta = _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remove_hits, False)
     order, count = _compact(pos_ids, num_items, ignore_index, segments)
     (weight,) = _pad_columns((weight, _gathers_table_twice(num_rows, num_items, num_neg, grid, meta["PER_ROW"])))
-    _sampled_fwd_kernel[grid](
+    launch_kernel(_sampled_fwd_kernel, grid,
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, loss, lse, order, count,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0),
         num_rows, num_items, num_neg, hidden.shape[1], weight.shape[1], *segments,
@@ -645,7 +646,7 @@ def sampled_backward(
     )
     sizes = (num_rows, num_items, num_neg, hidden_dim, hidden.shape[1], weight.shape[1])
     align = _alignment(hidden_dim, hidden, weight, d_hidden)
-    _sampled_bwd_kernel[grid](
+    launch_kernel(_sampled_bwd_kernel, grid,
         hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, grad_loss, d_hidden, d_weight, order, count,
         hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0), d_hidden.stride(0),
         d_weight.stride(0), *sizes, *segments, 1.0 / temperature, ignore_index, SCATTER_DW=scatter,
@@ -654,7 +655,7 @@ def sampled_backward(
     if by_item:
         slots, starts = _sample_slots(pos_ids, neg_ids, num_items, ignore_index, rows_per_group)
         _, segments_per_group, _, segment_rows = segments
-        _sampled_dw_by_item_kernel[(num_items,)](
+        launch_kernel(_sampled_dw_by_item_kernel, (num_items,),
             hidden, weight, pos_ids, pos_log_q, neg_log_q, lse, grad_loss, d_weight, slots, starts, order, count,
             hidden.stride(0), weight.stride(0), neg_ids.stride(0), grad_loss.stride(0), d_weight.stride(0),
             *sizes, rows_per_group, segments_per_group, segment_rows, 1.0 / temperature, ignore_index,
@@ -879,7 +880,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     row_blocks = num_segments * blocks_per_segment
     (weight,) = _pad_columns((weight, row_blocks > 1))  # streamed by every row block
     excluded, exclusion = _exclusion(excluded_ids, weight.shape[0])
-    _full_fwd_kernel[(row_blocks,)](
+    launch_kernel(_full_fwd_kernel, (row_blocks,),
         hidden, weight, targets, excluded, loss, lse, order, count, hidden.stride(0), weight.stride(0),
         num_rows, weight.shape[0], hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index,
         num_segments, blocks_per_segment, segment_rows,
@@ -911,12 +912,12 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
         **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
         **_dot_options(hidden.dtype, hidden_dim), ALIGN=_alignment(hidden_dim, hidden, weight, d_hidden), **launch,
     )  # fmt: skip
-    _full_bwd_hidden_kernel[(row_blocks,)](
+    launch_kernel(_full_bwd_hidden_kernel, (row_blocks,),
         hidden, weight, targets, excluded, lse, grad_loss, d_hidden, order, count,
         hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
         num_segments, blocks_per_segment, segment_rows, **meta,
     )  # fmt: skip
-    _full_bwd_weight_kernel[(item_blocks,)](
+    launch_kernel(_full_bwd_weight_kernel, (item_blocks,),
         hidden, weight, targets, excluded, lse, grad_loss, d_weight, order, count,
         hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_weight.stride(0), *scalars,
         num_segments, segment_rows, **meta,

@@ -72,6 +72,16 @@ def forcing(kernel: str, config: dict):
         del _forced[kernel]
 
 
+def attention_key(dtype: torch.dtype, block_d: int, max_seqlen: int) -> str:
+    """The table key of an attention launch: dtype (and mode), padded head dim, length class."""
+    return f"{dtype_key(dtype)}/d{block_d}/L{length_bucket(max_seqlen)}"
+
+
+def loss_key(dtype: torch.dtype, block_d: int) -> str:
+    """The table key of a loss launch: dtype (and mode), padded hidden dim."""
+    return f"{dtype_key(dtype)}/d{block_d}"
+
+
 def length_bucket(max_seqlen: int) -> int:
     """The sequence-length class of an attention key: the next power of two, 64 to 8192."""
     return min(8192, max(64, 1 << max(0, int(max_seqlen) - 1).bit_length()))

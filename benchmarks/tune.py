@@ -1,0 +1,228 @@
+"""The GPU check's tuning sweep: time candidate launch configurations of each tunable Triton
+kernel at the shape classes that matter and write the winners to the GPU's tuning table.
+
+    python -m benchmarks.tune [--device cuda] [--table PATH] [--dry-run]
+
+For each (kernel, shape class) every candidate in CANDIDATES, today's default among them,
+runs through the public op with `seqrec_kernels.tuning.forcing` and is timed (median of
+device-event timings, benchmarks.common.bench). The fastest candidate whose outputs match
+the reference (benchmarks.common.TOLERANCE, relative) is written to the table with its time,
+the default's time and the runner-up; a candidate that fails to compile or to match is
+reported and never wins. Each entry also lists every candidate's time and error. The
+table is rewritten after every shape class, so a time-out loses nothing already measured.
+The launchers read it at run time (seqrec_kernels.tuning).
+
+New kernel variants (tile shapes, warps, stages) enter here as candidates: a variant built
+without a GPU is chosen only once a GPU has measured it faster than today's default.
+
+--dry-run (CPU, Triton's interpreter): tiny shapes and two candidates per kernel; the table
+goes to --table (never the committed one), so `make test` exercises the whole harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+import seqrec_kernels as sk
+from benchmarks import common
+from seqrec_kernels import tuning
+from seqrec_kernels.triton import attention as triton_attention
+from seqrec_kernels.triton import softmax_loss as triton_loss
+
+
+def _config(block_a, block_b, num_warps, num_stages, names):
+    return dict(zip(names, (block_a, block_b)), num_warps=num_warps, num_stages=num_stages)
+
+
+ATTENTION = ("BLOCK_M", "BLOCK_N")
+LOSS = ("BLOCK_T", "BLOCK_N")
+# 16-bit candidates beside today's default (added per shape class from the launcher itself).
+# Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90) and deeper pipelines; backward:
+# wider key tiles for dk/dv and 64-row dq tiles.
+CANDIDATES = {
+    "attention_fwd": [
+        _config(*c, ATTENTION) for c in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)]
+    ],
+    "attention_bwd": [
+        _config(*c, ATTENTION) for c in [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
+    ],
+    "full_softmax_fwd": [_config(*c, LOSS) for c in [(128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2)]],
+    "full_softmax_bwd": [_config(*c, LOSS) for c in [(128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]],
+}
+DRY_RUN_CANDIDATES = {
+    "attention_fwd": [_config(16, 16, 4, 1, ATTENTION)],
+    "attention_bwd": [_config(16, 32, 4, 1, ATTENTION)],
+    "full_softmax_fwd": [_config(32, 16, 4, 1, LOSS)],
+    "full_softmax_bwd": [_config(16, 32, 4, 1, LOSS)],
+}
+
+
+@dataclasses.dataclass
+class AttentionClass:
+    name: str
+    batch: int
+    heads: int
+    length: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+
+
+@dataclasses.dataclass
+class LossClass:
+    name: str
+    rows: int
+    items: int
+    hidden_dim: int
+    dtype: torch.dtype = torch.bfloat16
+
+
+GPU_CLASSES = [
+    AttentionClass("SASRec-Games", 128, 1, 50, 50),
+    AttentionClass("SASRec-ML-1M", 128, 1, 200, 50),
+    AttentionClass("long-1024-d64", 32, 4, 1024, 64),
+    AttentionClass("long-4096-d128", 4, 4, 4096, 128),
+    LossClass("full-T8192-N131072-d64", 8192, 131072, 64),  # one class per key: D=50 shares d64's kernels
+]
+DRY_RUN_CLASSES = [AttentionClass("tiny", 2, 1, 20, 8, torch.float32), LossClass("tiny", 24, 40, 8, torch.float32)]
+
+
+def _attention_runs(shape, device):
+    """(forward, backward, outputs) closures over random inputs of `shape`, lengths 1..L."""
+    q, k, v = (torch.randn(shape.batch, shape.heads, shape.length, shape.head_dim, device=device, dtype=shape.dtype,
+                           requires_grad=True) for _ in range(3))  # fmt: skip
+    seq_lens = torch.randint(1, shape.length + 1, (shape.batch,), device=device)
+    dout = torch.randn_like(q)
+
+    def forward():
+        return sk.fused_attention(q, k, v, seq_lens=seq_lens, backend="triton")
+
+    def backward(out):
+        return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+    def outputs(backend):
+        out = sk.fused_attention(q, k, v, seq_lens=seq_lens, backend=backend)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    return forward, backward, outputs
+
+
+def _loss_runs(shape, device):
+    hidden = torch.randn(shape.rows, shape.hidden_dim, device=device, dtype=shape.dtype, requires_grad=True)
+    weight = (torch.randn(shape.items, shape.hidden_dim, device=device) * 0.3).to(shape.dtype).requires_grad_()
+    targets = torch.randint(1, shape.items, (shape.rows,), device=device)
+
+    def forward():
+        return sk.full_softmax_loss(hidden, weight, targets, backend="triton")
+
+    def backward(loss):
+        return torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+
+    def outputs(backend):
+        loss = sk.full_softmax_loss(hidden, weight, targets, backend=backend)
+        return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+    return forward, backward, outputs
+
+
+def tune_class(shape, device, candidates, log):
+    """{kernel: (key, entry)} for the forward and backward kernels of one shape class."""
+    if isinstance(shape, AttentionClass):
+        fwd_kernel, bwd_kernel, dim = "attention_fwd", "attention_bwd", shape.head_dim
+        forward, backward, outputs = _attention_runs(shape, device)
+        block_d = max(16, triton.next_power_of_2(dim))
+        key = tuning.attention_key(shape.dtype, block_d, shape.length)
+        defaults = [triton_attention._default_launch_config(block_d, shape.dtype, b) for b in (False, True)]
+    else:
+        fwd_kernel, bwd_kernel, dim = "full_softmax_fwd", "full_softmax_bwd", shape.hidden_dim
+        forward, backward, outputs = _loss_runs(shape, device)
+        block_d = max(16, triton.next_power_of_2(dim))
+        key = tuning.loss_key(shape.dtype, block_d)
+        defaults = [triton_loss._default_blocks(block_d, dim, shape.dtype)] * 2
+    truth = [t.detach().float() for t in outputs("reference")]
+    tolerance = common.TOLERANCE[shape.dtype]
+    results = {}
+    for kernel, default, timed in ((fwd_kernel, defaults[0], "forward"), (bwd_kernel, defaults[1], "backward")):
+        trials, measured = [], []  # (ms, config, error) of the correct ones; every candidate's record
+        for config in [default] + [c for c in candidates[kernel] if c != default]:
+            label = "default" if config is default else "candidate"
+            try:
+                with tuning.forcing(kernel, config):
+                    if timed == "forward":
+                        ms = common.bench(forward, device, quick=True)
+                    else:
+                        out = forward()
+                        ms = common.bench(lambda out=out: backward(out), device, quick=True)
+                    error = common.max_rel_error(outputs("triton"), truth)
+            except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or run loses
+                log(
+                    f"  {kernel:<18} {label:<9} {config}  error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                )
+                continue
+            verdict = "ok" if error <= tolerance else f"MISMATCH (rel err {error:.2e} > {tolerance:.0e})"
+            log(f"  {kernel:<18} {label:<9} {config}  {ms:9.4f} ms  rel err {error:.1e}  {verdict}")
+            measured.append(
+                dict(config=config, ms=round(ms, 5), rel_error=float(f"{error:.3g}"), ok=error <= tolerance)
+            )
+            if error <= tolerance:
+                trials.append((ms, config, error))
+        trials.sort(key=lambda t: t[0])
+        default_ms = next((ms for ms, config, _ in trials if config is default), None)
+        if not trials:
+            log(f"  {kernel}: no candidate ran correctly; nothing written")
+            continue
+        (ms, config, error), runner_up = trials[0], (trials[1] if len(trials) > 1 else (None, None, None))
+        results[kernel] = (key, dict(
+            config=config, ms=round(ms, 5), default_ms=None if default_ms is None else round(default_ms, 5),
+            runner_up=runner_up[1], runner_up_ms=None if runner_up[0] is None else round(runner_up[0], 5),
+            shape=shape.name, checked_rel_error=float(f"{error:.3g}"), candidates=measured,
+        ))  # fmt: skip
+        speedup = f"{default_ms / ms:.2f}x the default" if default_ms else "default failed"
+        log(f"  {kernel}: winner {config} at {ms:.4f} ms ({speedup})")
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="the table to write (default: seqrec_kernels/tuning/<gpu>.json)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, two candidates per kernel")
+    parser.add_argument("--shapes", default=None, help="comma-separated parts of shape-class names to run")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.dry_run:
+        raise SystemExit("--device: the tuning sweep times kernels on a GPU; on a CPU use --dry-run")
+    if args.dry_run and args.table is None:
+        raise SystemExit("--table: a dry run writes its table elsewhere than the committed ones")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (dry run)"
+    table_path = args.table or tuning.TABLE_DIR / f"{tuning.gpu_slug(gpu)}.json"
+    classes = DRY_RUN_CLASSES if args.dry_run else GPU_CLASSES
+    names = common.selected(args.shapes, [c.name for c in classes], "--shapes", substrings=True)
+    candidates = DRY_RUN_CANDIDATES if args.dry_run else CANDIDATES
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+
+    def log(line):
+        print(line, flush=True)
+
+    log(f"# tuning sweep on {gpu}: torch {torch.__version__}, triton {triton.__version__}, table {table_path}")
+    started = time.perf_counter()
+    with sk.value_checks(False):
+        for shape in [c for c in classes if c.name in names]:
+            log(f"{shape.name}: {shape}")
+            for kernel, (key, entry) in tune_class(shape, device, candidates, log).items():
+                table.setdefault(kernel, {})[key] = entry
+            table_path.parent.mkdir(parents=True, exist_ok=True)
+            table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # after every class
+    tuning.table.cache_clear()
+    log(f"# {time.perf_counter() - started:.0f} s; table written: {table_path}")
+
+
+if __name__ == "__main__":
+    main()
