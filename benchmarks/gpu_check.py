@@ -128,7 +128,7 @@ def run_phase(phase: Phase, deadline: float, results: Path, summary_log: list[st
     """Runs the phase's commands under its limit (and the overall deadline), output to its log."""
     left = deadline - time.monotonic()
     limit = left if phase.limit_s is None else min(phase.limit_s, left)
-    if limit < 15:
+    if limit < min(15, phase.limit_s or 15):  # too little left to be worth starting
         phase.result = "not run: out of time"
         return
     log_path = results / phase.log if phase.log else None
@@ -138,7 +138,7 @@ def run_phase(phase: Phase, deadline: float, results: Path, summary_log: list[st
     with open(log_path, "w") if log_path else open(os.devnull, "w") as log:  # noqa: SIM115
         for i, command in enumerate(phase.commands):
             share = (started + limit - time.monotonic()) / (len(phase.commands) - i)
-            if share < 5:
+            if share < 1:
                 phase.result = "timed out"
                 break
             header = f"$ {' '.join(command)}"
