@@ -12,7 +12,7 @@ scripts still report what they saw, then SIGKILL), within one overall budget:
     sweep         90 s  tests/gpu_sweep.py: every op x backend x dtype vs float64
     sanitizer     60 s  compute-sanitizer memcheck, then racecheck, over tests/sanitizer_grid.py
     tuning        90 s  benchmarks/tune.py: candidate launch configs timed, winners to the table
-    bench        100 s  the key benchmark rows (attention, losses, SASRec step), to results.csv
+    bench        150 s  the key benchmark rows (attention, losses, SASRec step), to results.csv
     profile       30 s  benchmarks/profile.py: launches, device vs wall time, top kernels
     tests       the rest  the `gpu`-marked pytest suite, every test's verdict printed as it runs
 
@@ -111,7 +111,7 @@ def phases(python: str, slug: str, arch: str, results: Path, dry_run: bool) -> l
             [sanitizer, "--tool", "racecheck", "--error-exitcode", "1", python, "tests/sanitizer_grid.py"],
         ], f"gpu-sanitizer-{slug}.txt"),
         Phase("tuning", 90, [[python, "-m", "benchmarks.tune", "--table", str(table)]], None),
-        Phase("bench", 100, [
+        Phase("bench", 150, [
             bench + ["attention", "--quick", "--shapes", "SASRec-Games,long-1024"],
             bench + ["softmax_loss", "--quick"],
             bench + ["sasrec", "--quick", "--shapes", "Games"],
