@@ -120,6 +120,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, default=defaults.epochs)
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=defaults.lr)
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="> 0: AdamW (decoupled weight decay)")
     add("--eval-every", type=int, default=defaults.eval_every, help="epochs between validations")
     add("--patience", type=int, default=defaults.patience, help="validations without improvement before stopping")
     add("--eval-protocol", default=defaults.eval_protocol, choices=PROTOCOLS)
@@ -130,12 +131,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BATCHINGS,
         help="packed: each batch holds real tokens only (fast); padded: [batch, max-len] rows as the paper's code",
     )
-    add("--token-bucket", type=int, default=None,
-        help="packed: round a batch's token count up to a multiple (fixed shapes for --compile; default 128 on CUDA, "
-        "else 1)")  # fmt: skip
+    add("--token-buckets", type=int, default=defaults.token_buckets,
+        help="packed: how many token counts (static shapes, chosen from the data) batches are padded to")  # fmt: skip
     add("--backend", default=defaults.backend, choices=[b.value for b in Backend])
     add("--amp", default=None, choices=[name for name in AMP_DTYPES if name])
-    add("--compile", action="store_true", help="torch.compile the training step")
+    add("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+        help="torch.compile the whole training step (forward, loss, backward, update); BACKEND: torch.compile's "
+        "(default inductor)")  # fmt: skip
+    add("--cuda-graph", action=argparse.BooleanOptionalAction, default=defaults.cuda_graph,
+        help="on CUDA: replay each training step from a CUDA graph (not with fp16 or several processes)")  # fmt: skip
     add("--seed", type=int, default=defaults.seed)
     add("--deterministic", action="store_true", help="deterministic algorithms: bitwise reproducible runs")
     add("--out", default=defaults.out, help="run directory: checkpoints, metrics.jsonl, test_metrics.json")

@@ -14,25 +14,31 @@ alone writes files and prints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ._checks import value_checks
 from .data.dataset import InsufficientDataError, LeaveOneOutSplit, SequenceDataset
-from .data.packed import PackedBatch
+from .data.packed import PackedBatch, token_buckets
 from .data.readers import read_interactions
 from .data.synthetic import synthetic_interactions
 from .metrics import PROTOCOLS, evaluate
 from .models.sasrec import SASRec, SASRecConfig, negative_sampler, sample_negatives
+from .training_step import TrainingStep, make_optimizer
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCHINGS = ("packed", "padded")
@@ -54,15 +60,17 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay)
     eval_every: int = 20  # epochs between validations
     patience: int = 3  # validations without a better NDCG@10 before stopping
     eval_protocol: str = "sampled"  # the protocol that picks the best checkpoint
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     batching: str = "packed"  # "packed": real tokens only; "padded": [B, max_len] rows, as the paper's code
-    token_bucket: int | None = None  # packed: round T up to a multiple (fixed shapes); None: 128 on CUDA, else 1
+    token_buckets: int = 4  # packed: the token counts (static shapes) a run's batches are padded to
     backend: str = "auto"
     amp: str | None = None  # "bf16" | "fp16" | None
-    compile: bool = False
+    compile: bool | str = False  # torch.compile the whole step (forward, loss, backward, update); a str: its backend
+    cuda_graph: bool = True  # on CUDA: replay each step from a CUDA graph (not with fp16 or several processes)
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run: bitwise reproducible
     out: str = "runs/default"
@@ -70,7 +78,7 @@ class TrainConfig:
     progress: bool = True  # progress bars, when stderr is a terminal; else one log line per epoch
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_every", "patience"):
+        for name in ("epochs", "batch_size", "eval_every", "patience", "token_buckets"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -78,15 +86,16 @@ class TrainConfig:
             raise ValueError(f"min_count: expected an int >= 0, got {self.min_count!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay: expected a value >= 0, got {self.weight_decay!r}")
         if self.eval_protocol not in PROTOCOLS:
             raise ValueError(f"eval_protocol: expected one of {', '.join(PROTOCOLS)}, got {self.eval_protocol!r}")
         if self.batching not in BATCHINGS:
             raise ValueError(f"batching: expected one of {', '.join(BATCHINGS)}, got {self.batching!r}")
-        bucket = self.token_bucket
-        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1):
-            raise ValueError(f"token_bucket: expected None or an int >= 1, got {bucket!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp: expected 'bf16', 'fp16' or None, got {self.amp!r}")
+        if self.compile and self.amp == "fp16":
+            raise ValueError("amp: fp16's GradScaler reads its inf check on the host every step; with compile use bf16")
         model = self.model
         for name in ("max_len", "hidden", "heads", "num_negatives"):
             value = getattr(model, name)
@@ -102,6 +111,7 @@ class TrainConfig:
         """A TrainConfig from dataclasses.asdict(config), also the flat form (model options
         beside the training ones) that checkpoints written before `model` existed hold."""
         options = dict(options)
+        options.pop("token_bucket", None)  # checkpoints before token_buckets: a multiple, now chosen from the data
         model = options.pop("model", None)
         model_names = {f.name for f in dataclasses.fields(SASRecConfig)} - {"num_items"}
         flat = {name: options.pop(name) for name in model_names & options.keys()}
@@ -156,33 +166,48 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
     return model.to(device).eval(), state
 
 
-def _to_device(value, device: torch.device):
-    """Host tensors (in tuples, PackedBatches) on `device`; to a GPU from pinned memory,
-    without waiting for the copy."""
-    if value is None:
-        return None
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    if device.type != "cuda":
-        return value.to(device)
-    return value.pin_memory().to(device, non_blocking=True)
+def prefetched(make: Callable, items: Iterable, depth: int = 2) -> Iterator:
+    """make(item) for each item, computed on a background thread up to `depth` items ahead of
+    the consumer (batches are built while the previous step runs); an exception of make()
+    (KeyboardInterrupt included) is raised here, at the item it failed on. Leaving the loop
+    early stops the thread."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                results.put((True, make(item)))
+        except BaseException as error:  # handed to the consumer, which raises it
+            results.put((False, error))
+            return
+        results.put((False, None))
+
+    thread = threading.Thread(target=produce, name="seqrec-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            made, value = results.get()
+            if not made:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() waiting for room, then let the thread see `stop`
+            try:
+                results.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
-def training_step(loss_fn, optimizer, scaler, autocast, batch, negatives) -> torch.Tensor:
-    """One optimizer step on a batch already on the device; returns the loss, detached and
-    not read (reading it would wait for the device)."""
-    with autocast:
-        loss = loss_fn(batch, negatives)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
-
-
-def _autocast(config: TrainConfig, device: torch.device):
-    dtype = AMP_DTYPES[config.amp]  # a known key: TrainConfig checks it
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def training_step(step: TrainingStep, inputs) -> torch.Tensor:
+    """One optimizer step on a batch's tensors (host, pinned on CUDA); returns the loss, on the
+    device and not read (reading it would wait for the device)."""
+    return step(inputs)
 
 
 def train(config: TrainConfig) -> dict:
@@ -194,6 +219,73 @@ def train(config: TrainConfig) -> dict:
         return _train(config)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def epoch_users(users: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """This process's batches of training users in an epoch. The order depends on the seed and
+    epoch only: the same in every process and after a resume. Each process takes an equal
+    share (DDP needs equal steps)."""
+    order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    share = users.numel() // world
+    return users[order[rank * share : (rank + 1) * share]].split(batch_size)
+
+
+@dataclasses.dataclass
+class TrainingBatches:
+    """batches(batch_users, generator) -> a training batch's tensors (step_loss_function's
+    inputs) on the host, pinned if `pin` (copied to the device without waiting), in static
+    shapes: batch_size rows (the epoch's last, shorter batch gets empty rows), and for packed
+    batches the smallest of `token_counts` that holds the tokens (a tail of padding tokens).
+    Empty rows and tail tokens have no target: they count in no loss and no gradient. The
+    negatives are drawn from `generator`."""
+
+    split: LeaveOneOutSplit
+    model: SASRecConfig
+    batching: str
+    batch_size: int
+    sampler: object  # negative_sampler(model, ...); None for full_softmax
+    token_counts: tuple[int, ...]
+    pin: bool = False
+
+    @staticmethod
+    def of(config: TrainConfig, split: LeaveOneOutSplit, model: SASRecConfig, sampler, pin: bool = False):
+        """The batches of a run: token_counts from the lengths of the training users' windows."""
+        tokens = (split.train_lengths[split.training_users()] - 1).clamp(max=model.max_len)  # [U] inputs per user
+        counts = token_buckets(tokens, config.batch_size, config.token_buckets, seed=config.seed)
+        return TrainingBatches(split, model, config.batching, config.batch_size, sampler, counts, pin)
+
+    def __call__(self, batch_users: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        inputs, targets = self.split.training_batch(batch_users, self.model.max_len)  # [b, L] each
+        missing = self.batch_size - batch_users.numel()
+        inputs, targets = (F.pad(t, (0, 0, 0, missing)) for t in (inputs, targets))  # [B, L]
+        users_of_rows = F.pad(batch_users, (0, missing))  # an empty row draws user 0's (unused) negatives
+        if self.batching == "packed":
+            batch = PackedBatch.from_padded(inputs, targets, self.model.max_len, token_counts=self.token_counts)
+            tensors = [batch.items, batch.positions, batch.cu_seqlens, batch.rows, batch.targets]
+            owners = users_of_rows[batch.rows]  # [T]: each token's user
+        else:
+            tensors, owners = [inputs, targets], users_of_rows
+        negatives = sample_negatives(self.model, self.sampler, tensors[-1].shape, users=owners, generator=generator)
+        tensors += list(negatives or ())
+        return [t.pin_memory() for t in tensors] if self.pin else tensors
+
+
+def step_loss_function(model: SASRec, encoder, batching: str) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The loss of a batch given as the tensors the trainer builds (the step's inputs):
+    packed: items, positions [T], cu_seqlens [B + 1], rows, targets [T]; padded: inputs,
+    targets [B, L]; then the negatives (ids, log_q) unless the loss is full_softmax. `encoder`
+    is the model or its DDP wrapper."""
+    packed = batching == "packed"
+
+    def loss(inputs):
+        if packed:
+            histories = PackedBatch(*inputs[:5])
+            targets, negatives = histories.targets, inputs[5:]
+        else:
+            histories, targets, negatives = inputs[0], inputs[1], inputs[2:]
+        return model.loss_from_hidden(encoder(histories), targets, tuple(negatives) or None)
+
+    return loss
 
 
 def _train(config: TrainConfig) -> dict:
@@ -224,16 +316,10 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
     split = LeaveOneOutSplit.of(data)
     model = build_model(config, data.num_items).to(device)
     sampler = negative_sampler(model.config, data, split.train_item_counts())  # None for full_softmax
-    # foreach: one fused update per step, the default on CUDA; on a CPU it halves the step time too.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98), foreach=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay, device)
     encoder = DistributedDataParallel(model) if world > 1 else model  # the forward DDP synchronizes
-
-    def step_loss(batch, negatives):  # a PackedBatch or padded (inputs, targets) [B, L] each
-        histories, targets = (batch, batch.targets) if isinstance(batch, PackedBatch) else batch
-        return model.loss_from_hidden(encoder(histories), targets, negatives)
-
-    loss_fn = torch.compile(step_loss) if config.compile else step_loss
+    if config.compile and world > 1:
+        raise ValueError("compile: the whole-step compile takes one process (DDP's hooks split the graph)")
     state = dict(epoch=0, best=-math.inf, best_epoch=0, bad_validations=0)
     if config.resume and (out / "last.pt").exists():
         checkpoint = torch.load(out / "last.pt", map_location=device, weights_only=False)
@@ -261,25 +347,21 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             f"data: {users.numel()} users have a training pair (an item and its next one before the validation and "
             f"test items: 4 or more interactions, or exactly 2); each of the {world} processes needs one"
         )
-    bucket = config.token_bucket or (128 if device.type == "cuda" else 1)
-    autocast = _autocast(config, device)
-
-    def host_batch(batch_users):
-        """A training batch built on the host and sent to the device without waiting:
-        (a PackedBatch or padded (inputs, targets) [B, L], negatives or None)."""
-        inputs, targets = split.training_batch(batch_users, config.model.max_len)  # [B, L] each
-        if config.batching == "packed":
-            batch = PackedBatch.from_padded(inputs, targets, config.model.max_len, bucket)
-            owners, rows = batch_users[batch.rows], batch.targets.shape  # [T]: each token's user
-        else:
-            batch, owners, rows = (inputs, targets), batch_users, targets.shape
-        negatives = sample_negatives(model.config, sampler, rows, users=owners)
-        return _to_device(batch, device), _to_device(negatives, device)
+    graph = config.cuda_graph and device.type == "cuda" and world == 1 and config.amp != "fp16"
+    step = TrainingStep(
+        step_loss_function(model, encoder, config.batching), optimizer, AMP_DTYPES[config.amp],
+        compile=config.compile, graph=graph, scaler=torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"),
+    )  # fmt: skip
+    batches_of = TrainingBatches.of(config, split, model.config, sampler, pin=device.type == "cuda")
+    token_counts = batches_of.token_counts
 
     log(
         f"{source}: {data.num_users} users, {data.num_items} items, {data.items.numel()} interactions; "
         f"SASRec {model.config.blocks}x{model.config.hidden}, loss {model.config.loss}, backend {model.backend.value}, "
-        f"device {device}" + (f", {world} processes" if world > 1 else "")
+        f"device {device}"
+        + (f", {world} processes" if world > 1 else "")
+        + f"; steps {'compiled, ' if config.compile else ''}{'CUDA graphs' if graph else 'eager'}"
+        + (f", token counts {', '.join(map(str, token_counts))}" if config.batching == "packed" else "")
     )
     metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
     # Bars only on a terminal: in a file or CI log they are thousands of \r fragments.
@@ -290,17 +372,17 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
             epoch = state["epoch"] + 1
             model.train()
             started = time.perf_counter()
-            # The epoch's order depends on the seed and epoch only: the same in every process
-            # and after a resume. Each process takes an equal share (DDP needs equal steps).
-            order = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
-            share = users.numel() // world
-            batches = users[order[rank * share : (rank + 1) * share]].split(config.batch_size)
+            batches = epoch_users(users, config.batch_size, config.seed, epoch, rank, world)
             # The loss stays on the device until the epoch ends: no host sync per step.
             total = torch.zeros((), device=device)
+            # Negatives from a generator of their own (the batches are built on another thread),
+            # seeded by epoch: the same after a resume.
+            negatives = torch.Generator().manual_seed(config.seed * 7919 + epoch + 104729)
+            epoch_batches = prefetched(functools.partial(batches_of, generator=negatives), batches)
             with value_checks(False):  # the batches are valid by construction; checks would sync
-                for batch_users in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress_bars):
-                    batch, negatives = host_batch(batch_users)
-                    total += training_step(loss_fn, optimizer, scaler, autocast, batch, negatives)
+                for inputs in tqdm(epoch_batches, total=len(batches), desc=f"epoch {epoch}", leave=False,
+                                   disable=not progress_bars):  # fmt: skip
+                    total += training_step(step, inputs)
             total = total.item()
             seconds = time.perf_counter() - started
             state["epoch"] = epoch

@@ -7,16 +7,48 @@ boundaries through `cu_seqlens` (fused_attention_varlen). It is built on the hos
 padded windows, so it has the same users, items and positions as the padded batch, and
 the model computes the same function on it.
 
-The token count may be rounded up to a multiple of `bucket` with a tail of padding tokens
-(item 0, no target, in no sequence), so that a few shapes cover an epoch: CUDA graphs and
-torch.compile need fixed shapes; on a CPU the default bucket of 1 adds no tail.
+The token count may be padded with a tail of padding tokens (item 0, no target, in no
+sequence) up to a multiple of `bucket`, or up to the smallest of a few fixed token counts
+(`token_counts`, chosen by token_buckets() from the data's lengths), so that a few shapes
+cover an epoch: CUDA graphs and torch.compile need fixed shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
+
+# token_buckets(): the fraction of batches that overflow each bucket but the largest (geometric
+# from half of them down to 1%), so that the padding tail stays small for most batches.
+_OVERFLOW_FIRST, _OVERFLOW_LAST = 0.5, 0.01
+_SIMULATED_BATCHES = 4096
+
+
+def token_buckets(
+    tokens_per_sequence: torch.Tensor, batch_size: int, count: int = 4, multiple: int = 8, seed: int = 0
+) -> tuple[int, ...]:
+    """At most `count` token counts, ascending multiples of `multiple`, that every packed batch
+    of at most `batch_size` sequences with these token counts [U] fits into: the largest holds
+    the batch_size longest sequences together; the others are quantiles of the token count of
+    random batches (the median, then fewer and fewer batches above each, down to 1%), so that
+    most batches carry a short padding tail. Deterministic for a seed."""
+    if tokens_per_sequence.dim() != 1 or tokens_per_sequence.numel() == 0:
+        raise ValueError(f"tokens_per_sequence: expected [U] counts, U >= 1, got {tuple(tokens_per_sequence.shape)}")
+    for name, value in (("batch_size", batch_size), ("count", count), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    counts = tokens_per_sequence.long()
+    round_up = lambda n: -(-max(int(n), 1) // multiple) * multiple  # noqa: E731
+    largest = round_up(counts.topk(min(batch_size, counts.numel())).values.sum())
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(counts.numel(), (_SIMULATED_BATCHES, batch_size), generator=generator)
+    totals = counts[picks].sum(1).double()  # [batches] tokens of random batches
+    levels = [1 - _OVERFLOW_FIRST * (_OVERFLOW_LAST / _OVERFLOW_FIRST) ** (i / max(count - 2, 1))
+              for i in range(count - 1)]  # fmt: skip
+    quantiles = torch.quantile(totals, torch.tensor(levels, dtype=torch.float64)) if levels else []
+    return tuple(sorted({min(round_up(q), largest) for q in quantiles} | {largest}))
 
 
 @dataclasses.dataclass
@@ -32,12 +64,18 @@ class PackedBatch:
 
     @staticmethod
     def from_padded(
-        histories: torch.Tensor, targets: torch.Tensor | None = None, max_len: int | None = None, bucket: int = 1
+        histories: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        max_len: int | None = None,
+        bucket: int = 1,
+        token_counts: Sequence[int] | None = None,
     ) -> PackedBatch:
         """Packs left-padded histories [B, L] (0 = padding) and their targets [B, L]. A
         history's positions are those the padded forward gives it: column + max_len - L
-        (max_len defaults to L). At least one token, so that T > 0 even for empty rows.
-        Reads the token count: build it on the host (CPU tensors), not from device tensors."""
+        (max_len defaults to L). At least one token, so that T > 0 even for empty rows; T is
+        rounded up to a multiple of `bucket`, or is the smallest of `token_counts` that holds
+        the real tokens (a ValueError if none does). Reads the token count: build it on the
+        host (CPU tensors), not from device tensors."""
         if histories.dim() != 2:
             raise ValueError(f"histories: expected [B, L] item ids, got shape {tuple(histories.shape)}")
         if targets is not None and targets.shape != histories.shape:
@@ -56,6 +94,14 @@ class PackedBatch:
         rows, columns = real.nonzero(as_tuple=True)  # row-major: each history in order, oldest first
         num_real = rows.numel()
         num_tokens = -(-max(num_real, 1) // bucket) * bucket  # rounded up to the bucket
+        if token_counts is not None:
+            fitting = [n for n in token_counts if n >= max(num_real, 1)]
+            if bucket != 1 or not fitting:
+                raise ValueError(
+                    f"token_counts: expected a count >= the batch's {num_real} tokens (and bucket=1), "
+                    f"got {list(token_counts)} with bucket={bucket}"
+                )
+            num_tokens = min(fitting)
         tail = num_tokens - num_real
 
         def with_tail(values):  # [num_real] -> [T], zeros on the tail
