@@ -33,7 +33,7 @@ DEFAULT_CSV = RESULTS / "results.csv"
 DATA_DIRS = [REPO.parent / "shared" / "data", REPO / ".gpu-data"]
 DATASETS = {"games": ("games.txt", 23_715), "ml-1m": ("ml-1m-train-sequences.txt", 3416)}  # file, catalog size
 OURS = ("triton", "cuda", "cpp")  # the package's kernel backends; every other provider is plain PyTorch
-COMPILED = ("compile", "flex")  # providers that go through torch.compile
+COMPILED = ("compile", "flex", "flex-mask-per-call", "chunked-compile")  # providers through torch.compile
 # Relative error (max |out - ref| / max |ref|) above which a provider is flagged "mismatch".
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 

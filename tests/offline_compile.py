@@ -64,6 +64,7 @@ GRIDS = {
         excluded_counts=(0, 1, 3, 20),  # 20: beyond the ids held in registers, a catalog mask
         float32_precisions=("highest", "high", "medium"),
         retrieval_variants=[(d, k) for d in (50, 64, 128, 256, 512, 1024) for k in (10, 100, 1024, 2048)],
+        candidate_dims={"attention": (50, 64, 128), "full_softmax": (64,)},
     ),
     "ci": dict(
         attention_dims=(16, 50, 128, 256),
@@ -84,7 +85,10 @@ GRIDS = {
 }
 
 
-OPS = ("attention", "sampled", "full", "retrieval")  # the op families; --ops compiles a subset
+# The op families; --ops compiles a subset. "candidates": the tuning sweep's candidate launch
+# configurations (benchmarks/tune.py CANDIDATES), 16-bit, at the head/hidden dims of its
+# shape classes; not in the ci grid (make offline-compile --ops candidates, or GRID=full).
+OPS = ("attention", "sampled", "full", "retrieval", "candidates")
 
 
 def _dtypes(grid):
@@ -226,6 +230,39 @@ def _run_loss(kind, dtype, hidden_dim, variant, deterministic=False):
         torch.use_deterministic_algorithms(previous)
 
 
+# The kernels each tunable launch configuration applies to (the other kernels a candidate's
+# op launches run in their defaults and are compiled by the other families).
+TUNED_KERNELS = {
+    "attention_fwd": {"_attention_fwd_kernel"},
+    "attention_bwd": {"_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"},
+    "full_softmax_fwd": {"_full_fwd_kernel"},
+    "full_softmax_bwd": {"_full_bwd_hidden_kernel", "_full_bwd_weight_kernel"},
+}
+
+
+def _candidate_cases(grid):
+    from benchmarks.tune import CANDIDATES
+
+    for kernel, configs in CANDIDATES.items():
+        family = kernel.rsplit("_", 1)[0]  # attention, full_softmax
+        for dim in grid.get("candidate_dims", {}).get(family, ()):
+            for config in configs:
+                tag = dict(op="candidates", dtype="bfloat16", precision=None, D=dim, tuned=kernel,
+                           config="/".join(str(v) for v in config.values()))  # fmt: skip
+                yield tag, (kernel, config, dim)
+
+
+def _run_candidate(kernel, config, dim):
+    """The public op (forward and backward) with `kernel` launched in `config`."""
+    from seqrec_kernels import tuning
+
+    with tuning.forcing(kernel, config):
+        if kernel.startswith("attention"):
+            _run_attention("bfloat16", dim, 0.0, True, "padded")
+        else:
+            _run_loss("full", "bfloat16", dim, 1)
+
+
 def _retrieval_cases(grid):
     for dtype, precision in _dtypes(grid):
         for hidden_dim, k in grid["retrieval_variants"]:
@@ -315,6 +352,7 @@ def worker(cc: int, grid_name: str, ops=OPS) -> list[dict]:
     cases = [(tag, _with_precision(_run_attention, tag["precision"]), args) for tag, args in _attention_cases(grid)]
     cases += [(tag, _with_precision(_run_loss, tag["precision"]), args) for tag, args in _loss_cases(grid)]
     cases += [(tag, _with_precision(_run_retrieval, tag["precision"]), args) for tag, args in _retrieval_cases(grid)]
+    cases += [(tag, _run_candidate, args) for tag, args in _candidate_cases(grid)]
     cases = [case for case in cases if case[0]["op"] in ops]
     analyzed: dict[str, dict] = {}  # a kernel reached by several cases is analyzed once
     rows = []
@@ -326,6 +364,8 @@ def worker(cc: int, grid_name: str, ops=OPS) -> list[dict]:
         except Exception as error:  # noqa: BLE001 (a launcher that fails before any compile)
             records.append(("(launcher)", (1, 1, 1), None, f"{type(error).__name__}: {str(error)[-600:]}"))
         for name, grid, kernel, error in records:
+            if "tuned" in tag and name not in TUNED_KERNELS[tag["tuned"]] and error is None:
+                continue
             row = dict(tag, cc=cc, kernel=name, grid=grid)
             if error is not None:
                 row["error"] = error
@@ -391,7 +431,7 @@ def violations(row: dict) -> list[str]:
 
 def describe(row: dict) -> str:
     keys = [k for k in ("op", "dtype", "precision", "D", "dropout", "causal", "form", "layout", "deterministic",
-                        "excluded", "k") if k in row]  # fmt: skip
+                        "excluded", "k", "tuned", "config") if k in row]  # fmt: skip
     return f"sm_{row['cc']} {row['kernel']} " + " ".join(f"{k}={row[k]}" for k in keys)
 
 
@@ -445,6 +485,8 @@ def markdown(rows: list[dict], grid_name: str) -> str:
     groups = collections.defaultdict(list)
     for r in compiled:
         dtype = r["dtype"] + (f" ({r['precision']})" if r.get("precision") else "")
+        if "tuned" in r:  # a tuning candidate: its BLOCK_*/BLOCK_*/warps/stages
+            dtype += f" candidate {r['config']}"
         groups[(r["cc"], r["kernel"], dtype, r["D"])].append(r)
     for (cc, kernel, dtype, dim), members in sorted(groups.items()):
         mma = sorted({m["mma"] or "-" for m in members})
