@@ -37,18 +37,20 @@ from seqrec_kernels.triton import attention as triton_attention
 from seqrec_kernels.triton import softmax_loss as triton_loss
 
 
-def _config(block_a, block_b, num_warps, num_stages, names):
-    return dict(zip(names, (block_a, block_b)), num_warps=num_warps, num_stages=num_stages)
+def _config(block_a, block_b, num_warps, num_stages, names, **options):
+    return dict(zip(names, (block_a, block_b)), num_warps=num_warps, num_stages=num_stages, **options)
 
 
 ATTENTION = ("BLOCK_M", "BLOCK_N")
 LOSS = ("BLOCK_T", "BLOCK_N")
 # 16-bit candidates beside today's default (added per shape class from the launcher itself).
-# Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90) and deeper pipelines; backward:
-# wider key tiles for dk/dv and 64-row dq tiles.
+# Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper pipelines, and the
+# causal blocks with the most keys scheduled first (HEAVY_FIRST); backward: wider key tiles
+# for dk/dv and 64-row dq tiles.
 CANDIDATES = {
     "attention_fwd": [
-        _config(*c, ATTENTION) for c in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)]
+        *(_config(*c, ATTENTION) for c in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)]),
+        *(_config(*c, ATTENTION, HEAVY_FIRST=True) for c in [(128, 64, 8, 2), (64, 64, 4, 2)]),
     ],
     "attention_bwd": [
         _config(*c, ATTENTION) for c in [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
@@ -57,7 +59,7 @@ CANDIDATES = {
     "full_softmax_bwd": [_config(*c, LOSS) for c in [(128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]],
 }
 DRY_RUN_CANDIDATES = {
-    "attention_fwd": [_config(16, 16, 4, 1, ATTENTION)],
+    "attention_fwd": [_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True)],
     "attention_bwd": [_config(16, 32, 4, 1, ATTENTION)],
     "full_softmax_fwd": [_config(32, 16, 4, 1, LOSS)],
     "full_softmax_bwd": [_config(16, 32, 4, 1, LOSS)],

@@ -126,3 +126,13 @@ def test_length_buckets_and_dtype_keys():
     assert tuning.dtype_key(torch.bfloat16) == "bfloat16"
     with_mode = torch.get_float32_matmul_precision()
     assert tuning.dtype_key(torch.float32) == f"float32-{with_mode}"
+
+
+def test_heavy_first_forward_computes_the_same(launches):
+    """The forward with its query blocks scheduled last to first (a tuning candidate) is the
+    same function: several blocks per sequence, causal, lengths that end mid-block."""
+    with tuning.forcing("attention_fwd", dict(BLOCK_M=16, BLOCK_N=16, HEAVY_FIRST=True)):
+        ours, truth = _attention(length=45)
+    assert launches["_attention_fwd_kernel"][0]["HEAVY_FIRST"] is True
+    for a, b in zip(ours, truth):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

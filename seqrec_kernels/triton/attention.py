@@ -175,11 +175,15 @@ def _attention_fwd_kernel(
     qk_scale_log2, drop_threshold, drop_scale,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):  # fmt: skip
     """Out and LSE for one block of queries, streaming the keys it sees. Q, K and V rows are
-    read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width)."""
+    read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width). HEAVY_FIRST
+    (a tuning candidate): grid axis 1 runs the query blocks last to first, so that under a
+    causal mask the blocks with the most keys start first instead of setting the tail."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
+    if HEAVY_FIRST:
+        block_start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
     _write_padding(Out, seq, head, stride_ob, stride_oh, stride_ol, lead_end, tail_start, num_rows, 0.0, head_dim,
                    BLOCK_M, BLOCK_D)  # fmt: skip
@@ -391,19 +395,25 @@ def _attention_bwd_dq_kernel(
 
 
 def _launch_config(head_dim, dtype, backward, max_seqlen, device):
-    """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg}),
+    """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg, ...}),
     today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning) measured a faster
     configuration for this kernel, dtype, head dim and length class."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     default = _default_launch_config(block_d, dtype, backward)
     key = tuning.attention_key(dtype, block_d, max_seqlen)
     config = tuning.launch_config("attention_bwd" if backward else "attention_fwd", key, device, default)
-    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
-    return config["BLOCK_M"], config["BLOCK_N"], block_d, launch
+    launch = {name: value for name, value in config.items() if name not in ("BLOCK_M", "BLOCK_N")}
+    return config["BLOCK_M"], config["BLOCK_N"], block_d, dict(launch, maxnreg=MAX_REGISTERS)
 
 
 def _default_launch_config(block_d, dtype, backward):
-    """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages}."""
+    """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages} (and the forward's
+    HEAVY_FIRST, off), every key of which a tuning table may replace."""
+    config = _default_blocks_and_warps(block_d, dtype, backward)
+    return config if backward else dict(config, HEAVY_FIRST=False)
+
+
+def _default_blocks_and_warps(block_d, dtype, backward):
     if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     # float32 operand tiles take twice the registers: the narrow tiles at any D (64-row tiles
