@@ -225,17 +225,19 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options, imp
 
     forward_impl, backward_impl = impls
 
-    class Eager(torch.autograd.Function):  # the custom op's autograd, on the implementations
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = forward_impl(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
+    def eager_forward(ctx, *inputs):
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
 
-        backward = staticmethod(backward_with(backward_impl))
-
-    Eager.__name__ = Eager.__qualname__ = f"{fwd_name.split('::')[1]}_eager"
-    return Op(fwd, _with_autocast(Eager.apply, len(differentiable)))
+    # The custom op's autograd on the implementations, named for its op: its nodes show as
+    # <op>_eagerBackward (e.g. attention_fwd_triton_eagerBackward).
+    eager = type(
+        f"{fwd_name.split('::')[1]}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward_with(backward_impl))},
+    )
+    return Op(fwd, _with_autocast(eager.apply, len(differentiable)))
 
 
 def _with_autocast(apply: Callable, num_operands: int) -> Callable:

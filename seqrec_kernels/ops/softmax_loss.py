@@ -96,7 +96,7 @@ def _check_targets_not_excluded(targets, excluded, excluded_ids, ignore_index) -
     if mode is None:
         return
     excluded_target = (torch.isin(targets, excluded_ids) & (targets != ignore_index)).any()
-    message = f"targets: a non-ignored target is an excluded item ({excluded}); excluded items are never classes"
+    message = f"targets: a non-ignored target is an excluded item ({list(excluded)}); excluded items are never classes"
     if mode == "deferred":
         defer_error("targets", excluded_target, message)
     elif bool(excluded_target):

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .._limits import check_kernel_hidden_dim, check_kernel_k
 from ..backends import triton_interpreter_enabled
+from ._launch import launch_kernel
 from .attention import MAX_REGISTERS, _dot_options
 
 KEY_NONE = -(2**63)  # an empty slot: below every item's key; decodes to score -inf, id -1
@@ -299,7 +300,7 @@ def topk_forward(hidden, weight, exclude, excluded_ids, k):
     items_per_split, splits = _splits(rows, num_items, block, 2 * k_pad, hidden.device)
     best = torch.full((rows, splits, k_pad), KEY_NONE, dtype=torch.int64, device=hidden.device)
     candidates = torch.full_like(best, KEY_NONE)
-    _topk_kernel[(triton.cdiv(rows, block), splits)](
+    launch_kernel(_topk_kernel, (triton.cdiv(rows, block), splits),
         hidden, weight, exclude, excluded_ids, best, candidates,
         hidden.stride(0), weight.stride(0), exclude.stride(0),
         rows, num_items, hidden.shape[1], exclude.shape[1], excluded_ids.numel(), k, items_per_split, splits,
@@ -322,7 +323,7 @@ def ranks_forward(hidden, weight, targets, exclude, excluded_ids):
     exclude[:, 1:].masked_fill_(exclude[:, 1:] == exclude[:, :-1], 0)
     block, block_d, d_chunk, launch = _launch(hidden)
     items_per_split, splits = _splits(rows, num_items, block, 0, hidden.device)
-    _ranks_kernel[(triton.cdiv(rows, block), splits)](
+    launch_kernel(_ranks_kernel, (triton.cdiv(rows, block), splits),
         hidden, weight, targets.contiguous(), exclude, excluded_ids, ranks,
         hidden.stride(0), weight.stride(0), exclude.stride(0),
         rows, num_items, hidden.shape[1], exclude.shape[1], excluded_ids.numel(), items_per_split,
