@@ -26,6 +26,17 @@ batch of 16 on Games, bce and sampled_softmax), each in both batchings. Peak mem
 counted on a GPU only.
 
     python -m benchmarks.sasrec [--quick] [--csv PATH] [--shapes ...] [--providers ...]
+
+`--trainer` times our trainer's step instead (benchmark `sasrec-trainer`): a whole epoch of
+Games (bce by default, paper hyperparameters) through the trainer's own batches (packed,
+static token counts, built on a background thread) with the step eager, compiled whole
+(torch.compile, fullgraph; compilation outside the timed epoch) and replayed from CUDA
+graphs (CUDA), beside a plain-PyTorch SASRec (nn.MultiheadAttention on left-padded [B, L]
+batches of the same users and negatives, eager, the same loss, foreach Adam) on the same
+device: ms per step, steps/s and epoch seconds. Then the host time per step: the same
+steps at a tiny shape (B=4, L=8, d=8), where the device work is negligible.
+
+    python -m benchmarks.sasrec --trainer [--loss bce|full_softmax] [--compile-backend inductor]
 """
 
 from __future__ import annotations
@@ -33,14 +44,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
+import time
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from benchmarks import common
 from seqrec_kernels import value_checks
-from seqrec_kernels.data.dataset import LeaveOneOutSplit
+from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.packed import PackedBatch
+from seqrec_kernels.data.synthetic import synthetic_interactions
 from seqrec_kernels.models.sasrec import LOSSES, SASRec, SASRecConfig, negative_sampler, sample_negatives
+from seqrec_kernels.train import TrainConfig, TrainingBatches, epoch_users, prefetched, step_loss_function
+from seqrec_kernels.training_step import TrainingStep, make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,9 +243,13 @@ def print_config(title: str, rows: list[common.Row]) -> None:
 
 
 def main(argv=None) -> list[common.Row]:
-    args = common.parser("sasrec", __doc__, ", ".join(s.name for s in SETUPS + CPU_QUICK_SETUPS), PROVIDERS).parse_args(
-        argv
-    )
+    parser = common.parser("sasrec", __doc__, ", ".join(s.name for s in SETUPS + CPU_QUICK_SETUPS), PROVIDERS)
+    parser.add_argument("--trainer", action="store_true", help="the trainer's step modes beside a plain-PyTorch SASRec")
+    parser.add_argument("--loss", default="bce", choices=PLAIN_LOSSES, help="--trainer: the loss")
+    parser.add_argument("--compile-backend", default="inductor", help="--trainer: torch.compile's backend")
+    args = parser.parse_args(argv)
+    if args.trainer:
+        return trainer_main(args)
     device = common.setup(args)
     names = common.drop_unavailable(common.selected(args.providers, PROVIDERS, "--providers"), device)
     setups, losses, precisions = grid(args, device)
@@ -280,6 +302,190 @@ def main(argv=None) -> list[common.Row]:
     )
     common.report("sasrec", rows, env, args.csv, COLUMNS, note)
     return rows
+
+
+# ----------------------------------------------------------------------------- the trainer's steps
+
+PLAIN_LOSSES = ("bce", "full_softmax")
+TRAINER_COLUMNS = ["shape", "variant", "mode", "provider", "status", "ms", "steps_per_s", "speedup_vs_best_torch"]
+
+
+class PlainSASRec(nn.Module):
+    """SASRec as a plain-PyTorch port writes it, the baseline: nn.MultiheadAttention over
+    left-padded [B, L] rows with a causal mask, padding zeroed after every block (the
+    authors' arrangement: normed queries, raw keys and values), the same losses computed
+    densely: bce from [B, L, 1] negatives, full_softmax by cross_entropy over [B, L, N + 1]
+    logits."""
+
+    def __init__(self, config: SASRecConfig):
+        super().__init__()
+        d, self.config = config.hidden, config
+        self.item_embedding = nn.Embedding(config.num_items + 1, d, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.dropout = nn.Dropout(config.dropout)
+        self.attention_norms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(config.blocks))
+        self.attentions = nn.ModuleList(
+            nn.MultiheadAttention(d, config.heads, dropout=config.dropout, batch_first=True)
+            for _ in range(config.blocks)
+        )
+        self.feed_forward_norms = nn.ModuleList(nn.LayerNorm(d, eps=1e-8) for _ in range(config.blocks))
+        self.feed_forwards = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(d, d),
+                          nn.Dropout(config.dropout))
+            for _ in range(config.blocks)
+        )  # fmt: skip
+        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, d]
+        length = inputs.shape[1]
+        real = (inputs != 0)[..., None]  # [B, L, 1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).triu(1)  # True: masked
+        x = self.item_embedding(inputs) * math.sqrt(self.config.hidden) + self.position_embedding.weight[-length:]
+        x = self.dropout(x) * real
+        for attention_norm, attention, feed_forward_norm, feed_forward in zip(
+            self.attention_norms, self.attentions, self.feed_forward_norms, self.feed_forwards
+        ):
+            queries = attention_norm(x)
+            x = queries + attention(queries, x, x, attn_mask=causal, need_weights=False)[0]
+            x = feed_forward_norm(x)
+            x = (x + feed_forward(x)) * real
+        return self.final_norm(x)
+
+    def loss(self, inputs, targets, neg_ids=None, neg_log_q=None):
+        hidden, items = self(inputs), self.item_embedding.weight
+        if self.config.loss == "full_softmax":
+            logits = hidden @ items.T  # [B, L, N + 1]
+            logits[..., 0] = -math.inf  # the padding item is never a class
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+        valid = targets != 0
+        pos_logits = (hidden * items[targets]).sum(-1)
+        neg_logits = (hidden[..., None, :] * items[neg_ids]).sum(-1)
+        per_position = -F.logsigmoid(pos_logits) - F.logsigmoid(-neg_logits).sum(-1)
+        return (per_position * valid).sum() / valid.sum().clamp(min=1)
+
+
+def plain_step(model: PlainSASRec, optimizer, device):
+    def step(inputs):
+        inputs = [t if t.device == device else t.to(device, non_blocking=True) for t in inputs]
+        loss = model.loss(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def trainer_providers(config: SASRecConfig, device, compile_backend: str, backend: str = "auto"):
+    """{provider: (step(inputs), batching)}: our trainer's step eager, compiled whole and (CUDA)
+    replayed from CUDA graphs; the plain-PyTorch SASRec, eager, on padded batches."""
+    providers = {}
+    modes = {"eager": {}, "compiled": dict(compile=compile_backend)}
+    if device.type == "cuda":
+        modes["graph"] = dict(graph=True)
+    for name, options in modes.items():
+        torch.manual_seed(0)
+        model = SASRec(config).to(device).set_backend(backend)
+        optimizer = make_optimizer(model.parameters(), 1e-3, 0.0, device)
+        providers[name] = (TrainingStep(step_loss_function(model, model, "packed"), optimizer, **options), "packed")
+    torch.manual_seed(0)
+    plain = PlainSASRec(config).to(device)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3, betas=(0.9, 0.98), foreach=True)
+    providers["plain-pytorch"] = (plain_step(plain, optimizer, device), "padded")
+    return providers
+
+
+def run_epoch(step, make, batches, device) -> float:
+    """Seconds of one epoch: every batch built by make() on the trainer's background thread,
+    one step each, the losses summed on the device and read once at the end."""
+    common.synchronize(device)
+    started = time.perf_counter()
+    total = torch.zeros((), device=device)
+    with value_checks(False):
+        for inputs in prefetched(make, batches):
+            total += step(inputs)
+    total.item()
+    return time.perf_counter() - started
+
+
+def trainer_main(args) -> list[common.Row]:
+    device = common.setup(args)
+    env = common.environment(device)
+    print(f"sasrec trainer steps on {env.describe()}")
+    data = common.read_dataset(common.DATASETS["games"][0])
+    split = LeaveOneOutSplit.of(data)
+    config = SASRecConfig(num_items=data.num_items, max_len=50, dropout=0.5, loss=args.loss)
+    sampler = negative_sampler(config, data, split.train_item_counts())
+    pin = device.type == "cuda"
+    make = {
+        batching: TrainingBatches.of(TrainConfig(batching=batching), split, config, sampler, pin=pin)
+        for batching in ("packed", "padded")
+    }
+    users = epoch_users(split.training_users(), 128, seed=0, epoch=1)
+    if args.quick:
+        users = users[:16]
+    shape = f"Games B=128 L=50 d=50 N={data.num_items} ({len(users)} steps)"
+    rows = []
+    providers = trainer_providers(config, device, args.compile_backend)
+    for name, (step, batching) in providers.items():
+        generator = torch.Generator().manual_seed(1)  # the same negatives for every provider
+
+        def build(batch_users, batching=batching, generator=generator):
+            return make[batching](batch_users, generator)
+
+        # Compile or capture every static shape first (a whole epoch), outside the timed epoch;
+        # the eager steps warm up on a few batches.
+        warm_up = users if name in ("compiled", "graph") else users[:3]
+        warm = f" (warm-up {len(warm_up)} steps {run_epoch(step, build, warm_up, device):.1f} s)"
+        seconds = run_epoch(step, build, users, device)
+        rows.append(trainer_row(env, args, shape, "train epoch", name, seconds * 1e3 / len(users)))
+        print(f"  {name:<14} epoch {seconds:7.2f} s  {rows[-1].ms:8.2f} ms/step  {rows[-1].steps_per_s:7.1f} "
+              f"steps/s{warm}")  # fmt: skip
+    rows += host_rows(env, args, device)
+    compare_to_plain(rows)
+    note = (
+        "The trainer's step on Games (2 blocks, d=50, 1 head, batch 128, L=50, dropout 0.5): `train epoch` rows time "
+        "a whole epoch of the trainer's batches (built on its background thread) per step mode; `plain-pytorch` is "
+        "a SASRec port on nn.MultiheadAttention, padded [B, L] batches, eager, the same loss and users. `host step` "
+        "rows: the same steps at B=4 L=8 d=8 N=32, where the device work is negligible. speedup_vs_best_torch: "
+        "steps/s over plain-pytorch's in the same mode."
+    )
+    common.report("sasrec-trainer", rows, env, args.csv, TRAINER_COLUMNS, note)
+    return rows
+
+
+def trainer_row(env, args, shape, mode, provider, ms) -> common.Row:
+    return common.Row(
+        benchmark="sasrec-trainer", gpu=env.gpu, torch=env.torch, triton=env.triton, commit=env.commit, shape=shape,
+        variant=f"{args.loss} trainer", dtype="float32", mode=mode, provider=provider, status="ok",
+        time=common.timestamp(), quick=args.quick, ms=ms, steps_per_s=1e3 / ms,
+    )  # fmt: skip
+
+
+def host_rows(env, args, device) -> list[common.Row]:
+    """Host milliseconds per step at a tiny shape (the device work negligible), per provider."""
+    config = SASRecConfig(num_items=32, max_len=8, hidden=8, dropout=0.5, loss=args.loss)
+    data = SequenceDataset.from_interactions(synthetic_interactions(num_users=64, num_items=32, seed=0))
+    split = LeaveOneOutSplit.of(data)
+    sampler = negative_sampler(config, data, split.train_item_counts())
+    train_config = dict(batch_size=4, token_buckets=1)
+    rows = []
+    for name, (step, batching) in trainer_providers(config, device, args.compile_backend).items():
+        make = TrainingBatches.of(TrainConfig(batching=batching, **train_config), split, config, sampler)
+        inputs = make(split.training_users()[:4], torch.Generator().manual_seed(0))
+        inputs = [t.to(device) for t in inputs]
+        with value_checks(False):
+            ms = common.bench(lambda step=step, inputs=inputs: step(inputs), device, args.quick)
+        rows.append(trainer_row(env, args, "tiny B=4 L=8 d=8 N=32", "host step", name, ms))
+        print(f"  host step {name:<14} {ms * 1e3:8.1f} us")
+    return rows
+
+
+def compare_to_plain(rows: list[common.Row]) -> None:
+    plain = {r.mode: r for r in rows if r.provider == "plain-pytorch"}
+    for r in rows:
+        if r.provider != "plain-pytorch" and r.mode in plain:
+            r.speedup_vs_best_torch, r.best_torch = common.speedup(r, plain[r.mode]), "plain-pytorch"
 
 
 if __name__ == "__main__":

@@ -19,15 +19,25 @@ NUM_SAMPLED_NEGATIVES = 100
 
 
 def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
-    """HR@k, NDCG@k for each k and MRR from 0-based ranks [E]."""
+    """HR@k, NDCG@k for each k and MRR from 0-based ranks [E], computed where the ranks are
+    and read on the host once."""
     ranks = ranks.double()
-    metrics = {}
+    names, values = [], []
     for k in ks:
         hit = (ranks < k).double()
-        metrics[f"HR@{k}"] = hit.mean().item()
-        metrics[f"NDCG@{k}"] = (hit / torch.log2(ranks + 2)).mean().item()
-    metrics["MRR"] = (1.0 / (ranks + 1)).mean().item()
-    return metrics
+        names += [f"HR@{k}", f"NDCG@{k}"]
+        values += [hit.mean(), (hit / torch.log2(ranks + 2)).mean()]
+    names.append("MRR")
+    values.append((1.0 / (ranks + 1)).mean())
+    return dict(zip(names, torch.stack(values).tolist()))
+
+
+def _to(device: torch.device, value):
+    """A host tensor or PackedBatch on `device`: to a GPU from pinned memory, without waiting
+    (a pageable copy would wait for the device); on its own device, as it is."""
+    if device.type == "cuda":
+        return value.pin_memory().to(device, non_blocking=True)
+    return value if value.device == device else value.to(device)
 
 
 @torch.no_grad()
@@ -46,16 +56,16 @@ def evaluate(model, split, stage: str, protocol: str, batch_size: int = 512, see
     ranks = []
     for users in split.eval_users.split(batch_size):
         histories, targets = split.evaluation_batch(users, model.config.max_len, stage)
-        packed = PackedBatch.from_padded(histories, max_len=model.config.max_len).to(device)  # real tokens only
-        targets = targets.to(device)
+        packed = _to(device, PackedBatch.from_padded(histories, max_len=model.config.max_len))  # real tokens only
+        targets = _to(device, targets)
         if protocol == "sampled":
             negatives = data.sample_unseen(users, (NUM_SAMPLED_NEGATIVES,), generator=generator, keys=keys)
-            candidates = torch.cat([targets[:, None], negatives.to(device)], dim=1)  # target first
+            candidates = torch.cat([targets[:, None], _to(device, negatives)], dim=1)  # target first
             scores = model.score(packed, candidates).float()
             ranks.append((scores[:, 1:] > scores[:, :1]).sum(1))
         else:
             ends = split.train_lengths[users] + (1 if stage == "test" else 0)
-            seen = data.windows(users, ends, int(ends.max())).to(device)  # [B, W] every earlier item, 0 = padding
+            seen = _to(device, data.windows(users, ends, int(ends.max())))  # [B, W] every earlier item, 0 = padding
             ranks.append(model.target_ranks(packed, targets, exclude=seen))  # streamed: no [B, N + 1] scores
     model.train(was_training)
-    return ranking_metrics(torch.cat(ranks).cpu())
+    return ranking_metrics(torch.cat(ranks))  # the ranks stay on the device: one read per evaluation

@@ -124,6 +124,10 @@ class PackedBatch:
         """T, the tail included."""
         return self.items.numel()
 
+    @property
+    def device(self) -> torch.device:
+        return self.items.device
+
     def last_tokens(self) -> torch.Tensor:
         """[B] index of each history's newest token (-1 for an empty history)."""
         return self.cu_seqlens[1:].long() - 1
