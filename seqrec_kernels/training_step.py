@@ -173,8 +173,15 @@ class CapturedSteps:
             torch.cuda.current_stream().wait_stream(side)
             return loss
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the step; it runs at the replay below
-            static_loss = self.step(inputs)
+        try:
+            # thread_local: the batch thread may pin memory (cudaHostAlloc) while this one captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # records; runs at the replay below
+                static_loss = self.step(inputs)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"CUDA graph capture of the training step failed (an op that synchronizes or copies from "
+                f"pageable host memory?): {error}; train with --no-cuda-graph to run eager steps"
+            ) from error
         self.graphs[key] = (graph, inputs, static_loss)
         graph.replay()
         return static_loss
