@@ -43,27 +43,41 @@ def _config(block_a, block_b, num_warps, num_stages, names, **options):
 
 ATTENTION = ("BLOCK_M", "BLOCK_N")
 LOSS = ("BLOCK_T", "BLOCK_N")
-# 16-bit candidates beside today's default (added per shape class from the launcher itself).
-# Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper pipelines, and the
-# causal blocks with the most keys scheduled first (HEAVY_FIRST); backward: wider key tiles
-# for dk/dv and 64-row dq tiles.
+# 16-bit candidates beside today's default (added per shape class from the launcher itself),
+# each with the widest padded head (hidden) dim it is tried at: the offline compile
+# (tests/offline_compile.py --ops candidates) found these spill-free for sm_80 and sm_90 up
+# to that width (wider, 128-row and 64-row tiles spilled 16-560 B per thread; BLOCK_N=128 loss
+# tiles do not compile). Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper
+# pipelines, and the causal blocks with the most keys scheduled first (HEAVY_FIRST); backward:
+# 64-row dq tiles and narrower key tiles; loss: 128-row tiles, a shallower pipeline.
 CANDIDATES = {
     "attention_fwd": [
-        *(_config(*c, ATTENTION) for c in [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3)]),
-        *(_config(*c, ATTENTION, HEAVY_FIRST=True) for c in [(128, 64, 8, 2), (64, 64, 4, 2)]),
+        (_config(128, 64, 8, 2, ATTENTION), 128),
+        (_config(128, 32, 4, 2, ATTENTION), 64),
+        (_config(64, 32, 4, 3, ATTENTION), 128),
+        (_config(64, 64, 4, 3, ATTENTION), 128),
+        (_config(128, 64, 8, 2, ATTENTION, HEAVY_FIRST=True), 128),
+        (_config(64, 64, 4, 2, ATTENTION, HEAVY_FIRST=True), 128),
     ],
     "attention_bwd": [
-        _config(*c, ATTENTION) for c in [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
+        (_config(64, 64, 8, 2, ATTENTION), 64),
+        (_config(64, 32, 4, 2, ATTENTION), 64),
+        (_config(16, 64, 4, 2, ATTENTION), 128),
     ],
-    "full_softmax_fwd": [_config(*c, LOSS) for c in [(128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2)]],
-    "full_softmax_bwd": [_config(*c, LOSS) for c in [(128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]],
+    "full_softmax_fwd": [(_config(128, 64, 8, 3, LOSS), 64), (_config(64, 64, 8, 2, LOSS), 64)],
+    "full_softmax_bwd": [(_config(128, 64, 8, 3, LOSS), 64), (_config(32, 64, 4, 3, LOSS), 64)],
 }
 DRY_RUN_CANDIDATES = {
-    "attention_fwd": [_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True)],
-    "attention_bwd": [_config(16, 32, 4, 1, ATTENTION)],
-    "full_softmax_fwd": [_config(32, 16, 4, 1, LOSS)],
-    "full_softmax_bwd": [_config(16, 32, 4, 1, LOSS)],
+    "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True), 1024)],
+    "attention_bwd": [(_config(16, 32, 4, 1, ATTENTION), 1024)],
+    "full_softmax_fwd": [(_config(32, 16, 4, 1, LOSS), 1024)],
+    "full_softmax_bwd": [(_config(16, 32, 4, 1, LOSS), 1024)],
 }
+
+
+def candidates_for(kernel: str, block_d: int, table=CANDIDATES) -> list[dict]:
+    """The candidate configurations of `kernel` meant for a padded head (hidden) dim of block_d."""
+    return [config for config, widest in table[kernel] if block_d <= widest]
 
 
 @dataclasses.dataclass
@@ -152,7 +166,7 @@ def tune_class(shape, device, candidates, log):
     results = {}
     for kernel, default, timed in ((fwd_kernel, defaults[0], "forward"), (bwd_kernel, defaults[1], "backward")):
         trials, measured = [], []  # (ms, config, error) of the correct ones; every candidate's record
-        for config in [default] + [c for c in candidates[kernel] if c != default]:
+        for config in [default] + [c for c in candidates_for(kernel, block_d, candidates) if c != default]:
             label = "default" if config is default else "candidate"
             try:
                 with tuning.forcing(kernel, config):

@@ -241,12 +241,12 @@ TUNED_KERNELS = {
 
 
 def _candidate_cases(grid):
-    from benchmarks.tune import CANDIDATES
+    from benchmarks.tune import CANDIDATES, candidates_for
 
-    for kernel, configs in CANDIDATES.items():
+    for kernel in CANDIDATES:
         family = kernel.rsplit("_", 1)[0]  # attention, full_softmax
         for dim in grid.get("candidate_dims", {}).get(family, ()):
-            for config in configs:
+            for config in candidates_for(kernel, max(16, 1 << (dim - 1).bit_length())):
                 tag = dict(op="candidates", dtype="bfloat16", precision=None, D=dim, tuned=kernel,
                            config="/".join(str(v) for v in config.values()))  # fmt: skip
                 yield tag, (kernel, config, dim)
