@@ -408,6 +408,18 @@ def run_epoch(step, make, batches, device) -> float:
     return time.perf_counter() - started
 
 
+def warm_up_batches(make, users, per_shape: int = 3) -> list[torch.Tensor]:
+    """Up to `per_shape` batches of users of each token count in the epoch: enough to compile
+    every shape and to warm up and capture its CUDA graph."""
+    seen, chosen = {}, []
+    for batch_users in users:
+        tokens = make(batch_users)[0].numel()
+        if seen.get(tokens, 0) < per_shape:
+            seen[tokens] = seen.get(tokens, 0) + 1
+            chosen.append(batch_users)
+    return chosen
+
+
 def trainer_main(args) -> list[common.Row]:
     device = common.setup(args)
     env = common.environment(device)
@@ -433,9 +445,9 @@ def trainer_main(args) -> list[common.Row]:
         def build(batch_users, batching=batching, generator=generator):
             return make[batching](batch_users, generator)
 
-        # Compile or capture every static shape first (a whole epoch), outside the timed epoch;
-        # the eager steps warm up on a few batches.
-        warm_up = users if name in ("compiled", "graph") else users[:3]
+        # Compile or capture every static shape first, outside the timed epoch; the eager steps
+        # warm up on a few batches.
+        warm_up = warm_up_batches(make["packed"], users) if name in ("compiled", "graph") else users[:3]
         warm = f" (warm-up {len(warm_up)} steps {run_epoch(step, build, warm_up, device):.1f} s)"
         seconds = run_epoch(step, build, users, device)
         rows.append(trainer_row(env, args, shape, "train epoch", name, seconds * 1e3 / len(users)))
