@@ -7,16 +7,19 @@ once per specialization: the first call goes through the generic path, which com
 launches the kernel and returns the CompiledKernel; later calls with the same specialization
 call the CompiledKernel's launcher directly, as JITFunction.run itself does at its end.
 
-The specialization key is what Triton specializes a kernel on, or finer (tests/test_host_path.py
-checks that it selects the kernel Triton selects): per tensor its dtype and whether its address
-is 16-byte aligned; per int whether it is 1, divisible by 16 and its integer width; per other
-argument its type (floats and bools are not specialized on their values; None is); plus the
-constexprs and launch options in `meta`, and the device. Under Triton's interpreter, with a
+The key is finer than what Triton specializes a kernel on (tests/test_host_path.py checks that
+it selects the kernel Triton selects): per tensor its dtype and whether its address is 16-byte
+aligned (Triton: the same), every other argument by value (Triton: an int by whether it is 1,
+divisible by 16 and its width; a float or bool by type), plus the constexprs and launch options
+in `meta`, and the device. Keying sizes and strides by value costs one C-level tuple instead of
+a Python test per argument; they repeat from call to call, and the cache is bounded. Under Triton's interpreter, with a
 launch hook installed (profilers), or for a kernel that Triton returns no CompiledKernel for,
 every call takes the generic path.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from triton import knobs
@@ -24,6 +27,7 @@ from triton.runtime import driver
 
 from ..backends import TRITON_INTERPRETED_AT_IMPORT
 
+MAX_CACHED = 4096
 # (kernel, device, key) -> (compiled kernel, the values of the parameters after the positional
 # arguments, in signature order: the constexprs as Triton passes them to the launcher).
 _compiled: dict[tuple, tuple] = {}
@@ -35,21 +39,31 @@ def _active(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def specialization_key(args, meta) -> tuple:
-    """The launch's key in the compiled-kernel cache (without the kernel and device): what
-    Triton specializes each argument on, or finer; one comprehension (a function call per
-    argument would double its cost)."""
-    arguments = tuple(
-        [
-            (a.dtype, not a.data_ptr() % 16)
-            if isinstance(a, torch.Tensor)
-            else (a == 1, not a % 16, -(2**31) <= a < 2**31, a < 2**63)
-            if type(a) is int
-            else type(a)  # floats and bools by type only; None
-            for a in args
-        ]
-    )
-    return arguments, tuple(meta.items())
+def _getter(positions: list[int]):
+    """args -> the tuple of args at `positions`, at C speed."""
+    if len(positions) == 1:
+        return lambda args: (args[positions[0]],)
+    return operator.itemgetter(*positions) if positions else lambda args: ()
+
+
+# (kernel, number of arguments) -> getters of the call site's tensor (or None) arguments and of
+# the others, from the first call: a launcher passes the same kinds at the same places.
+_argument_split: dict[tuple[int, int], tuple] = {}
+
+
+def specialization_key(args, meta, kernel_id: int = 0) -> tuple:
+    """The launch's key in the compiled-kernel cache (without the kernel and device), finer
+    than Triton's specialization: per tensor its dtype and 16-byte alignment, every other
+    argument by value (ints, floats, bools, None: sizes and strides repeat from call to call).
+    An argument of another kind than at the first call is keyed by value, which stays exact."""
+    split = _argument_split.get((kernel_id, len(args)))
+    if split is None:
+        tensors = [i for i, a in enumerate(args) if a is None or isinstance(a, torch.Tensor)]
+        split = _getter(tensors), _getter([i for i in range(len(args)) if i not in tensors])
+        _argument_split[(kernel_id, len(args))] = split
+    tensors, others = split
+    pointers = tuple([(t.dtype, not t.data_ptr() % 16) if isinstance(t, torch.Tensor) else t for t in tensors(args)])
+    return pointers, others(args), tuple(meta.items())
 
 
 def launch_kernel(kernel, grid, *args, **meta):
@@ -65,7 +79,9 @@ def launch_kernel(kernel, grid, *args, **meta):
     ):
         return kernel[grid](*args, **meta)
     device = driver.active.get_current_device()
-    cache_key = (id(kernel), device, specialization_key(args, meta))  # kernels live as long as their modules
+    if len(_compiled) >= MAX_CACHED:  # a workload of ever-new sizes: start over rather than grow
+        _compiled.clear()
+    cache_key = (id(kernel), device, specialization_key(args, meta, id(kernel)))  # kernels live as long as modules
     entry = _compiled.get(cache_key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)  # compiles (first time) and launches
