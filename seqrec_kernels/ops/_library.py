@@ -198,10 +198,18 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options, imp
     torch.library.register_fake(fwd_name, fake)
     torch.library.register_fake(bwd_name, lambda *args: tuple(torch.empty_like(args[i]) for i in grad_like))
 
+    # Positions, resolved once: of the saved tensors and options in (*inputs, *outputs), and of
+    # each backward argument in (*saved tensors, *options, *backward options' values).
+    position = {name: i for i, name in enumerate([*arguments, *outputs])}
+    saved_at, options_at = [position[n] for n in saved], [position[n] for n in options]
+    kept = [*saved, *options, *backward_options]
+    needed_at = [kept.index(name) for name in needed]
+    reads = list(backward_options.values())
+
     def setup_context(ctx, inputs, output):  # torch passes these by name
-        values = dict(zip(arguments, inputs)) | dict(zip(outputs, output))
-        ctx.save_for_backward(*(values[name] for name in saved))
-        ctx.options = [values[name] for name in options]
+        values = (*inputs, *output)
+        ctx.save_for_backward(*[values[i] for i in saved_at])
+        ctx.options = [values[i] for i in options_at]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # the other outputs' gradients are never read: no zeros
 
@@ -211,9 +219,8 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options, imp
         def rule(ctx, grad, *_other_grads):
             if grad is None:  # the first output took no part in what is differentiated
                 return (None,) * len(arguments)
-            values = dict(zip(saved, ctx.saved_tensors)) | dict(zip(options, ctx.options))
-            values.update((name, read()) for name, read in backward_options.items())
-            grads = backward(grad, *(values[name] for name in needed))
+            values = (*ctx.saved_tensors, *ctx.options, *[read() for read in reads])
+            grads = backward(grad, *[values[i] for i in needed_at])
             return (*grads, *([None] * num_non_differentiable))
 
         return rule

@@ -13,19 +13,23 @@ aligned (Triton: the same), every other argument by value (Triton: an int by whe
 divisible by 16 and its width; a float or bool by type), plus the constexprs and launch options
 in `meta`, and the device. Keying sizes and strides by value costs one C-level tuple instead of
 a Python test per argument; they repeat from call to call, and the cache is bounded. Under Triton's interpreter, with a
-launch hook installed (profilers), or for a kernel that Triton returns no CompiledKernel for,
-every call takes the generic path.
+launch hook installed (profilers), where a test or tool wrapped JITFunction.run, or with
+SEQREC_GENERIC_TRITON_LAUNCH=1 in the environment at import (to rule the cache out), every call
+takes the generic path.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 from triton import knobs
 from triton.runtime import driver
 
 from ..backends import TRITON_INTERPRETED_AT_IMPORT
+
+GENERIC_ONLY = TRITON_INTERPRETED_AT_IMPORT or os.environ.get("SEQREC_GENERIC_TRITON_LAUNCH", "0") not in ("", "0")
 
 MAX_CACHED = 4096
 # (kernel, device, key) -> (compiled kernel, the values of the parameters after the positional
@@ -72,7 +76,7 @@ def launch_kernel(kernel, grid, *args, **meta):
     # The generic path under the interpreter, with a launch hook, or where a test or tool wrapped
     # JITFunction.run (a compile-only driver, a launch counter): it must see every launch.
     if (
-        TRITON_INTERPRETED_AT_IMPORT
+        GENERIC_ONLY
         or _active(knobs.runtime.launch_enter_hook)
         or _active(knobs.runtime.launch_exit_hook)
         or type(kernel).run.__module__ != "triton.runtime.jit"
