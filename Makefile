@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup run test test-recbole lint offline-compile gpu-check bench clean
+.PHONY: setup run test test-full test-recbole lint offline-compile gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,19 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m seqrec_kernels train $(if $(DATA),--data $(DATA)) --out runs/$(or $(RUN),default) $(ARGS)
 
-# The extension is part of the build: its tests must run, not skip. Then the linters (CI runs this).
+# make test: the main tier (every test not marked `full`: tests/tiers.py), then the RecBole tests
+# and the linters; make test-full: the fuller tier (the slowest offline-compile and fuzz grids).
+# CI (.ci/run) runs both. Tests run in parallel, one process per core (pytest-xdist; TEST_WORKERS=0
+# runs them in this process), each file on one worker so that its module fixtures are built once.
+# The extension is part of the build: its tests must run, not skip.
+TEST_WORKERS ?= auto
+PYTEST = SEQREC_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	SEQREC_REQUIRE_EXTENSION=1 $(PY) -m pytest -q
+	$(PYTEST) -m "not full"
 	$(MAKE) --no-print-directory test-recbole
 	$(MAKE) --no-print-directory lint
+test-full: setup
+	$(PYTEST) -m full
 
 # The RecBole integration against RecBole itself, in its own venv: RecBole 1.2.1 needs numpy < 2
 # and setuptools < 81, which the main environment does not pin. It reuses the extension that
@@ -45,7 +53,7 @@ test-recbole: setup $(RECBOLE_VENV)/.installed
 # launches for sm_80 and sm_90 without a GPU, check it (tests/offline_compile.py) and write the
 # resource table to benchmarks/results/offline-compile[-triton-<version>][-ci].md. TRITON=<version>
 # runs the same check under that Triton release in its own venv (3.6.0 is the GPU machine's);
-# GRID=ci compiles the grid `make test` compiles instead of the full product (~9 minutes on 2 cores).
+# GRID=ci compiles the grid `make test-full` compiles instead of the full product (~9 minutes on 2 cores).
 TRITON ?=
 GRID ?= full
 COMPILE_VENV = $(if $(TRITON),.venv-triton-$(TRITON),$(VENV))

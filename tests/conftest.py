@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from tiers import in_full_tier
 
 # Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. This must be
 # set before triton is first imported.
@@ -25,6 +26,9 @@ def fresh_seed(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the fuller tier (make test-full): tests/tiers.py
+        if in_full_tier(item.nodeid):
+            item.add_marker(pytest.mark.full)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

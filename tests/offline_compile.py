@@ -51,7 +51,7 @@ TILE_PRODUCT_KERNELS = {
 }  # fmt: skip
 
 # The grids: what the public API is called with (values never matter here). "full" is the
-# product over every option (make offline-compile; the committed table); "ci" (make test)
+# product over every option (make offline-compile; the committed table); "ci" (make test-full)
 # keeps every dtype, every block-size class and every code path (dropout and causal on and
 # off, padded and packed, each negative layout, deterministic or not, 0/1/3/20 excluded items)
 # but not their full product, so that both targets compile in minutes on 2 cores.
