@@ -117,7 +117,8 @@ def defer_error(name: str, bad: torch.Tensor, message: str) -> None:
     scalar `bad` is true; check() raises ValueError(message) then."""
     entry = _device_errors.get((name, bad.device))
     if entry is None:
-        _device_errors[(name, bad.device)] = [bad, message]
+        with torch.inference_mode(False):  # a flag that later calls update in place, in or out of it
+            _device_errors[(name, bad.device)] = [bad.clone(), message]
     else:
         entry[0].logical_or_(bad)
         entry[1] = message

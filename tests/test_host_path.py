@@ -286,3 +286,13 @@ def test_host_benchmark_runs(tmp_path):
     assert {p for _, p in by_provider} == {"cpp", "torch"}
     assert all(r.ms is not None and r.ms > 0 for r in rows)
     assert by_provider[("forward+backward", "cpp")].goal.startswith("host time <= 1.5x cross_entropy")
+
+
+def test_device_error_flags_survive_inference_mode(device_path):
+    """A flag first set under torch.inference_mode is updated by later calls outside it."""
+    call = _calls("triton", "seq_lens")["fused_attention"]
+    with torch.inference_mode():
+        sk.fused_attention(*(torch.randn(1, 1, 4, 16) for _ in "qkv"), seq_lens=torch.tensor([2]), backend="triton")
+    call()
+    with pytest.raises(ValueError, match=r"^seq_lens: expected values in \[0, 9\] \(L\), got values outside"):
+        sk.check()
