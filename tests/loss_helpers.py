@@ -1,9 +1,14 @@
 """Naive softmax losses the tests trust, and the one helper that checks a backend against them.
 
 The naive functions are written from the semantics alone: explicit per-row candidate
-lists, a masked log-sum-exp, autograd for gradients. In float64 they are the truth; in a
-low-precision dtype they are the baseline of the tolerance rule (error <= 2x, 3x for
-gradients, the naive same-dtype error, plus a floor), as for attention.
+lists, a masked log-sum-exp, autograd for gradients. In float64 they are the truth; in the
+op's accumulation dtype they are the baseline of the tolerance rule (error <= 2x, 3x for
+gradients, the naive error, plus a floor of a few ulps of the truth's scale), as for
+attention (attention_helpers.assert_flash_rule). The op contract accumulates half inputs
+in float32 (the loss and LSE are float32), so for float16/bfloat16 inputs the naive
+baseline is float32 math on those same inputs, its gradients rounded to the input dtype:
+naive bfloat16 logits are meaningless at low temperatures (a logit of 80 rounds by 0.25,
+every probability is off) and a rule built on them accepts a kernel that returns zeros.
 """
 
 import math
@@ -65,23 +70,30 @@ def _loss_and_grads(fn, hidden, weight, dout):
 
 def check_loss_against_truth(ours, naive, hidden, weight, floor_scale=1.0):
     """ours(hidden, weight) and naive(hidden, weight) give per-row losses; compares the
-    losses and both gradients of ours with the float64 truth by the tolerance rule."""
+    losses and both gradients of ours with the float64 truth by the tolerance rule.
+    naive.temperature (set by sampled_pair and full_pair; else 1) bounds the gradients'
+    terms. floor_scale widens the floor where a backend's summation order needs it (a serial
+    C++ sum over a long hidden dim); it must stay small: the rule refuses a floor that would
+    accept zeros."""
     dtype = hidden.dtype
     num_rows = math.prod(hidden.shape[:-1])
     generator = torch.Generator().manual_seed(num_rows)  # reproducible when hypothesis replays
     dout = torch.rand(num_rows, dtype=torch.float64, generator=generator).to(hidden.device) + 0.5  # never zero
     loss, grads = _loss_and_grads(ours, hidden, weight, dout)
     truth_loss, truth_grads = _loss_and_grads(naive, hidden.double(), weight.double(), dout)
-    base_loss, base_grads = _loss_and_grads(naive, hidden, weight, dout)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_flash_rule("loss", loss, truth_loss, base_loss, dtype, 2, floor_scale)
-    # A gradient sums products of softmax weights and the other operand (d hidden: item rows;
-    # d item_weight: hidden rows): its rounding is relative to that operand's magnitude, even
-    # where the terms cancel (duplicate items in a tiny catalog) and the truth is near 0.
-    operand_scale = [max(1.0, weight.abs().max().item()), max(1.0, hidden.abs().max().item())]
-    for name, g, tg, bg, scale in zip(("d hidden", "d item_weight"), grads, truth_grads, base_grads, operand_scale):
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    base_loss, base_grads = _loss_and_grads(naive, hidden.to(accumulation), weight.to(accumulation), dout)
+    base_grads = [g.to(dtype) for g in base_grads]  # the gradients' own rounding, as the kernels return them
+    assert loss.dtype == accumulation
+    assert_flash_rule("loss", loss, truth_loss, base_loss, accumulation, 2, floor_scale)
+    # A gradient sums terms dout x (softmax - one-hot) x the other operand / temperature, each
+    # at most the bound below: its floor is relative to the larger of its true values and that
+    # bound (the terms cancel to a near-zero truth when a row's candidates are all one item).
+    temperature = getattr(naive, "temperature", 1.0)
+    term_bounds = [dout.max().item() * operand.abs().max().item() / temperature for operand in (weight, hidden)]
+    for name, g, tg, bg, bound in zip(("d hidden", "d item_weight"), grads, truth_grads, base_grads, term_bounds):
         assert g.dtype == dtype
-        assert_flash_rule(name, g, tg, bg, dtype, 3, floor_scale * scale)
+        assert_flash_rule(name, g, tg, bg, dtype, 3, floor_scale, bound)
 
 
 def sampled_pair(backend, pos_ids, neg_ids, pos_log_q=None, neg_log_q=None, remove_hits=True, temperature=1.0,
@@ -97,6 +109,7 @@ def sampled_pair(backend, pos_ids, neg_ids, pos_log_q=None, neg_log_q=None, remo
         cast = [None if t is None else t.to(hidden.dtype) for t in (pos_log_q, neg_log_q)]
         return naive_sampled(hidden, weight, pos_ids, neg_ids, *cast, remove_hits, temperature, ignore_index)
 
+    naive.temperature = temperature  # the gradients' floor needs it (check_loss_against_truth)
     return ours, naive
 
 
@@ -108,4 +121,5 @@ def full_pair(backend, targets, excluded=(0,), temperature=1.0, ignore_index=0):
     def naive(hidden, weight):
         return naive_full(hidden, weight, targets, excluded, temperature, ignore_index)
 
+    naive.temperature = temperature
     return ours, naive

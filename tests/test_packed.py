@@ -8,7 +8,7 @@ import torch
 from host_reads import HostReadCounter
 
 import seqrec_kernels.train as train_module
-from backends_under_test import ALL, CPP
+from backends_under_test import ALL, CPP, GPU_CUDA
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.models import SASRec, SASRecConfig
 from seqrec_kernels.models.sasrec import Layout, SelfAttention, negative_sampler, sample_negatives
@@ -154,6 +154,33 @@ def test_training_steps_never_read_device_values(tmp_path, monkeypatch, loss, ba
     ))  # fmt: skip
     train(config)
     assert len(steps) >= 7 and reads == [], sorted(set(reads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", GPU_CUDA])
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_gpu_training_steps_never_sync(tmp_path, monkeypatch, backend, amp):
+    """Every training step of an epoch on a GPU under torch.cuda.set_sync_debug_mode("error"):
+    any sync inside a step (an item(), a copy to the host, nonzero, ...) raises."""
+    steps = []
+    real_step = train_module.training_step
+
+    def checked_step(step, inputs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            steps.append(real_step(step, inputs))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return steps[-1]
+
+    monkeypatch.setattr(train_module, "training_step", checked_step)
+    for loss in LOSSES:
+        config = TrainConfig.from_dict(dict(
+            epochs=1, eval_every=5, hidden=32, blocks=2, loss=loss, num_negatives=8, batch_size=256, progress=False,
+            device="cuda", backend=backend, amp=amp, out=str(tmp_path / loss), token_bucket=64,
+        ))  # fmt: skip
+        train(config)
+    assert len(steps) >= 4 * 7
 
 
 def test_packed_and_padded_training_both_learn(tmp_path):

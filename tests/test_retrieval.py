@@ -102,10 +102,12 @@ def make(case, dtype=None):
     return hidden, weight, exclude, targets
 
 
-def check_topk(case, backend, dtype=None):
+def check_topk(case, backend, dtype=None, device="cpu"):
     hidden, weight, exclude, _ = make(case, dtype)
     k, exact = case["k"], case["ties"]
-    scores, ids = topk_items(hidden, weight, k, exclude=exclude, exclude_items=case["exclude_items"], backend=backend)
+    scores, ids = topk_items(hidden.to(device), weight.to(device), k, exclude=exclude.to(device),
+                             exclude_items=case["exclude_items"], backend=backend)  # fmt: skip
+    scores, ids = scores.cpu(), ids.cpu()
     assert scores.shape == ids.shape == (case["rows"], k) and ids.dtype == torch.int64
     truth = naive_scores(hidden, weight)
     mask = candidates(exclude, case["exclude_items"], case["num_items"])
@@ -127,10 +129,10 @@ def check_topk(case, backend, dtype=None):
         assert chosen.unique().numel() == chosen.numel(), "an item was returned twice"
 
 
-def check_ranks(case, backend, dtype=None):
+def check_ranks(case, backend, dtype=None, device="cpu"):
     hidden, weight, exclude, targets = make(case, dtype)
-    ranks = target_ranks(hidden, weight, targets, exclude=exclude, exclude_items=case["exclude_items"],
-                         backend=backend)  # fmt: skip
+    ranks = target_ranks(hidden.to(device), weight.to(device), targets.to(device), exclude=exclude.to(device),
+                         exclude_items=case["exclude_items"], backend=backend).cpu()  # fmt: skip
     assert ranks.shape == (case["rows"],) and ranks.dtype == torch.int64
     mask = candidates(exclude, case["exclude_items"], case["num_items"])
     tolerance = 0.0 if case["ties"] else 1e-5 * (hidden.double().abs() @ weight.double().abs().T).max().item()
@@ -160,6 +162,15 @@ def test_reference_topk_and_ranks_against_the_score_matrix(case):
 def test_triton_topk_and_ranks_against_the_score_matrix(case):
     check_topk(case, "triton")
     check_ranks(case, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases(max_rows=300, max_items=20000, ks=st.integers(1, 300) | st.sampled_from([1024])))
+def test_gpu_topk_and_ranks_against_the_score_matrix(backend, case):
+    """The compiled Triton kernels (and the reference on CUDA) over larger catalogs."""
+    check_topk(case, backend, device="cuda")
+    check_ranks(case, backend, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
