@@ -139,7 +139,8 @@ def fused_attention(
             )
         check_values("seq_lens", seq_lens, 0, length, f"values in [0, {length}] (L)", show_all=True)
         seq_len = seq_lens.to(torch.int32)
-    seq_start = length - seq_len if padding_side == "left" else torch.zeros_like(seq_len)
+    # torch.rsub, not `length - seq_len`: Tensor.__rsub__'s Python wrapper costs as much as the op.
+    seq_start = torch.rsub(seq_len, length) if padding_side == "left" else torch.zeros_like(seq_len)
 
     out, lse = _attention(q, k, v, seq_start, seq_len, length, causal, scale, dropout_p, backend, "fused_attention")
     return (out, lse) if return_lse else out
