@@ -46,9 +46,10 @@ LOSS = ("BLOCK_T", "BLOCK_N")
 # 16-bit candidates beside today's default (added per shape class from the launcher itself),
 # each with the widest padded head (hidden) dim it is tried at: the offline compile
 # (tests/offline_compile.py --ops candidates) found these spill-free for sm_80 and sm_90 up
-# to that width (wider, 128-row and 64-row tiles spilled 16-560 B per thread; BLOCK_N=128 loss
-# tiles do not compile). Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper
-# pipelines, and the causal blocks with the most keys scheduled first (HEAVY_FIRST); backward:
+# to that width (wider, 128-row and 64-row tiles spilled 16-560 B per thread, edge-only
+# masking at D=128 16-24 B on sm_80; BLOCK_N=128 loss tiles do not compile). Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper
+# pipelines, the causal blocks with the most keys scheduled first (HEAVY_FIRST), the mask only
+# on the key tiles that cross the diagonal or the sequence's end (MASK_EDGES_ONLY); backward:
 # 64-row dq tiles and narrower key tiles; loss: 128-row tiles, a shallower pipeline.
 CANDIDATES = {
     "attention_fwd": [
@@ -58,6 +59,8 @@ CANDIDATES = {
         (_config(64, 64, 4, 3, ATTENTION), 128),
         (_config(128, 64, 8, 2, ATTENTION, HEAVY_FIRST=True), 128),
         (_config(64, 64, 4, 2, ATTENTION, HEAVY_FIRST=True), 128),
+        (_config(64, 64, 4, 2, ATTENTION, MASK_EDGES_ONLY=True), 64),
+        (_config(128, 64, 8, 2, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 64),
     ],
     "attention_bwd": [
         (_config(64, 64, 8, 2, ATTENTION), 64),
@@ -68,7 +71,7 @@ CANDIDATES = {
     "full_softmax_bwd": [(_config(128, 64, 8, 3, LOSS), 64), (_config(32, 64, 4, 3, LOSS), 64)],
 }
 DRY_RUN_CANDIDATES = {
-    "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True), 1024)],
+    "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 1024)],
     "attention_bwd": [(_config(16, 32, 4, 1, ATTENTION), 1024)],
     "full_softmax_fwd": [(_config(32, 16, 4, 1, LOSS), 1024)],
     "full_softmax_bwd": [(_config(16, 32, 4, 1, LOSS), 1024)],

@@ -65,11 +65,11 @@ class ErrorLog:
         self.entries = []
         self._rule = attention_helpers.assert_flash_rule
 
-    def rule(self, name, actual, truth, baseline, dtype, factor, floor_scale=1.0):
+    def rule(self, name, actual, truth, baseline, *rule_args, **rule_kwargs):
         error = (actual.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
         naive = (baseline.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
         self.entries.append(f"{name} {error:.2e} (naive {naive:.2e})")
-        return self._rule(name, actual, truth, baseline, dtype, factor, floor_scale)
+        return self._rule(name, actual, truth, baseline, *rule_args, **rule_kwargs)
 
     @contextlib.contextmanager
     def installed(self):

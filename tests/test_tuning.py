@@ -136,3 +136,25 @@ def test_heavy_first_forward_computes_the_same(launches):
     assert launches["_attention_fwd_kernel"][0]["HEAVY_FIRST"] is True
     for a, b in zip(ours, truth):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_edge_only_masking_forward_computes_the_same(launches, causal, dropout_p):
+    """The forward masking only the key tiles that cross the diagonal or a sequence's end (a
+    tuning candidate) gives the default forward's outputs: lengths that end mid-tile, on a
+    tile edge, 1 and 0, several query blocks per sequence, with and without dropout."""
+    q, k, v = (torch.randn(5, 2, 70, 16) for _ in "qkv")
+    seq_lens = torch.tensor([70, 33, 32, 1, 0])
+
+    def run(config):
+        torch.manual_seed(7)  # the same dropout seed
+        with tuning.forcing("attention_fwd", config):
+            return sk.fused_attention(q, k, v, seq_lens=seq_lens, causal=causal, dropout_p=dropout_p,
+                                      backend="triton", return_lse=True)  # fmt: skip
+
+    blocks = dict(BLOCK_M=32, BLOCK_N=16)
+    (out, lse), (expected, expected_lse) = run(dict(blocks, MASK_EDGES_ONLY=True)), run(blocks)
+    assert launches["_attention_fwd_kernel"][0]["MASK_EDGES_ONLY"] is True
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-6, rtol=1e-5)

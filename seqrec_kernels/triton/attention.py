@@ -164,6 +164,32 @@ def _pad_rows_kernel(
 
 
 @triton.jit
+def _fwd_tile(acc, row_max, row_sum, key_start, q, q_base, offs_m, k_base, V, v_base, stride_ql, stride_kl, stride_vl,
+              length, offs_d, read_dim, qk_scale_log2, drop_threshold, drop_scale, hashes,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of the forward's online softmax: (acc, row_max, row_sum) updated with keys
+    key_start .. key_start + BLOCK_N - 1. MASKED: the tile may hold keys a row must not see."""
+    offs_n = key_start + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
+    logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
+                          DOT_PRECISION) * qk_scale_log2  # fmt: skip
+    if MASKED:
+        logits = tl.where(_visible(offs_m, offs_n, length, CAUSAL), logits, -float("inf"))
+    new_max = tl.maximum(row_max, tl.max(logits, 1))
+    safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that saw no key yet
+    p = tl.exp2(logits - safe_max[:, None])
+    rescale = tl.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(keep_mask(hashes, offs_n, drop_threshold), p * drop_scale, 0.0)
+    v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
+    p = p.to(V.dtype.element_ty).to(DOT_DTYPE)
+    acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, SeqStart, SeqLen, Seed,
     stride_qb, stride_qh, stride_ql,
@@ -176,11 +202,14 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
+    MASK_EDGES_ONLY: tl.constexpr,
 ):  # fmt: skip
     """Out and LSE for one block of queries, streaming the keys it sees. Q, K and V rows are
-    read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width). HEAVY_FIRST
-    (a tuning candidate): grid axis 1 runs the query blocks last to first, so that under a
-    causal mask the blocks with the most keys start first instead of setting the tail."""
+    read_dim wide: head_dim, or zero-padded to a multiple of 16 (_read_width). Tuning
+    candidates: HEAVY_FIRST, grid axis 1 runs the query blocks last to first, so that under a
+    causal mask the blocks with the most keys start first instead of setting the tail;
+    MASK_EDGES_ONLY, the visibility mask only on the key tiles that cross the diagonal or the
+    sequence's end."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
     if HEAVY_FIRST:
         block_start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -198,30 +227,31 @@ def _attention_fwd_kernel(
     k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
     v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
     q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, read_dim, DOT_DTYPE)  # [BM, BD]
-    if DROPOUT:
-        hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m)
+    # The dropout hashes of the block's rows (without dropout a placeholder the tiles never read).
+    hashes = _dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m) if DROPOUT else offs_m
 
     row_max = tl.full([BLOCK_M], -float("inf"), tl.float32)  # running max of base-2 logits
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_end = tl.minimum(length, block_start + BLOCK_M) if CAUSAL else length
-    for key_start in range(0, key_end, BLOCK_N):
-        offs_n = key_start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
-        logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
-                              DOT_PRECISION) * qk_scale_log2  # fmt: skip
-        logits = tl.where(_visible(offs_m, offs_n, length, CAUSAL), logits, -float("inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # rows that saw no key yet
-        p = tl.exp2(logits - safe_max[:, None])
-        rescale = tl.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        if DROPOUT:
-            p = tl.where(keep_mask(hashes, offs_n, drop_threshold), p * drop_scale, 0.0)
-        v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
-        p = p.to(V.dtype.element_ty).to(DOT_DTYPE)
-        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        row_max = new_max
+    masked_start = 0
+    if MASK_EDGES_ONLY:
+        # Key tiles that every query row of the block sees (before the diagonal, inside the
+        # sequence) need no mask; only the tiles from masked_start on cross the diagonal or the end.
+        seen_by_all = tl.minimum(block_start + 1, length) if CAUSAL else length
+        masked_start = (seen_by_all // BLOCK_N) * BLOCK_N
+        for key_start in range(0, masked_start, BLOCK_N):
+            acc, row_max, row_sum = _fwd_tile(
+                acc, row_max, row_sum, key_start, q, q_base, offs_m, k_base, V, v_base, stride_ql, stride_kl,
+                stride_vl, length, offs_d, read_dim, qk_scale_log2, drop_threshold, drop_scale, hashes,
+                False, CAUSAL, DROPOUT, BLOCK_N, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION,
+            )  # fmt: skip
+    for key_start in range(masked_start, key_end, BLOCK_N):
+        acc, row_max, row_sum = _fwd_tile(
+            acc, row_max, row_sum, key_start, q, q_base, offs_m, k_base, V, v_base, stride_ql, stride_kl, stride_vl,
+            length, offs_d, read_dim, qk_scale_log2, drop_threshold, drop_scale, hashes,
+            True, CAUSAL, DROPOUT, BLOCK_N, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
 
     saw_key = row_sum > 0.0
     safe_sum = tl.where(saw_key, row_sum, 1.0)
@@ -408,9 +438,9 @@ def _launch_config(head_dim, dtype, backward, max_seqlen, device):
 
 def _default_launch_config(block_d, dtype, backward):
     """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages} (and the forward's
-    HEAVY_FIRST, off), every key of which a tuning table may replace."""
+    HEAVY_FIRST and MASK_EDGES_ONLY, off), every key of which a tuning table may replace."""
     config = _default_blocks_and_warps(block_d, dtype, backward)
-    return config if backward else dict(config, HEAVY_FIRST=False)
+    return config if backward else dict(config, HEAVY_FIRST=False, MASK_EDGES_ONLY=False)
 
 
 def _default_blocks_and_warps(block_d, dtype, backward):
@@ -593,5 +623,5 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     )  # fmt: skip
     launch_kernel(_attention_bwd_dq_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
         q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed), **launch
-    )
+    )  # fmt: skip
     return dq, dk, dv
