@@ -37,6 +37,7 @@ device: ms per step, steps/s and epoch seconds. Then the host time per step: the
 steps at a tiny shape (B=4, L=8, d=8), where the device work is negligible.
 
     python -m benchmarks.sasrec --trainer [--loss bce|full_softmax] [--compile-backend inductor]
+        [--providers eager,compiled,graph,plain-pytorch]
 """
 
 from __future__ import annotations
@@ -439,7 +440,8 @@ def trainer_main(args) -> list[common.Row]:
     shape = f"Games B=128 L=50 d=50 N={data.num_items} ({len(users)} steps)"
     rows = []
     providers = trainer_providers(config, device, args.compile_backend)
-    for name, (step, batching) in providers.items():
+    names = common.selected(args.providers, list(providers), "--providers")
+    for name, (step, batching) in [(name, providers[name]) for name in names]:
         generator = torch.Generator().manual_seed(1)  # the same negatives for every provider
 
         def build(batch_users, batching=batching, generator=generator):
@@ -482,7 +484,9 @@ def host_rows(env, args, device) -> list[common.Row]:
     sampler = negative_sampler(config, data, split.train_item_counts())
     train_config = dict(batch_size=4, token_buckets=1)
     rows = []
-    for name, (step, batching) in trainer_providers(config, device, args.compile_backend).items():
+    providers = trainer_providers(config, device, args.compile_backend)
+    for name, (step, batching) in [(name, providers[name]) for name in common.selected(args.providers, list(providers),
+                                                                                       "--providers")]:  # fmt: skip
         make = TrainingBatches.of(TrainConfig(batching=batching, **train_config), split, config, sampler)
         inputs = make(split.training_users()[:4], torch.Generator().manual_seed(0))
         inputs = [t.to(device) for t in inputs]

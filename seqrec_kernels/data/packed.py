@@ -20,10 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-# token_buckets(): the fraction of batches that overflow each bucket but the largest (geometric
-# from half of them down to 1%), so that the padding tail stays small for most batches.
-_OVERFLOW_FIRST, _OVERFLOW_LAST = 0.5, 0.01
-_SIMULATED_BATCHES = 4096
+_SIMULATED_BATCHES = 4096  # token_buckets(): random batches whose padding the counts minimize
 
 
 def token_buckets(
@@ -31,24 +28,50 @@ def token_buckets(
 ) -> tuple[int, ...]:
     """At most `count` token counts, ascending multiples of `multiple`, that every packed batch
     of at most `batch_size` sequences with these token counts [U] fits into: the largest holds
-    the batch_size longest sequences together; the others are quantiles of the token count of
-    random batches (the median, then fewer and fewer batches above each, down to 1%), so that
-    most batches carry a short padding tail. Deterministic for a seed."""
+    the batch_size longest sequences together; the others are those that minimize the padding
+    of 4,096 random batches, the largest of these among them (so a batch overflows to the
+    largest count about once in 4,096). Deterministic for a seed."""
     if tokens_per_sequence.dim() != 1 or tokens_per_sequence.numel() == 0:
         raise ValueError(f"tokens_per_sequence: expected [U] counts, U >= 1, got {tuple(tokens_per_sequence.shape)}")
     for name, value in (("batch_size", batch_size), ("count", count), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     counts = tokens_per_sequence.long()
-    round_up = lambda n: -(-max(int(n), 1) // multiple) * multiple  # noqa: E731
-    largest = round_up(counts.topk(min(batch_size, counts.numel())).values.sum())
+    longest = counts.topk(min(batch_size, counts.numel())).values.sum().clamp(min=1)
+    largest = int(-(-longest // multiple) * multiple)
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(counts.numel(), (_SIMULATED_BATCHES, batch_size), generator=generator)
-    totals = counts[picks].sum(1).double()  # [batches] tokens of random batches
-    levels = [1 - _OVERFLOW_FIRST * (_OVERFLOW_LAST / _OVERFLOW_FIRST) ** (i / max(count - 2, 1))
-              for i in range(count - 1)]  # fmt: skip
-    quantiles = torch.quantile(totals, torch.tensor(levels, dtype=torch.float64)) if levels else []
-    return tuple(sorted({min(round_up(q), largest) for q in quantiles} | {largest}))
+    sizes = (-(-counts[picks].sum(1) // multiple) * multiple).clamp(min=multiple, max=largest)  # [batches]
+    values, batches = torch.unique(sizes, return_counts=True)  # ascending
+    return tuple(sorted(set(_least_padding(values.tolist(), batches.tolist(), count - 1)) | {largest}))
+
+
+def _least_padding(values: list[int], weights: list[int], cuts: int) -> list[int]:
+    """At most `cuts` of `values` (ascending; weights[i] batches have values[i] tokens), the
+    last among them, that minimize the total tokens when each batch is padded to the smallest
+    chosen value that holds it (dynamic programming over the cut positions)."""
+    if cuts < 1:
+        return []
+    n, prefix = len(values), [0]
+    for weight in weights:
+        prefix.append(prefix[-1] + weight)
+    # cost[j][i]: the least total of the batches of values[:i + 1] with j + 1 cuts, the last at i.
+    cost = [[values[i] * prefix[i + 1] for i in range(n)]]
+    previous = [[-1] * n]
+    for _ in range(1, cuts):
+        row, back = [], []
+        for i in range(n):
+            options = [(cost[-1][a] + values[i] * (prefix[i + 1] - prefix[a + 1]), a) for a in range(i)]
+            best = min(options, default=(cost[-1][i], previous[-1][i]))  # i == 0: no earlier cut
+            row.append(best[0])
+            back.append(best[1] if options else -1)
+        cost.append(row)
+        previous.append(back)
+    chosen, i, j = [], n - 1, len(cost) - 1
+    while i >= 0:
+        chosen.append(values[i])
+        i, j = previous[j][i], max(j - 1, 0)
+    return chosen
 
 
 @dataclasses.dataclass
