@@ -21,7 +21,10 @@ GPU run would have. It counts at the level where reads happen:
   kernels; the CUDA glue's own syncs show under torch.cuda.set_sync_debug_mode);
 - Tensor methods that read without dispatching an op on a CPU tensor (`tolist`, `numpy`,
   `cpu`, `to(<cpu>)`) are patched for the duration;
-- a kernel launched in Triton's interpreter is device work: nothing inside it counts.
+- a kernel launched in Triton's interpreter is device work: nothing inside it counts;
+- this project's ops take their eager path as without the counter (they take the custom-op
+  path under other dispatch modes), and check index values as on a device (a deferred
+  flag), not at once as they do on the host.
 
 host_tensors(): tensors that live on the host on a GPU too (torch.optim's step counters),
 whose reads are not syncs.
@@ -29,7 +32,10 @@ whose reads are not syncs.
 
 import torch
 from torch._library.custom_ops import _maybe_get_opdef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
+
+from seqrec_kernels import _checks
+from seqrec_kernels.ops import _library
 
 try:  # Triton's interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors: their loads are device work
     from triton.runtime.interpreter import GridExecutor as _InterpretedLaunch
@@ -120,6 +126,35 @@ class HostReadCounter(TorchDispatchMode):
         self._patch(torch.Tensor, "to", lambda t, *args, **kwargs: _is_cpu(torch._C._nn._parse_to(*args, **kwargs)[0]))
         if _InterpretedLaunch is not None:
             self._patch(_InterpretedLaunch, "__call__", lambda *args, **kwargs: False)
+        # The ops take their eager path (what users run) only without a dispatch mode: this
+        # counter must not make them take the custom-op path instead.
+        eager_possible = _library._eager_possible
+        self._saved[_library, "_eager_possible"] = eager_possible
+
+        def eager_possible_but_for_counters(first):
+            if all(isinstance(mode, HostReadCounter) for mode in _get_current_dispatch_mode_stack()):
+                with _disable_current_modes():
+                    return eager_possible(first)
+            return eager_possible(first)
+
+        _library._eager_possible = eager_possible_but_for_counters
+        # The eager path enters C++ ops below dispatch (OpOverload.redispatch): kernels, as above.
+        redispatch = torch._ops.OpOverload.redispatch
+        self._saved[torch._ops.OpOverload, "redispatch"] = redispatch
+        counter = self
+
+        def redispatch_kernels_unseen(op, *args, **kwargs):
+            kernel = _maybe_get_opdef(op._schema.name) is None
+            counter._in_method += kernel
+            try:
+                return redispatch(op, *args, **kwargs)
+            finally:
+                counter._in_method -= kernel
+
+        torch._ops.OpOverload.redispatch = redispatch_kernels_unseen
+        # Index values are checked as on a device (a flag for check(), no read), not at once as on the host.
+        self._saved[_checks, "values_on_host"] = _checks.values_on_host
+        _checks.values_on_host = lambda values: False
         return super().__enter__()
 
     def __exit__(self, *exc):
