@@ -85,11 +85,15 @@ def check_loss_against_truth(ours, naive, hidden, weight, floor_scale=1.0):
     base_loss, base_grads = _loss_and_grads(naive, hidden.to(accumulation), weight.to(accumulation), dout)
     base_grads = [g.to(dtype) for g in base_grads]  # the gradients' own rounding, as the kernels return them
     assert loss.dtype == accumulation
-    assert_flash_rule("loss", loss, truth_loss, base_loss, accumulation, 2, floor_scale)
+    # A row's loss is lse - its target's logit: two logit-sized terms, whose rounding does not
+    # cancel with them (a bound on every logit: the largest row norms' product / temperature).
+    temperature = getattr(naive, "temperature", 1.0)
+    norms = [t.double().norm(dim=-1).max().item() if t.numel() else 0.0 for t in (hidden, weight)]
+    logit_bound = norms[0] * norms[1] / temperature
+    assert_flash_rule("loss", loss, truth_loss, base_loss, accumulation, 2, floor_scale, logit_bound)
     # A gradient sums terms dout x (softmax - one-hot) x the other operand / temperature, each
     # at most the bound below: its floor is relative to the larger of its true values and that
     # bound (the terms cancel to a near-zero truth when a row's candidates are all one item).
-    temperature = getattr(naive, "temperature", 1.0)
     term_bounds = [dout.max().item() * operand.abs().max().item() / temperature for operand in (weight, hidden)]
     for name, g, tg, bg, bound in zip(("d hidden", "d item_weight"), grads, truth_grads, base_grads, term_bounds):
         assert g.dtype == dtype

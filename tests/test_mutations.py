@@ -7,6 +7,7 @@ import math
 
 import pytest
 import sanitizer_grid
+import test_autocast as autocast_tests
 import test_softmax_loss as loss_tests
 import torch
 from host_reads import HostReadCounter
@@ -18,6 +19,7 @@ from loss_helpers import check_loss_against_truth, full_pair, sampled_pair
 from seqrec_kernels import value_checks
 from seqrec_kernels.backends import triton_interpreter_enabled
 from seqrec_kernels.models import SASRec, SASRecConfig
+from seqrec_kernels.ops import _library
 from seqrec_kernels.triton import softmax_loss as triton_loss
 
 HALF = [torch.bfloat16, torch.float16]
@@ -180,3 +182,13 @@ def test_sanitizer_grid_reports_misses_and_runs_on(monkeypatch, capsys):
     assert sanitizer_grid.run_grid("cpu", quick=True) == 1
     output = capsys.readouterr().out
     assert len(ran) == 21 and output.count("MISS ") == 1 and "21 cases ran, 1 missed" in output
+
+
+def test_attention_without_its_autocast_rule_fails_the_autocast_test(monkeypatch):
+    """The SASRec autocast test cannot see this (its q, k, v leave an autocast Linear in
+    bfloat16 already); the per-op test does."""
+    test = autocast_tests.test_autocast_is_the_same_op_on_cast_operands
+    test("attention", torch.bfloat16, "triton")  # the control
+    monkeypatch.setattr(_library, "_autocast_cast", lambda arg, device_type, dtype: arg)
+    with pytest.raises(AssertionError):
+        test("attention", torch.bfloat16, "triton")

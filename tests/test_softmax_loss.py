@@ -89,13 +89,14 @@ def test_sampled_kernel_matches_naive(backend, case):
 def test_sampled_kernel_wide_hidden(backend, dtype, hidden_dim):
     """D > 256: Triton's item gradient goes through column chunks of 256 (the last one
     partly masked at D=300), its other kernels through the longest rows they take. The
-    floor grows with D: the C++ CPU path sums D products one after another, which rounds
-    more than torch's blocked sums (seen: 6x the naive float32 error at D=1024)."""
+    float32 floor grows with D: the C++ CPU path sums D products one after another, which
+    rounds more than torch's blocked sums (seen: 6x the naive float32 error at D=1024)."""
     case = dict(batch=2, length=9, flat=False, hidden_dim=hidden_dim, num_items=60, num_neg=20, layout="shared",
                 dtype=dtype, log_q=True, remove_hits=True, temperature=1.0, ignored_fraction=0.3,
                 seed=int(torch.randint(2**31, ())))  # fmt: skip
     hidden, weight, args = make_sampled(case)
-    check_loss_against_truth(*sampled_pair(backend, **args), hidden, weight, floor_scale=hidden_dim / 64)
+    serial_sums = hidden_dim / 64 if dtype == torch.float32 else 1.0  # 16-bit: the gradients' own rounding dominates
+    check_loss_against_truth(*sampled_pair(backend, **args), hidden, weight, floor_scale=serial_sums)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
