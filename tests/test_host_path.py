@@ -98,10 +98,9 @@ def _calls(backend, bad=None):
 @pytest.mark.parametrize("op_name", sorted(_calls("triton")))
 def test_no_host_reads_on_the_device_path(op_name, eager, device_path, interpreter_reads_unseen, monkeypatch):
     """Zero host reads (syncs on a GPU) on the Triton path, value checks on by default, on
-    both entry points. The counter is a dispatch mode, under which calls take the custom op;
-    the eager path is forced for the other half."""
-    if eager:
-        monkeypatch.setattr(_library, "_eager_possible", lambda first: True)
+    both entry points, each forced (the counter, a dispatch mode, would otherwise let the
+    ops take their eager path)."""
+    monkeypatch.setattr(_library, "_eager_possible", lambda first: eager)
     run = _calls("triton")[op_name]
     run()  # first calls compile nothing in the interpreter, but build the cached excluded ids
     with HostReadCounter() as counter:
