@@ -16,10 +16,11 @@ import attention_helpers
 from attention_helpers import assert_flash_rule, check_against_truth, make_qkv
 from backends_under_test import CPP
 from loss_helpers import check_loss_against_truth, full_pair, sampled_pair
-from seqrec_kernels import value_checks
+from seqrec_kernels import fused_attention, value_checks
 from seqrec_kernels.backends import triton_interpreter_enabled
 from seqrec_kernels.models import SASRec, SASRecConfig
 from seqrec_kernels.ops import _library
+from seqrec_kernels.triton import attention as triton_attention
 from seqrec_kernels.triton import softmax_loss as triton_loss
 
 HALF = [torch.bfloat16, torch.float16]
@@ -192,3 +193,23 @@ def test_attention_without_its_autocast_rule_fails_the_autocast_test(monkeypatch
     monkeypatch.setattr(_library, "_autocast_cast", lambda arg, device_type, dtype: arg)
     with pytest.raises(AssertionError):
         test("attention", torch.bfloat16, "triton")
+
+
+def test_host_read_in_a_triton_launcher_is_caught(monkeypatch):
+    """A read inside an op's implementation, on the eager path users run (a launcher that
+    sizes its grid from a device value)."""
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+
+    def call():
+        with value_checks(False):
+            fused_attention(q, k, v, seq_lens=torch.tensor([9, 4]), backend="triton").sum().backward()
+
+    with HostReadCounter() as counter:
+        call()
+    assert counter.reads == []  # the control
+    forward = triton_attention.attention_forward
+    monkeypatch.setattr(triton_attention, "attention_forward", lambda *args: forward(*args[:5], int(args[4].max()),
+                                                                                     *args[6:]))  # fmt: skip
+    with HostReadCounter() as counter:
+        call()
+    assert counter.reads == ["_local_scalar_dense"]
