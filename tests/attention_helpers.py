@@ -72,7 +72,13 @@ def term_bounds(q, k, v, dout, seq_lens, padding_side, causal, scale, keep=None,
     out and dv sum probabilities times v or dout; dq and dk sum dS = P (dP - delta), whose
     rounding comes from delta = rowsum(dout * out) with out rounded to the input dtype (as
     FlashAttention's backward does): it does not cancel where dS does (dq of a one-key row,
-    0 in the truth)."""
+    0 in the truth). dv's probabilities are recomputed from the rounded LSE."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # The backward recomputes P = exp(S - LSE) from the LSE rounded to lse_dtype: each
+    # probability is off by eps(lse_dtype) x |LSE| relative, however large the logits.
+    lse = naive_lse(q, k, seq_lens, padding_side, causal, scale)
+    largest_lse = lse[lse > -math.inf].abs().max().item() if (lse > -math.inf).any() else 0.0
+    recompute = 1.0 + torch.finfo(lse_dtype).eps / torch.finfo(q.dtype).eps * largest_lse
     q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
     probs = naive_probs(q, k, seq_lens, padding_side, causal, scale)  # [B, H, L, L]
     dropped = probs if keep is None else probs * keep / (1.0 - dropout_p)
@@ -83,7 +89,7 @@ def term_bounds(q, k, v, dout, seq_lens, padding_side, causal, scale, keep=None,
         "out": abs_out,
         "dq": scale * (probs * abs_delta) @ k.abs(),
         "dk": scale * (probs * abs_delta).transpose(-1, -2) @ q.abs(),
-        "dv": dropped.transpose(-1, -2) @ dout.abs(),
+        "dv": recompute * dropped.transpose(-1, -2) @ dout.abs(),
     }
     return {name: t.max().item() if t.numel() else 0.0 for name, t in sums.items()}
 

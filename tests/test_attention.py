@@ -114,17 +114,12 @@ def test_triton_pads_head_dims_off_16_over_several_tiles(head_dim, form, causal,
 
 @pytest.mark.parametrize("backend", ALL)
 def test_large_logits_stay_finite(backend):
-    """Scaled scores near 1e3: the online softmax must rescale, never overflow. A float32
-    logit's rounding is relative to its magnitude, and the backward recomputes probabilities
-    from the float32 LSE (as FlashAttention does), so the floor of out and of the gradients
-    scales with it."""
+    """Scaled scores near 1e3: the online softmax must rescale, never overflow. The backward
+    recomputes probabilities from the float32 LSE (as FlashAttention does): the rule's
+    floor for dv grows with the LSE (attention_helpers.term_bounds), not with a fixed scale."""
     q, k, v = (torch.randn(2, 2, 37, 64) for _ in range(3))
     q, k = q * 30, k * 30
-    max_logit = ((q @ k.transpose(-1, -2)) / 8).abs().max().item()
-    check_against_truth(
-        *(t.requires_grad_() for t in (q, k, v)), torch.tensor([37, 20]), "left", True, backend,
-        floor_scale=max_logit,
-    )  # fmt: skip
+    check_against_truth(*(t.requires_grad_() for t in (q, k, v)), torch.tensor([37, 20]), "left", True, backend)
 
 
 # GPU: the same checks at larger shapes on CUDA, through the compiled kernels.
