@@ -242,9 +242,24 @@ def _register(fwd_name: str, bwd_name: str, outputs, fake, backward_options, imp
     eager = type(
         f"{fwd_name.split('::')[1]}_eager",
         (torch.autograd.Function,),
-        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward_with(backward_impl))},
+        {"forward": staticmethod(eager_forward), "backward": staticmethod(backward_with(_autocast_off(backward_impl)))},
     )
     return Op(fwd, _with_autocast(eager.apply, len(differentiable)))
+
+
+def _autocast_off(backward: Callable) -> Callable:
+    """backward(grad, *args) with autocast off: a backward called inside an autocast region runs
+    on what the forward saved, as the custom ops' rule runs theirs (_register_autocast); else the
+    Python implementations' matmuls would run in the autocast dtype."""
+
+    def run(grad, *args):
+        device_type = grad.device.type
+        if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return backward(grad, *args)
+        return backward(grad, *args)
+
+    return run
 
 
 def _with_autocast(apply: Callable, num_operands: int) -> Callable:
