@@ -150,7 +150,7 @@ def test_training_steps_never_read_device_values(tmp_path, monkeypatch, loss, ba
     monkeypatch.setattr(train_module, "training_step", counted_step)
     config = TrainConfig.from_dict(dict(
         epochs=1, eval_every=5, hidden=16, blocks=1, loss=loss, num_negatives=8, batch_size=256, progress=False,
-        device="cpu", backend=backend, out=str(tmp_path / "run"), token_bucket=64,
+        device="cpu", backend=backend, out=str(tmp_path / "run"),
     ))  # fmt: skip
     train(config)
     assert len(steps) >= 7 and reads == [], sorted(set(reads))
@@ -177,7 +177,7 @@ def test_gpu_training_steps_never_sync(tmp_path, monkeypatch, backend, amp):
     for loss in LOSSES:
         config = TrainConfig.from_dict(dict(
             epochs=1, eval_every=5, hidden=32, blocks=2, loss=loss, num_negatives=8, batch_size=256, progress=False,
-            device="cuda", backend=backend, amp=amp, out=str(tmp_path / loss), token_bucket=64,
+            device="cuda", backend=backend, amp=amp, out=str(tmp_path / loss),
         ))  # fmt: skip
         train(config)
     assert len(steps) >= 4 * 7
