@@ -114,10 +114,14 @@ def main(argv=None) -> None:
     header = f"{'subject':<78} {'backend':<9} {'wall ms':>8} {'device ms':>9} {'launches':>8} {'aten ops':>8}"
     lines.append(header)
     details = []
+    out.parent.mkdir(parents=True, exist_ok=True)
     with sk.value_checks(False):
         for title, run, backend in subjects:
             try:
                 wall_ms, device_ms, launches, aten_ops, top = profiled(run, device)
+            except KeyboardInterrupt:  # the GPU check's time limit: keep what was measured
+                lines.append("(stopped at the time limit)")
+                break
             except Exception as error:  # noqa: BLE001 - a subject that fails is reported, the others still run
                 lines.append(f"{title:<78} {backend:<9} error: {type(error).__name__}: {str(error)[:100]}")
                 continue
@@ -126,7 +130,7 @@ def main(argv=None) -> None:
                 details.append(f"\n{title}, {backend}: top kernels by device time (ms per call)")
                 details += [f"  {ms:8.4f}  {name}" for name, ms in top]
             print(lines[-1], flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(lines + details) + "\n")  # after every subject: a time-out loses nothing
     out.write_text("\n".join(lines + details) + "\n")
     print(f"profile written: {out}")
 

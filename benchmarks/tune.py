@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -47,10 +48,11 @@ LOSS = ("BLOCK_T", "BLOCK_N")
 # each with the widest padded head (hidden) dim it is tried at: the offline compile
 # (tests/offline_compile.py --ops candidates) found these spill-free for sm_80 and sm_90 up
 # to that width (wider, 128-row and 64-row tiles spilled 16-560 B per thread, edge-only
-# masking at D=128 16-24 B on sm_80; BLOCK_N=128 loss tiles do not compile). Forward: 128-row query tiles (Hopper-sized, wgmma on sm_90), deeper
-# pipelines, the causal blocks with the most keys scheduled first (HEAVY_FIRST), the mask only
-# on the key tiles that cross the diagonal or the sequence's end (MASK_EDGES_ONLY); backward:
-# 64-row dq tiles and narrower key tiles; loss: 128-row tiles, a shallower pipeline.
+# masking at D=128 16-24 B on sm_80; BLOCK_N=128 loss tiles do not compile). Forward: 128-row
+# query tiles (Hopper-sized, wgmma on sm_90), deeper pipelines, the causal blocks with the
+# most keys scheduled first (HEAVY_FIRST), the mask only on the key tiles that cross the
+# diagonal or the sequence's end (MASK_EDGES_ONLY); backward: 64-row dq tiles and narrower key
+# tiles; loss: 128-row tiles, a shallower pipeline.
 CANDIDATES = {
     "attention_fwd": [
         (_config(128, 64, 8, 2, ATTENTION), 128),
@@ -238,7 +240,9 @@ def main(argv=None) -> None:
             for kernel, (key, entry) in tune_class(shape, device, candidates, log).items():
                 table.setdefault(kernel, {})[key] = entry
             table_path.parent.mkdir(parents=True, exist_ok=True)
-            table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # after every class
+            partial = table_path.with_suffix(".json.partial")  # written whole, then renamed: never half a table
+            partial.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            os.replace(partial, table_path)  # after every class
     tuning.table.cache_clear()
     log(f"# {time.perf_counter() - started:.0f} s; table written: {table_path}")
 

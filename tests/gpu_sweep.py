@@ -313,15 +313,17 @@ def main(argv=None) -> int:
     backends = ["triton", "cuda"] if device.type == "cuda" else ["triton", "cpp"]
     missing = [b for b in backends if b not in {x.value for x in sk.available(device)}]
     small = device.type == "cpu"
+    seed = int(time.time()) % 2**31  # fresh inputs every run; the seed replays them
+    torch.manual_seed(seed)
     cases = [
         *attention_cases(backends, device, small), *loss_cases(backends, device, small),
         *retrieval_cases(backends, device, small), *sync_cases(backends, device),
     ]  # fmt: skip
-    if args.smoke:
-        firsts = {}
-        for case in cases:
-            firsts.setdefault((case.op, case.backend), case)
-        cases = list(firsts.values())
+    firsts = {}  # the first case of each (op, backend): run first, so a time-out still covers every op
+    for case in cases:
+        firsts.setdefault((case.op, case.backend), case)
+    rest = [case for case in cases if case not in firsts.values()]
+    cases = list(firsts.values()) + ([] if args.smoke else rest)
     out = open(args.out, "w") if args.out else None  # noqa: SIM115 - written line by line as cases finish
 
     def emit(line):
@@ -331,8 +333,6 @@ def main(argv=None) -> int:
             out.flush()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    seed = int(time.time()) % 2**31  # fresh inputs every run; the seed replays them
-    torch.manual_seed(seed)
     emit(f"# correctness sweep on {name}: torch {torch.__version__}, {len(cases)} cases, seed {seed}")
     for backend in missing:
         emit(f"UNAVAILABLE backend {backend}: its cases are reported as ERROR")
