@@ -163,7 +163,9 @@ class CapturedSteps:
             graph.replay()
             return static_loss
         device = torch.device("cuda", torch.cuda.current_device())
-        inputs = [t.to(device, non_blocking=True) for t in inputs]
+        # Copies even of device tensors: captured, they become the graph's own static buffers,
+        # which later steps overwrite (never the caller's tensors).
+        inputs = [t.to(device, non_blocking=True, copy=True) for t in inputs]
         if self.eager_steps.get(key, 0) < self.WARMUP:
             self.eager_steps[key] = self.eager_steps.get(key, 0) + 1
             side = torch.cuda.Stream()
