@@ -169,16 +169,17 @@ def pack(t, seq_lens, padding_side):
 
 
 def check_against_truth(
-    q, k, v, seq_lens, padding_side, causal, backend, dropout_p=0.0, varlen=False, tail=0, floor_scale=1.0
-):
+    q, k, v, seq_lens, padding_side, causal, backend, dropout_p=0.0, varlen=False, tail=0, floor_scale=1.0,
+    out_floor_scale=1.0,
+):  # fmt: skip
     """Forward, LSE and the three gradients of `backend` vs naive float64 with the same
     dropout mask, by the FlashAttention rule. varlen: runs fused_attention_varlen on the
     packed real tokens followed by `tail` rows of noise past cu_seqlens[-1], compares the
     real rows with the padded truth and checks that the tail is padding (zero out and
     gradients, -inf LSE). floor_scale widens the floor of out and the gradients where the
-    inputs make it necessary (huge logits: a logit's float32 rounding, relative to its
-    magnitude, moves every probability, so one summation order differs from another by
-    that much)."""
+    inputs make it necessary, out_floor_scale that of out alone (large scores: a score's
+    float32 rounding, relative to its magnitude, moves every probability, so one summation
+    order differs from another by that much)."""
     assert varlen or not tail, "only the packed form has a tail"
     batch, heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
@@ -220,7 +221,8 @@ def check_against_truth(
     truth_out, truth_grads = _forward_and_grads(naive, [t.double() for t in (q, k, v)], dout)
     base_out, base_grads = _forward_and_grads(naive, (q, k, v), dout)
     bounds = term_bounds(q, k, v, dout, seq_lens, padding_side, causal, scale, keep, dropout_p)
-    assert_flash_rule("out", out, layout(truth_out), layout(base_out), q.dtype, 2, floor_scale, bounds["out"])
+    assert_flash_rule("out", out, layout(truth_out), layout(base_out), q.dtype, 2, floor_scale * out_floor_scale,
+                      bounds["out"])  # fmt: skip
     for name, g, tg, bg in zip(("dq", "dk", "dv"), grads, truth_grads, base_grads):
         assert_flash_rule(name, g, layout(tg), layout(bg), q.dtype, 3, floor_scale, bounds[name])
 
