@@ -373,11 +373,14 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dql,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAVY_FIRST: tl.constexpr,
 ):  # fmt: skip
     """dQ for one block of queries, streaming the keys it sees. Operand rows are read_dim
-    wide, as in _attention_bwd_dkdv_kernel."""
+    wide, as in _attention_bwd_dkdv_kernel. HEAVY_FIRST (a tuning candidate): the query
+    blocks last to first, as in _attention_fwd_kernel."""
     seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_M)
+    if HEAVY_FIRST:
+        block_start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
     _write_padding(DQ, seq, head, stride_dqb, stride_dqh, stride_dql, lead_end, tail_start, num_rows, 0.0, head_dim,
                    BLOCK_M, BLOCK_D)  # fmt: skip
@@ -421,6 +424,135 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_base + offs_m[:, None] * stride_dql + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bwd_fused_tile(dk, dv, query_start, k, k_base, v, v_base, offs_n, offs_d, q_base, do_base, lse_base, delta_base,
+                    dq_base, Seed, seq, head, num_heads, max_seqlen, stride_ql, stride_kl, stride_vl, stride_dl,
+                    stride_dql, length, read_dim, head_dim, scale, qk_scale_log2, drop_threshold, drop_scale,
+                    ELEMENT: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One query tile of _attention_bwd_fused_kernel: (dk, dv) updated with queries query_start
+    .. query_start + BLOCK_M - 1, and their dq terms added to the float32 dq buffer. MASKED:
+    the tile may hold (query, key) pairs that are not visible. ELEMENT: the inputs' dtype (dS
+    and P are rounded to it before their products, as in the default kernels)."""
+    offs_m = query_start + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_base, offs_m, stride_ql, length, offs_d, read_dim, DOT_DTYPE)  # [BM, BD]
+    do = _load_rows(do_base, offs_m, stride_dl, length, offs_d, read_dim, DOT_DTYPE)
+    lse = tl.load(lse_base + offs_m, mask=offs_m < length, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=offs_m < length, other=0.0)
+    logits = _products_nt(q, q_base, offs_m, stride_ql, k, k_base, offs_n, stride_kl, length, read_dim, DOT_CHUNK,
+                          DOT_PRECISION) * qk_scale_log2  # fmt: skip
+    shifted = logits - lse[:, None] * LOG2E
+    if MASKED:
+        shifted = tl.where(_visible(offs_m, offs_n, length, CAUSAL), shifted, -float("inf"))
+    p = tl.exp2(shifted)
+    dp = _products_nt(do, do_base, offs_m, stride_dl, v, v_base, offs_n, stride_vl, length, read_dim, DOT_CHUNK,
+                      DOT_PRECISION)  # fmt: skip
+    if DROPOUT:
+        keep = keep_mask(_dropout_row_hashes(Seed, seq, head, num_heads, max_seqlen, offs_m), offs_n, drop_threshold)
+        p_dropped = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        p_dropped = p
+    dv += tl.dot(tl.trans(p_dropped.to(ELEMENT).to(DOT_DTYPE)), do, input_precision=DOT_PRECISION)
+    ds = (p * (dp - delta[:, None])).to(ELEMENT).to(DOT_DTYPE)
+    dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale  # [BM, BD]: this key block's share
+    dq_mask = (offs_m[:, None] < length) & (offs_d[None, :] < head_dim)
+    tl.atomic_add(dq_base + offs_m[:, None] * stride_dql + offs_d[None, :], dq, mask=dq_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_fused_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, SeqStart, SeqLen, Seed,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_lb, stride_lh,
+    num_heads, num_rows, max_seqlen, head_dim, seqs_per_row, read_dim,
+    scale, qk_scale_log2, drop_threshold, drop_scale,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    stride_dqb, stride_dqh, stride_dql,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_EDGES_ONLY: tl.constexpr,
+):  # fmt: skip
+    """The backward in one pass (a tuning candidate, ATOMIC_DQ; FlashAttention-2's): dK, dV for
+    one block of keys as _attention_bwd_dkdv_kernel, and the dQ terms of its (query, key) pairs
+    added with float32 atomics to DQAcc (zero-initialized, the layout of Q), so that each tile
+    takes 5 products (Q K^T, dO V^T, P^T dO, dS^T Q, dS K) instead of the 7 of the two kernels.
+    The order of the additions into a dQ row varies from run to run: dQ is not deterministic.
+    Under a causal mask program 0 takes the key block every query block sees: the grid already
+    runs heaviest first. MASK_EDGES_ONLY: the mask only on the query tiles that cross the
+    diagonal or the sequence's end."""
+    seq, head, start, length, block_start = _this_program(SeqStart, SeqLen, num_heads, num_rows, max_seqlen, BLOCK_N)
+    lead_end, tail_start = _padding_rows(seq, start, length, num_rows, seqs_per_row)
+    _write_padding(DK, seq, head, stride_dkb, stride_dkh, stride_dkl, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_N, BLOCK_D)  # fmt: skip
+    _write_padding(DV, seq, head, stride_dvb, stride_dvh, stride_dvl, lead_end, tail_start, num_rows, 0.0, head_dim,
+                   BLOCK_N, BLOCK_D)  # fmt: skip
+    if block_start >= length:
+        return
+
+    offs_n = block_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = _row_base(Q, seq, head, start, stride_qb, stride_qh, stride_ql)
+    k_base = _row_base(K, seq, head, start, stride_kb, stride_kh, stride_kl)
+    v_base = _row_base(V, seq, head, start, stride_vb, stride_vh, stride_vl)
+    do_base = _row_base(DOut, seq, head, start, stride_db, stride_dh, stride_dl)
+    lse_base = _row_base(Lse, seq, head, start, stride_lb, stride_lh, 1)
+    delta_base = _row_base(Delta, seq, head, start, stride_lb, stride_lh, 1)
+    dq_base = _row_base(DQAcc, seq, head, start, stride_dqb, stride_dqh, stride_dql)
+    k = _load_rows(k_base, offs_n, stride_kl, length, offs_d, read_dim, DOT_DTYPE)  # [BN, BD]
+    v = _load_rows(v_base, offs_n, stride_vl, length, offs_d, read_dim, DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Query tiles [query_begin, length) in steps of BLOCK_M (causal: none before the key
+    # block's query-tile boundary sees it); MASK_EDGES_ONLY: [unmasked_start, unmasked_end)
+    # see every key of the block (after the diagonal, inside the sequence) and skip the mask.
+    query_begin = (block_start // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    unmasked_start = length
+    unmasked_end = length
+    if MASK_EDGES_ONLY:
+        if block_start + BLOCK_N <= length:  # else the block holds keys past the end: every tile masked
+            last_key = block_start + BLOCK_N - 1
+            first_seeing_all = last_key if CAUSAL else 0  # the first query that sees every key of the block
+            unmasked_start = query_begin + tl.cdiv(tl.maximum(first_seeing_all - query_begin, 0), BLOCK_M) * BLOCK_M
+            unmasked_start = tl.minimum(unmasked_start, length)
+            unmasked_end = tl.maximum(unmasked_start, query_begin + (length - query_begin) // BLOCK_M * BLOCK_M)
+    for query_start in range(query_begin, unmasked_start, BLOCK_M):
+        dk, dv = _bwd_fused_tile(
+            dk, dv, query_start, k, k_base, v, v_base, offs_n, offs_d, q_base, do_base, lse_base, delta_base, dq_base,
+            Seed, seq, head, num_heads, max_seqlen, stride_ql, stride_kl, stride_vl, stride_dl, stride_dql, length,
+            read_dim, head_dim, scale, qk_scale_log2, drop_threshold, drop_scale,
+            Q.dtype.element_ty, True, CAUSAL, DROPOUT, BLOCK_M, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+    for query_start in range(unmasked_start, unmasked_end, BLOCK_M):
+        dk, dv = _bwd_fused_tile(
+            dk, dv, query_start, k, k_base, v, v_base, offs_n, offs_d, q_base, do_base, lse_base, delta_base, dq_base,
+            Seed, seq, head, num_heads, max_seqlen, stride_ql, stride_kl, stride_vl, stride_dl, stride_dql, length,
+            read_dim, head_dim, scale, qk_scale_log2, drop_threshold, drop_scale,
+            Q.dtype.element_ty, False, CAUSAL, DROPOUT, BLOCK_M, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+    for query_start in range(unmasked_end, length, BLOCK_M):
+        dk, dv = _bwd_fused_tile(
+            dk, dv, query_start, k, k_base, v, v_base, offs_n, offs_d, q_base, do_base, lse_base, delta_base, dq_base,
+            Seed, seq, head, num_heads, max_seqlen, stride_ql, stride_kl, stride_vl, stride_dl, stride_dql, length,
+            read_dim, head_dim, scale, qk_scale_log2, drop_threshold, drop_scale,
+            Q.dtype.element_ty, True, CAUSAL, DROPOUT, BLOCK_M, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION,
+        )  # fmt: skip
+
+    mask = (offs_n[:, None] < length) & (offs_d[None, :] < head_dim)
+    dk_base = _row_base(DK, seq, head, start, stride_dkb, stride_dkh, stride_dkl)
+    dv_base = _row_base(DV, seq, head, start, stride_dvb, stride_dvh, stride_dvl)
+    tl.store(dk_base + offs_n[:, None] * stride_dkl + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------- launchers
 
 
@@ -437,10 +569,12 @@ def _launch_config(head_dim, dtype, backward, max_seqlen, device):
 
 
 def _default_launch_config(block_d, dtype, backward):
-    """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages} (and the forward's
-    HEAVY_FIRST and MASK_EDGES_ONLY, off), every key of which a tuning table may replace."""
-    config = _default_blocks_and_warps(block_d, dtype, backward)
-    return config if backward else dict(config, HEAVY_FIRST=False, MASK_EDGES_ONLY=False)
+    """Today's configuration: {BLOCK_M, BLOCK_N, num_warps, num_stages} and the schedules,
+    off: HEAVY_FIRST and MASK_EDGES_ONLY; the backward's ATOMIC_DQ (one pass, dq by atomics:
+    _attention_bwd_fused_kernel, where MASK_EDGES_ONLY applies; HEAVY_FIRST applies to the
+    two-pass backward's dq kernel). A tuning table may replace every key."""
+    config = dict(_default_blocks_and_warps(block_d, dtype, backward), HEAVY_FIRST=False, MASK_EDGES_ONLY=False)
+    return dict(config, ATOMIC_DQ=False) if backward else config
 
 
 def _default_blocks_and_warps(block_d, dtype, backward):
@@ -601,6 +735,10 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
     packed, num_pairs = c["packed"], seq_len.shape[0] * q.shape[1]
     lse_strides = _strides(lse, packed)[:2]
     block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, True, max_seqlen, q.device)
+    # The schedules: the one-pass backward's dq is summed by atomics in no fixed order, so
+    # deterministic mode keeps the two-pass backward.
+    atomic_dq = launch.pop("ATOMIC_DQ") and not torch.are_deterministic_algorithms_enabled()
+    heavy_first, mask_edges_only = launch.pop("HEAVY_FIRST"), launch.pop("MASK_EDGES_ONLY")
 
     delta = torch.empty_like(lse)  # [B, H, L]: rowsum(dout * out), read at rows of sequences only
     launch_kernel(_attention_bwd_delta_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
@@ -617,11 +755,20 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
         *c["drop"],
     )  # fmt: skip
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
+    if atomic_dq:  # dq: float32 sums in dq's layout (zeros at padding rows), cast once at the end
+        dq = torch.zeros_like(dq, dtype=torch.float32)
+        launch_kernel(_attention_bwd_fused_kernel, (num_pairs, _row_blocks(max_seqlen, block_n)),
+            q, k, v, dout, lse, delta, dk, dv, dq, seq_start, seq_len, dropout_seed,
+            *shared, *_strides(dk, packed), *_strides(dv, packed), *_strides(dq, packed),
+            MASK_EDGES_ONLY=mask_edges_only, **launch,
+        )  # fmt: skip
+        return dq.to(q.dtype), dk, dv
     launch_kernel(_attention_bwd_dkdv_kernel, (num_pairs, _row_blocks(max_seqlen, block_n)),
         q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
         *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,
     )  # fmt: skip
     launch_kernel(_attention_bwd_dq_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
-        q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed), **launch
+        q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed),
+        HEAVY_FIRST=heavy_first, **launch,
     )  # fmt: skip
     return dq, dk, dv
