@@ -15,7 +15,7 @@ The launchers read it at run time (seqrec_kernels.tuning).
 New kernel variants (tile shapes, warps, stages) enter here as candidates: a variant built
 without a GPU is chosen only once a GPU has measured it faster than today's default.
 
---dry-run (CPU, Triton's interpreter): tiny shapes and two candidates per kernel; the table
+--dry-run (CPU, Triton's interpreter): tiny shapes and one to three candidates per kernel; the table
 goes to --table (never the committed one), so `make test` exercises the whole harness.
 """
 
@@ -52,7 +52,9 @@ LOSS = ("BLOCK_T", "BLOCK_N")
 # query tiles (Hopper-sized, wgmma on sm_90), deeper pipelines, the causal blocks with the
 # most keys scheduled first (HEAVY_FIRST), the mask only on the key tiles that cross the
 # diagonal or the sequence's end (MASK_EDGES_ONLY); backward: 64-row dq tiles and narrower key
-# tiles; loss: 128-row tiles, a shallower pipeline.
+# tiles; loss: 128-row tiles, a shallower pipeline, the catalog split across 4 or 8 programs per
+# row block (ITEM_SPLITS: forward and d hidden, partials merged) and the fused backward (FUSED:
+# d hidden from the d weight kernel's logit tiles, by atomics).
 CANDIDATES = {
     "attention_fwd": [
         (_config(128, 64, 8, 2, ATTENTION), 128),
@@ -69,14 +71,31 @@ CANDIDATES = {
         (_config(64, 32, 4, 2, ATTENTION), 64),
         (_config(16, 64, 4, 2, ATTENTION), 128),
     ],
-    "full_softmax_fwd": [(_config(128, 64, 8, 3, LOSS), 64), (_config(64, 64, 8, 2, LOSS), 64)],
-    "full_softmax_bwd": [(_config(128, 64, 8, 3, LOSS), 64), (_config(32, 64, 4, 3, LOSS), 64)],
+    "full_softmax_fwd": [
+        (_config(128, 64, 8, 3, LOSS), 64),
+        (_config(64, 64, 8, 2, LOSS), 64),
+        (_config(64, 64, 8, 3, LOSS, ITEM_SPLITS=4), 64),
+        (_config(64, 64, 8, 3, LOSS, ITEM_SPLITS=8), 64),
+        (_config(128, 64, 8, 3, LOSS, ITEM_SPLITS=8), 64),
+    ],
+    "full_softmax_bwd": [
+        (_config(128, 64, 8, 3, LOSS), 64),
+        (_config(32, 64, 4, 3, LOSS), 64),
+        (_config(64, 64, 8, 3, LOSS, ITEM_SPLITS=4), 64),
+        (_config(64, 64, 8, 3, LOSS, ITEM_SPLITS=8), 64),
+        (_config(64, 64, 8, 3, LOSS, FUSED=True), 64),
+        (_config(32, 64, 4, 3, LOSS, FUSED=True), 64),
+    ],
 }
 DRY_RUN_CANDIDATES = {
     "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 1024)],
     "attention_bwd": [(_config(16, 32, 4, 1, ATTENTION), 1024)],
-    "full_softmax_fwd": [(_config(32, 16, 4, 1, LOSS), 1024)],
-    "full_softmax_bwd": [(_config(16, 32, 4, 1, LOSS), 1024)],
+    "full_softmax_fwd": [(_config(32, 16, 4, 1, LOSS), 1024), (_config(16, 16, 4, 1, LOSS, ITEM_SPLITS=2), 1024)],
+    "full_softmax_bwd": [
+        (_config(16, 32, 4, 1, LOSS), 1024),
+        (_config(16, 16, 4, 1, LOSS, ITEM_SPLITS=2), 1024),
+        (_config(16, 16, 4, 1, LOSS, FUSED=True), 1024),
+    ],
 }
 
 
@@ -165,7 +184,7 @@ def tune_class(shape, device, candidates, log):
         forward, backward, outputs = _loss_runs(shape, device)
         block_d = max(16, triton.next_power_of_2(dim))
         key = tuning.loss_key(shape.dtype, block_d)
-        defaults = [triton_loss._default_blocks(block_d, dim, shape.dtype)] * 2
+        defaults = [triton_loss._default_config(k, block_d, dim, shape.dtype) for k in (fwd_kernel, bwd_kernel)]
     truth = [t.detach().float() for t in outputs("reference")]
     tolerance = common.TOLERANCE[shape.dtype]
     results = {}
@@ -214,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--table", type=Path, default=None,
                         help="the table to write (default: seqrec_kernels/tuning/<gpu>.json)")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, two candidates per kernel")
+    parser.add_argument("--dry-run", action="store_true", help="CPU: tiny shapes, a few candidates per kernel")
     parser.add_argument("--shapes", default=None, help="comma-separated parts of shape-class names to run")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -64,7 +64,7 @@ GRIDS = {
         excluded_counts=(0, 1, 3, 20),  # 20: beyond the ids held in registers, a catalog mask
         float32_precisions=("highest", "high", "medium"),
         retrieval_variants=[(d, k) for d in (50, 64, 128, 256, 512, 1024) for k in (10, 100, 1024, 2048)],
-        candidate_dims={"attention": (50, 64, 128), "full_softmax": (64,)},
+        candidate_dims={"attention": (50, 64, 128), "full_softmax": (50, 64)},
     ),
     "ci": dict(
         attention_dims=(16, 50, 128, 256),
@@ -235,20 +235,39 @@ def _run_loss(kind, dtype, hidden_dim, variant, deterministic=False):
 TUNED_KERNELS = {
     "attention_fwd": {"_attention_fwd_kernel"},
     "attention_bwd": {"_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"},
-    "full_softmax_fwd": {"_full_fwd_kernel"},
-    "full_softmax_bwd": {"_full_bwd_hidden_kernel", "_full_bwd_weight_kernel"},
+    "full_softmax_fwd": {"_full_fwd_kernel", "_merge_splits_kernel"},
+    "full_softmax_bwd": {"_full_bwd_hidden_kernel", "_full_bwd_weight_kernel", "_sum_splits_kernel"},
 }
 
 
+def _default_config(kernel, dim):
+    """Today's bfloat16 configuration of a tunable kernel at head (hidden) dim `dim`."""
+    import torch
+
+    from seqrec_kernels.triton import attention, softmax_loss
+
+    block_d = max(16, 1 << (dim - 1).bit_length())
+    if kernel.startswith("attention"):
+        return attention._default_launch_config(block_d, torch.bfloat16, backward=kernel.endswith("bwd"))
+    return softmax_loss._default_config(kernel, block_d, dim, torch.bfloat16)
+
+
 def _candidate_cases(grid):
+    """Today's configuration of each tunable kernel (labelled default), then its candidates,
+    labelled by their blocks/warps/stages and the options that differ from the default."""
     from benchmarks.tune import CANDIDATES, candidates_for
 
     for kernel in CANDIDATES:
         family = kernel.rsplit("_", 1)[0]  # attention, full_softmax
         for dim in grid.get("candidate_dims", {}).get(family, ()):
-            for config in candidates_for(kernel, max(16, 1 << (dim - 1).bit_length())):
+            default = _default_config(kernel, dim)
+            block_d = max(16, 1 << (dim - 1).bit_length())
+            configs = [default] + [c for c in candidates_for(kernel, block_d) if c != default]
+            for config in configs:
+                options = [f"{k}={v}" for k, v in list(config.items())[4:] if default.get(k) != v]
+                label = "/".join(str(v) for v in list(config.values())[:4]) + "".join(f" {o}" for o in options)
                 tag = dict(op="candidates", dtype="bfloat16", precision=None, D=dim, tuned=kernel,
-                           config="/".join(str(v) for v in config.values()))  # fmt: skip
+                           config=f"{'default' if config is default else 'candidate'} {label}")  # fmt: skip
                 yield tag, (kernel, config, dim)
 
 
@@ -485,8 +504,8 @@ def markdown(rows: list[dict], grid_name: str) -> str:
     groups = collections.defaultdict(list)
     for r in compiled:
         dtype = r["dtype"] + (f" ({r['precision']})" if r.get("precision") else "")
-        if "tuned" in r:  # a tuning candidate: its BLOCK_*/BLOCK_*/warps/stages
-            dtype += f" candidate {r['config']}"
+        if "tuned" in r:  # today's default or a tuning candidate: its BLOCK_*/BLOCK_*/warps/stages and options
+            dtype += f" {r['config']}"
         groups[(r["cc"], r["kernel"], dtype, r["D"])].append(r)
     for (cc, kernel, dtype, dim), members in sorted(groups.items()):
         mma = sorted({m["mma"] or "-" for m in members})

@@ -39,14 +39,40 @@ from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
 
 def _blocks(hidden_dim, dtype, kernel, device):
-    """(BLOCK_T, BLOCK_N, BLOCK_D, launch options) of the tile kernels (shared negatives, full):
-    today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning) measured a
-    faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the hidden dim."""
+    """(BLOCK_T, BLOCK_N, BLOCK_D, launch options, variant) of the tile kernels (shared
+    negatives, full): today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning)
+    measured a faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the
+    hidden dim. variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates)."""
     block_d = max(16, triton.next_power_of_2(hidden_dim))
-    default = _default_blocks(block_d, hidden_dim, dtype)
+    default = _default_config(kernel, block_d, hidden_dim, dtype)
     config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d), device, default)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
-    return config["BLOCK_T"], config["BLOCK_N"], block_d, launch
+    variant = {name: config[name] for name in VARIANT_DEFAULTS.get(kernel, {})}
+    return config["BLOCK_T"], config["BLOCK_N"], block_d, launch, variant
+
+
+# The full loss's algorithm variants, today's choice first (candidates of the tuning sweep,
+# benchmarks/tune.py): ITEM_SPLITS > 1 splits the catalog across that many programs per row
+# block in the forward and the d hidden pass (partials merged by a second kernel; at most
+# as many splits as bring the grid to SPLIT_PROGRAMS programs); FUSED computes d hidden in the
+# d weight kernel from the same logit tiles (float32 atomics; never under
+# torch.use_deterministic_algorithms, where today's kernels run).
+VARIANT_DEFAULTS = {"full_softmax_fwd": dict(ITEM_SPLITS=1), "full_softmax_bwd": dict(ITEM_SPLITS=1, FUSED=False)}
+SPLIT_PROGRAMS = 1024  # 8 per SM on an H100's 132
+
+
+def _default_config(kernel, block_d, hidden_dim, dtype):
+    """Today's configuration of `kernel`: _default_blocks and its VARIANT_DEFAULTS."""
+    return dict(_default_blocks(block_d, hidden_dim, dtype), **VARIANT_DEFAULTS.get(kernel, {}))
+
+
+def _item_splits(max_splits, row_blocks, num_items, block_n):
+    """(splits, items per split) of a split candidate: up to max_splits, at least one item
+    block each, no more than bring row_blocks x splits to SPLIT_PROGRAMS."""
+    item_blocks = triton.cdiv(num_items, block_n)
+    splits = max(1, min(max_splits, item_blocks, triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
+    blocks_per_split = triton.cdiv(item_blocks, splits)
+    return triton.cdiv(item_blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def _default_blocks(block_d, hidden_dim, dtype):
@@ -553,7 +579,7 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
         launch = dict(num_warps=8, maxnreg=MAX_REGISTERS)  # 4 warps spilled at D=50 under Triton 3.6
         groups, segments = 1, _row_segments(hidden.shape[0], block_t)  # compacted together: each row has its list
     else:
-        block_t, block_k, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "sampled_softmax", hidden.device)
+        block_t, block_k, block_d, launch, _ = _blocks(hidden.shape[1], hidden.dtype, "sampled_softmax", hidden.device)
         # 16 negatives per step in the backward (the item-gradient tile [BK, BD] and its atomics'
         # addresses: 32 spilled) and in the float32 forward (32 spilled 8 B at D=50, IEEE products).
         if backward or hidden.dtype == torch.float32:
@@ -733,22 +759,27 @@ def _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride
 
 @triton.jit
 def _full_fwd_kernel(
-    H, W, Targets, Excluded, Loss, Lse, Order, Count,
+    H, W, Targets, Excluded, Loss, Lse, Order, Count, Part,
     stride_h, stride_w,
     num_rows, num_items, h_cols, w_cols, inv_temp, ignore_index,
-    num_segments, blocks_per_segment, segment_rows,
-    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
+    num_segments, blocks_per_segment, segment_rows, items_per_split,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    """Loss and LSE of a block of rows against the catalog; with SPLIT (a tuning candidate),
+    against split program_id(1)'s items only: the row's (max, sum of exp, target logit) over
+    them go to Part [3, splits, T] (float32), merged by _merge_splits_kernel."""
     stride_h, stride_w, h_cols, w_cols = _aligned((stride_h, stride_w, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, _group, idle = _compacted_rows(
         Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
     )  # all rows form one group
-    tl.store(Loss + rows, 0.0, mask=ignored)
-    tl.store(Lse + rows, 0.0, mask=ignored)
+    if not SPLIT:  # (split: the merge writes every row)
+        tl.store(Loss + rows, 0.0, mask=ignored)
+        tl.store(Lse + rows, 0.0, mask=ignored)
     if idle:
         return
+    n_begin, n_end = _split_items(num_items, items_per_split, SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
     h = tl.load(H + rows[:, None].to(tl.int64) * stride_h + offs_d[None, :],
                 mask=row_mask[:, None] & (offs_d[None, :] < h_cols), other=0.0)  # fmt: skip
@@ -757,7 +788,7 @@ def _full_fwd_kernel(
     running_max = tl.full([BLOCK_T], -float("inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_T], tl.float32)
     target_logits = tl.zeros([BLOCK_T], tl.float32)
-    for n_start in range(0, num_items, BLOCK_N):
+    for n_start in range(n_begin, n_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
         logits, _ = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items, h_cols,
@@ -770,6 +801,13 @@ def _full_fwd_kernel(
         safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(logits - safe_max[:, None]), 1)
         running_max = new_max
+    if SPLIT:
+        part = Part + tl.program_id(1) * num_rows + rows  # [BT]: entries (0, split, row), (1, ...), (2, ...)
+        split_stride = tl.num_programs(1) * num_rows
+        tl.store(part, running_max, mask=row_mask)
+        tl.store(part + split_stride, running_sum, mask=row_mask)
+        tl.store(part + 2 * split_stride, target_logits, mask=row_mask)
+        return
     lse = running_max + tl.log(running_sum)
     tl.store(Lse + rows, lse, mask=row_mask)
     # A target outside [0, N) (possible only where the host check was skipped) is an ignored row.
@@ -778,15 +816,53 @@ def _full_fwd_kernel(
 
 
 @triton.jit
+def _split_items(num_items, items_per_split, SPLIT: tl.constexpr):
+    """[n_begin, n_end): the items of this program, all of them or, with SPLIT, those of split
+    program_id(1) (items_per_split a multiple of BLOCK_N)."""
+    if SPLIT:
+        n_begin = tl.program_id(1) * items_per_split
+        return n_begin, tl.minimum(n_begin + items_per_split, num_items)
+    return 0, num_items
+
+
+@triton.jit
+def _merge_splits_kernel(Part, Targets, Loss, Lse, num_rows, num_items, splits, ignore_index, BLOCK_R: tl.constexpr):
+    """Loss and LSE of BLOCK_R rows from the splits' partials Part [3, splits, T] (max, sum of
+    exp, target logit; float32): the log-sum-exp of the partial sums, in split order, and the
+    target's logit (0 in every split but its own). Ignored rows (no partials): 0."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    target = tl.load(Targets + rows, mask=rows < num_rows, other=ignore_index)
+    valid = (rows < num_rows) & (target != ignore_index) & (target >= 0) & (target < num_items)
+    split_stride = splits * num_rows
+    row_max = tl.full([BLOCK_R], -float("inf"), tl.float32)
+    for split in range(0, splits):
+        row_max = tl.maximum(row_max, tl.load(Part + split * num_rows + rows, mask=valid, other=-float("inf")))
+    safe_max = tl.where(row_max == -float("inf"), 0.0, row_max)  # (never for a valid row: its target is kept)
+    row_sum = tl.zeros([BLOCK_R], tl.float32)
+    target_logit = tl.zeros([BLOCK_R], tl.float32)
+    for split in range(0, splits):
+        part = Part + split * num_rows + rows
+        split_max = tl.load(part, mask=valid, other=-float("inf"))
+        row_sum += tl.load(part + split_stride, mask=valid, other=0.0) * tl.exp(split_max - safe_max)
+        target_logit += tl.load(part + 2 * split_stride, mask=valid, other=0.0)
+    lse = safe_max + tl.log(tl.where(valid, row_sum, 1.0))
+    tl.store(Lse + rows, tl.where(valid, lse, 0.0), mask=rows < num_rows)
+    tl.store(Loss + rows, tl.where(valid, lse - target_logit, 0.0), mask=rows < num_rows)
+
+
+@triton.jit
 def _full_bwd_hidden_kernel(
-    H, W, Targets, Excluded, Lse, GradLoss, DH, Order, Count,
+    H, W, Targets, Excluded, Lse, GradLoss, DH, Order, Count, Part,
     stride_h, stride_w, stride_grad, stride_dh,
     num_rows, num_items, hidden_dim, h_cols, w_cols, inv_temp, ignore_index,
-    num_segments, blocks_per_segment, segment_rows,
-    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
+    num_segments, blocks_per_segment, segment_rows, items_per_split,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
+    """d hidden of a block of rows; with SPLIT (a tuning candidate), the part from split
+    program_id(1)'s items (split 0 adds the target's term) to Part [splits, T, D] (float32),
+    summed by _sum_splits_kernel."""
     stride_h, stride_w, stride_dh = _aligned((stride_h, stride_w, stride_dh), ALIGN)
     hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
     rows, row_mask, ignored, _group, idle = _compacted_rows(
@@ -794,8 +870,10 @@ def _full_bwd_hidden_kernel(
     )  # all rows form one group
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < hidden_dim
-    if idle:  # only ignored rows: d hidden 0
-        tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0, mask=ignored[:, None] & d_mask)
+    if idle:  # only ignored rows: d hidden 0 (split: the sum writes it)
+        if not SPLIT:
+            tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], 0.0,
+                     mask=ignored[:, None] & d_mask)  # fmt: skip
         return
     h, _, valid, w_target, _ = _positive_logits(
         H, W, Targets, Targets, rows, row_mask, offs_d, stride_h, stride_w, num_items, h_cols, w_cols, inv_temp,
@@ -804,8 +882,11 @@ def _full_bwd_hidden_kernel(
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     row_scale = tl.where(valid, tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0) * inv_temp, 0.0)
     dh = -row_scale[:, None] * w_target  # the onehot(target) part of softmax - onehot
+    if SPLIT:
+        dh = tl.where(tl.program_id(1) == 0, dh, 0.0)  # (once, in split 0)
+    n_begin, n_end = _split_items(num_items, items_per_split, SPLIT)
     excluded_ids = _excluded_ids(Excluded, NUM_EXCLUDED)
-    for n_start in range(0, num_items, BLOCK_N):
+    for n_start in range(n_begin, n_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kept = _kept_items(n_start, num_items, Excluded, excluded_ids, BLOCK_N, NUM_EXCLUDED, EXCLUDED_MASK)
         logits, w = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items, h_cols,
@@ -817,23 +898,47 @@ def _full_bwd_hidden_kernel(
     rows, row_mask, ignored, _group, _idle = _compacted_rows(
         Order, Count, num_rows, num_rows, num_segments, blocks_per_segment, segment_rows, BLOCK_T
     )
+    if SPLIT:  # [splits, T, D], only the rows that count
+        part_ptr = Part + (tl.program_id(1) * num_rows + rows[:, None]).to(tl.int64) * hidden_dim + offs_d[None, :]
+        tl.store(part_ptr, dh, mask=row_mask[:, None] & d_mask)
+        return
     dh_ptr = DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :]
     dh = tl.where(row_mask[:, None], dh, 0.0)  # 0 at this block's ignored rows
     tl.store(dh_ptr, dh.to(DH.dtype.element_ty), mask=(row_mask | ignored)[:, None] & d_mask)
 
 
 @triton.jit
+def _sum_splits_kernel(Part, Targets, DH, num_rows, num_items, hidden_dim, stride_dh, splits, ignore_index,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """d hidden of BLOCK_R rows: the sum, in split order, of the splits' partials Part
+    [splits, T, D] (float32), written in DH's dtype; 0 at ignored rows (no partials)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    target = tl.load(Targets + rows, mask=rows < num_rows, other=ignore_index)
+    valid = (rows < num_rows) & (target != ignore_index) & (target >= 0) & (target < num_items)
+    d_mask = offs_d[None, :] < hidden_dim
+    dh = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for split in range(0, splits):
+        part_ptr = Part + (split * num_rows + rows[:, None]).to(tl.int64) * hidden_dim + offs_d[None, :]
+        dh += tl.load(part_ptr, mask=valid[:, None] & d_mask, other=0.0)
+    tl.store(DH + rows[:, None].to(tl.int64) * stride_dh + offs_d[None, :], dh.to(DH.dtype.element_ty),
+             mask=(rows[:, None] < num_rows) & d_mask)  # fmt: skip
+
+
+@triton.jit
 def _full_bwd_weight_kernel(
-    H, W, Targets, Excluded, Lse, GradLoss, DW, Order, Count,
+    H, W, Targets, Excluded, Lse, GradLoss, DW, Order, Count, DHSum,
     stride_h, stride_w, stride_grad, stride_dw,
     num_rows, num_items, hidden_dim, h_cols, w_cols, inv_temp, ignore_index,
     num_segments, segment_rows,
-    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr,
+    NUM_EXCLUDED: tl.constexpr, EXCLUDED_MASK: tl.constexpr, FUSED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_CHUNK: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """d weight for a block of items, streaming the blocks of compacted rows that count, segment
-    by segment: no atomics. Every item row is written."""
+    by segment: no atomics. Every item row is written. With FUSED (a tuning candidate), d
+    hidden from the same logit tiles too: each tile's [BT, D] part added to DHSum [T, D]
+    (float32, zeroed) by relaxed atomics, so that no second kernel recomputes the logits."""
     stride_h, stride_w, stride_dw = _aligned((stride_h, stride_w, stride_dw), ALIGN)
     hidden_dim, h_cols, w_cols = _aligned((hidden_dim, h_cols, w_cols), ALIGN)
     n_start = tl.program_id(0) * BLOCK_N
@@ -855,11 +960,16 @@ def _full_bwd_weight_kernel(
             lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
             grad = tl.load(GradLoss + rows * stride_grad, mask=row_mask, other=0.0)
             row_scale = tl.where(valid, grad * inv_temp, 0.0)
-            logits, _ = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items,
+            logits, w = _item_logits(h, H, rows, row_mask, W, offs_n, kept, offs_d, stride_h, stride_w, num_items,
                                      h_cols, w_cols, inv_temp, DOT_CHUNK, DOT_DTYPE, DOT_PRECISION)  # fmt: skip
             is_target = target[:, None] == offs_n[None, :]
             coef = (tl.exp(logits - lse[:, None]) - is_target.to(tl.float32)) * row_scale[:, None]  # [BT, BN]
             dw += tl.dot(tl.trans(coef).to(DOT_DTYPE), h.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            if FUSED:
+                dh = tl.dot(coef.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # [BT, BD]
+                dh_mask = row_mask[:, None] & (offs_d[None, :] < hidden_dim)
+                tl.atomic_add(DHSum + rows[:, None].to(tl.int64) * hidden_dim + offs_d[None, :], dh, mask=dh_mask,
+                              sem="relaxed")  # fmt: skip
     dw_mask = (offs_n[:, None] < num_items) & (offs_d[None, :] < hidden_dim)
     tl.store(DW + offs_n[:, None].to(tl.int64) * stride_dw + offs_d[None, :], dw.to(DW.dtype.element_ty), mask=dw_mask)
 
@@ -873,21 +983,32 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     lse = torch.empty_like(loss)
     if num_rows == 0:
         return loss, lse
-    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "full_softmax_fwd", hidden.device)
+    block_t, block_n, block_d, launch, variant = _blocks(
+        hidden.shape[1], hidden.dtype, "full_softmax_fwd", hidden.device
+    )
     segments = _row_segments(num_rows, block_t)  # one group: every row against every item
     order, count = _compact(targets, weight.shape[0], ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
     row_blocks = num_segments * blocks_per_segment
+    splits, items_per_split = _item_splits(variant["ITEM_SPLITS"], row_blocks, weight.shape[0], block_n)
+    part = torch.empty(3, splits, num_rows, dtype=torch.float32, device=hidden.device) if splits > 1 else loss
     (weight,) = _pad_columns((weight, row_blocks > 1))  # streamed by every row block
     excluded, exclusion = _exclusion(excluded_ids, weight.shape[0])
-    launch_kernel(_full_fwd_kernel, (row_blocks,),
-        hidden, weight, targets, excluded, loss, lse, order, count, hidden.stride(0), weight.stride(0),
+    launch_kernel(_full_fwd_kernel, (row_blocks, splits),
+        hidden, weight, targets, excluded, loss, lse, order, count, part, hidden.stride(0), weight.stride(0),
         num_rows, weight.shape[0], hidden.shape[1], weight.shape[1], 1.0 / temperature, ignore_index,
-        num_segments, blocks_per_segment, segment_rows,
-        **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
+        num_segments, blocks_per_segment, segment_rows, items_per_split, **exclusion, SPLIT=splits > 1,
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
         **_dot_options(hidden.dtype, hidden.shape[1]), ALIGN=_alignment(hidden.shape[1], hidden, weight), **launch,
     )  # fmt: skip
+    if splits > 1:
+        launch_kernel(_merge_splits_kernel, (triton.cdiv(num_rows, MERGE_ROWS),),
+            part, targets, loss, lse, num_rows, weight.shape[0], splits, ignore_index, BLOCK_R=MERGE_ROWS, num_warps=4,
+        )  # fmt: skip
     return loss, lse
+
+
+MERGE_ROWS = 256  # rows per program of the split forward's merge
 
 
 def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, temperature, ignore_index):
@@ -898,12 +1019,20 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     if num_rows == 0:
         return torch.empty_like(hidden), torch.zeros_like(weight)
     d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)  # the kernels write every row
-    block_t, block_n, block_d, launch = _blocks(hidden.shape[1], hidden.dtype, "full_softmax_bwd", hidden.device)
+    block_t, block_n, block_d, launch, variant = _blocks(
+        hidden.shape[1], hidden.dtype, "full_softmax_bwd", hidden.device
+    )
     segments = _row_segments(num_rows, block_t)
     order, count = _compact(targets, num_items, ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
     row_blocks, item_blocks = num_segments * blocks_per_segment, triton.cdiv(num_items, block_n)
     hidden_dim = hidden.shape[1]
+    fused = variant["FUSED"] and not torch.are_deterministic_algorithms_enabled()
+    splits, items_per_split = _item_splits(variant["ITEM_SPLITS"], row_blocks, num_items, block_n)
+    # fused: d hidden's float32 sums (atomics); split: d hidden's partials [splits, T, D]
+    part = torch.zeros(num_rows, hidden_dim, dtype=torch.float32, device=hidden.device) if fused else (
+        torch.empty(splits, num_rows, hidden_dim, dtype=torch.float32, device=hidden.device) if splits > 1 else d_hidden
+    )  # fmt: skip
     # hidden: streamed by every item block (d weight); the table by every row block (both)
     hidden, weight = _pad_columns((hidden, item_blocks > 1), (weight, row_blocks > 1))
     excluded, exclusion = _exclusion(excluded_ids, num_items)
@@ -912,14 +1041,21 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
         **exclusion, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d, DOT_CHUNK=_dot_chunk(hidden.dtype, block_d),
         **_dot_options(hidden.dtype, hidden_dim), ALIGN=_alignment(hidden_dim, hidden, weight, d_hidden), **launch,
     )  # fmt: skip
-    launch_kernel(_full_bwd_hidden_kernel, (row_blocks,),
-        hidden, weight, targets, excluded, lse, grad_loss, d_hidden, order, count,
-        hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
-        num_segments, blocks_per_segment, segment_rows, **meta,
-    )  # fmt: skip
+    if not fused:
+        launch_kernel(_full_bwd_hidden_kernel, (row_blocks, splits),
+            hidden, weight, targets, excluded, lse, grad_loss, d_hidden, order, count, part,
+            hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
+            num_segments, blocks_per_segment, segment_rows, items_per_split, SPLIT=splits > 1, **meta,
+        )  # fmt: skip
+    if splits > 1 and not fused:
+        block_r = max(1, 4096 // block_d)  # a [BR, BD] float32 tile
+        launch_kernel(_sum_splits_kernel, (triton.cdiv(num_rows, block_r),),
+            part, targets, d_hidden, num_rows, num_items, hidden_dim, d_hidden.stride(0), splits, ignore_index,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     launch_kernel(_full_bwd_weight_kernel, (item_blocks,),
-        hidden, weight, targets, excluded, lse, grad_loss, d_weight, order, count,
+        hidden, weight, targets, excluded, lse, grad_loss, d_weight, order, count, part,
         hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_weight.stride(0), *scalars,
-        num_segments, segment_rows, **meta,
+        num_segments, segment_rows, FUSED=fused, **meta,
     )  # fmt: skip
-    return d_hidden, d_weight
+    return (part.to(d_hidden.dtype) if fused else d_hidden), d_weight
