@@ -70,6 +70,16 @@ CANDIDATES = {
         (_config(64, 64, 8, 2, ATTENTION), 64),
         (_config(64, 32, 4, 2, ATTENTION), 64),
         (_config(16, 64, 4, 2, ATTENTION), 128),
+        # The one-pass backward (ATOMIC_DQ: dq by float32 atomics beside dk/dv, 5 tile products
+        # instead of 7; with MASK_EDGES_ONLY the mask only on the query tiles crossing the
+        # diagonal or the end) and the two-pass backward with its dq blocks heaviest first.
+        # 64-row tiles at D=128 and edge-only masking in 4 warps spilled (8-280 B).
+        (_config(32, 64, 8, 2, ATTENTION, ATOMIC_DQ=True), 128),
+        (_config(32, 64, 8, 2, ATTENTION, ATOMIC_DQ=True, MASK_EDGES_ONLY=True), 128),
+        (_config(32, 64, 4, 2, ATTENTION, ATOMIC_DQ=True), 64),
+        (_config(64, 64, 8, 2, ATTENTION, ATOMIC_DQ=True), 64),
+        (_config(32, 64, 4, 2, ATTENTION, HEAVY_FIRST=True), 64),
+        (_config(32, 64, 8, 2, ATTENTION, HEAVY_FIRST=True), 128),
     ],
     "full_softmax_fwd": [
         (_config(128, 64, 8, 3, LOSS), 64),
@@ -89,7 +99,10 @@ CANDIDATES = {
 }
 DRY_RUN_CANDIDATES = {
     "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 1024)],
-    "attention_bwd": [(_config(16, 32, 4, 1, ATTENTION), 1024)],
+    "attention_bwd": [
+        (_config(16, 32, 4, 1, ATTENTION), 1024),
+        (_config(16, 16, 4, 1, ATTENTION, ATOMIC_DQ=True, MASK_EDGES_ONLY=True), 1024),
+    ],
     "full_softmax_fwd": [(_config(32, 16, 4, 1, LOSS), 1024), (_config(16, 16, 4, 1, LOSS, ITEM_SPLITS=2), 1024)],
     "full_softmax_bwd": [
         (_config(16, 32, 4, 1, LOSS), 1024),

@@ -44,7 +44,7 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}  # A100, H100/H200
 # Kernels whose inner loops are tile products (tl.dot), hence must run on tensor cores at
 # 16-bit. The per-row sampled layout multiplies row by row on CUDA cores by design.
 TILE_PRODUCT_KERNELS = {
-    "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel",
+    "_attention_fwd_kernel", "_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_fused_kernel",
     "_full_fwd_kernel", "_full_bwd_hidden_kernel", "_full_bwd_weight_kernel",
     "_sampled_fwd_kernel", "_sampled_bwd_kernel",
     "_topk_kernel", "_ranks_kernel",
@@ -234,7 +234,7 @@ def _run_loss(kind, dtype, hidden_dim, variant, deterministic=False):
 # op launches run in their defaults and are compiled by the other families).
 TUNED_KERNELS = {
     "attention_fwd": {"_attention_fwd_kernel"},
-    "attention_bwd": {"_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel"},
+    "attention_bwd": {"_attention_bwd_dq_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_fused_kernel"},
     "full_softmax_fwd": {"_full_fwd_kernel", "_merge_splits_kernel"},
     "full_softmax_bwd": {"_full_bwd_hidden_kernel", "_full_bwd_weight_kernel", "_sum_splits_kernel"},
 }
