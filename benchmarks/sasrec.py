@@ -58,7 +58,14 @@ from seqrec_kernels.data.dataset import LeaveOneOutSplit, SequenceDataset
 from seqrec_kernels.data.packed import PackedBatch
 from seqrec_kernels.data.synthetic import synthetic_interactions
 from seqrec_kernels.models.sasrec import LOSSES, SASRec, SASRecConfig, negative_sampler, sample_negatives
-from seqrec_kernels.train import TrainConfig, TrainingBatches, epoch_users, prefetched, step_loss_function
+from seqrec_kernels.train import (
+    TrainConfig,
+    TrainingBatches,
+    epoch_users,
+    prefetched,
+    step_loss_function,
+    training_backend,
+)
 from seqrec_kernels.training_step import TrainingStep, make_optimizer
 
 
@@ -386,7 +393,7 @@ def trainer_providers(config: SASRecConfig, device, compile_backend: str, backen
         modes["graph"] = dict(graph=True)
     for name, options in modes.items():
         torch.manual_seed(0)
-        model = SASRec(config).to(device).set_backend(backend)
+        model = SASRec(config).to(device).set_backend(training_backend(backend, device))
         optimizer = make_optimizer(model.parameters(), 1e-3, 0.0, device)
         providers[name] = (TrainingStep(step_loss_function(model, model, "packed"), optimizer, **options), "packed")
     torch.manual_seed(0)
