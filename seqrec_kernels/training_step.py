@@ -140,8 +140,11 @@ class CapturedSteps:
     a shape run eagerly (on a side stream, as torch's capture recipe: lazy initialization,
     Triton compilation), the next is captured with its inputs as the graph's static buffers,
     and every step of that shape from then on copies its inputs into those buffers and
-    replays. Each graph has its own memory pool; its loss output is static, overwritten by
-    its next replay (stream-ordered after the uses the caller queued)."""
+    replays. The graphs share one memory pool: what persists from one replay to the next
+    (inputs, parameters, optimizer state) lives outside it, so the only tensor of a graph
+    that another graph's replay may overwrite is its loss output, which is valid until the
+    next step (stream-ordered after the uses the caller queued). The gradients live inside
+    the graphs: p.grad is None after a replayed step."""
 
     WARMUP = 2
 
@@ -149,6 +152,7 @@ class CapturedSteps:
         self.step = step
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.eager_steps: dict[tuple, int] = {}
+        self.pool = None  # the graphs' shared memory pool, from the first capture on
 
     @staticmethod
     def key(inputs: Inputs) -> tuple:
@@ -177,7 +181,8 @@ class CapturedSteps:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the batch thread may pin memory (cudaHostAlloc) while this one captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # records; runs at the replay below
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # runs at replay()
                 static_loss = self.step(inputs)
         except RuntimeError as error:
             raise RuntimeError(
