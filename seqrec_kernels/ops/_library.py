@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .._checks import accumulation_dtype
-from ..backends import EXTENSION_ERROR, Backend, cpp_op
+from ..backends import EXTENSION_ERROR, TRITON_INTERPRETED_AT_IMPORT, Backend, cpp_op
 from ..triton import implementation
 
 # The dispatch key of each device type's autocast, where the cast rule is registered.
@@ -122,7 +122,9 @@ def define_ops(
         names = [f"seqrec::{family}_{phase}_{backend.value}" for phase in ("fwd", "bwd")]
         if backend in python_impls:  # else seqrec_kernels._C defines the pair
             for name, function, schema in zip(names, python_impls[backend], schemas):
-                torch.library.custom_op(name, function, mutates_args=(), schema=schema)
+                op = torch.library.custom_op(name, function, mutates_args=(), schema=schema)
+                if backend is Backend.TRITON:
+                    _decompose_when_traced(op, function)
             impls = python_impls[backend]
         else:  # the C++ ops below autograd and autocast: their CPU or CUDA kernel
             impls = [_below_autograd(cpp_op(name)) for name in names]
@@ -130,6 +132,44 @@ def define_ops(
     if Backend.CUDA in ops:  # the same C++ ops: CUDA kernels on CUDA tensors, C++ loops on CPU tensors
         ops[Backend.CPP] = ops[Backend.CUDA]
     return ops
+
+
+def _decompose_when_traced(op, launcher: Callable) -> None:
+    """Makes a Triton op's kernels visible to torch.compile: what torch.library.triton_op adds
+    to a custom op (triton_op infers the schema from type annotations, which spell the ops'
+    `int`s as SymInt, so the ops keep their schemas and get the rule here). Under
+    FunctionalTensorMode, where AOTAutograd traces torch.compile's forward and backward graphs
+    (and opcheck's), the op is replaced by its launcher, run on the traced tensors with its
+    launches recorded through torch.library.wrap_triton: the graph holds the Triton kernels
+    (triton_kernel_wrapper_functional), which Inductor launches from its own code, without
+    the op's Python, and cudagraph trees capture. The launch plan (block sizes, tuning table
+    entries, float32 precision mode) is fixed when the graph is traced.
+    The op stays opaque under Triton's interpreter (its kernels cannot run on fake tensors),
+    for torch.export (as triton_op's does: an op a program can serialize) and on tensor
+    subclasses other than the tracing ones."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def rule(mode, func, types, args, kwargs):
+        if TRITON_INTERPRETED_AT_IMPORT or _export_keeps_custom_ops():
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        if any(t is not torch.Tensor and not issubclass(t, (FakeTensor, FunctionalTensor)) for t in types):
+            return NotImplemented
+        from ..triton._launch import traced_launches  # imports Triton: only when tracing its ops
+
+        with mode, traced_launches():
+            return launcher(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def _export_keeps_custom_ops() -> bool:
+    """Whether torch.export is tracing with custom Triton ops kept whole (torch >= 2.7)."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:
+        return False
+    return custom_triton_ops_decomposition_disabled()
 
 
 # The backend dispatch key of each device type the extension's ops run on.
@@ -332,7 +372,9 @@ def define_forward_ops(
     ops = {}
     for backend, function in python_impls.items():
         op_name = f"seqrec::{family}_{backend.value}"
-        torch.library.custom_op(op_name, function, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(op_name, function, mutates_args=(), schema=schema)
+        if backend is Backend.TRITON:
+            _decompose_when_traced(op, function)
         torch.library.register_fake(op_name, fake)
         ops[backend] = Op(cpp_op(op_name), _with_autocast(function, 2))
         for device_type in _AUTOCAST_KEYS:

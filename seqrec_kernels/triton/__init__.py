@@ -7,8 +7,8 @@ import importlib
 def implementation(module: str, function: str):
     """A function that runs `seqrec_kernels.triton.<module>.<function>`, importing it on first use."""
 
-    def run(*args):
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(*args)
+    def run(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(*args, **kwargs)
 
     run.__name__ = f"triton_{module}_{function}"
     return run

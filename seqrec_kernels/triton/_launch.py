@@ -16,14 +16,22 @@ a Python test per argument; they repeat from call to call, and the cache is boun
 launch hook installed (profilers), where a test or tool wrapped JITFunction.run, or with
 SEQREC_GENERIC_TRITON_LAUNCH=1 in the environment at import (to rule the cache out), every call
 takes the generic path.
+
+Inside `traced_launches()` (a launcher run on the fake tensors of a graph being traced, see
+ops/_library.py) a launch is not run but recorded: it goes through torch.library.wrap_triton,
+so that the traced graph holds the kernel call itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import os
+import threading
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime import driver
 
@@ -70,9 +78,45 @@ def specialization_key(args, meta, kernel_id: int = 0) -> tuple:
     return pointers, others(args), tuple(meta.items())
 
 
+_state = threading.local()  # .traced: launches are recorded into a graph being traced
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Inside the block, launch_kernel records each launch into the graph being traced
+    (torch.library.wrap_triton) instead of running it: for launchers run on traced tensors."""
+    previous = getattr(_state, "traced", False)
+    _state.traced = True
+    try:
+        yield
+    finally:
+        _state.traced = previous
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+@functools.cache
+def _with_options(kernel, num_warps=4, num_stages=3, maxnreg=None):
+    """`kernel` as a one-config autotuner that carries its launch options (Triton's defaults
+    where not given): torch's kernel wrapper launches a Config's options, whereas `maxnreg`
+    given as a keyword would reach torch's graph as if it were a kernel argument."""
+    config = triton.Config({}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    return triton.autotune([config], key=[])(kernel)
+
+
+def _record_launch(kernel, grid, args, meta):
+    """kernel[grid](*args, **meta) recorded into the graph being traced."""
+    options = {name: meta[name] for name in LAUNCH_OPTIONS if name in meta}
+    constexprs = {name: value for name, value in meta.items() if name not in options}
+    return torch.library.wrap_triton(_with_options(kernel, **options))[grid](*args, **constexprs)
+
+
 def launch_kernel(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta): args are the kernel's leading parameters, positionally;
     meta its constexprs (by name) and launch options (num_warps, num_stages, maxnreg)."""
+    if getattr(_state, "traced", False):
+        return _record_launch(kernel, grid, args, meta)
     # The generic path under the interpreter, with a launch hook, or where a test or tool wrapped
     # JITFunction.run (a compile-only driver, a launch counter): it must see every launch.
     if (
