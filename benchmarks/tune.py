@@ -22,6 +22,7 @@ goes to --table (never the committed one), so `make test` exercises the whole ha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -96,7 +97,14 @@ CANDIDATES = {
         (_config(64, 64, 8, 3, LOSS, FUSED=True), 64),
         (_config(32, 64, 4, 3, LOSS, FUSED=True), 64),
     ],
+    # The CUDA full loss's d weight written by its kernels in the input dtype (no float32 zero
+    # fill and cast): a process-wide switch of the extension (CUDA_SWITCHES), timed through the
+    # public op on the cuda backend beside today's float32 buffer.
+    "cuda_full_softmax_bwd": [(dict(ITEM_GRAD_IN_DTYPE=True), 1024)],
 }
+# Candidates of CUDA kernels: kernel -> (today's default, the extension op that sets the
+# switch and returns its previous value); the table records them, the op does not read it.
+CUDA_SWITCHES = {"cuda_full_softmax_bwd": (dict(ITEM_GRAD_IN_DTYPE=False), "_set_full_loss_item_grad_in_dtype")}
 DRY_RUN_CANDIDATES = {
     "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 1024)],
     "attention_bwd": [
@@ -166,13 +174,13 @@ def _attention_runs(shape, device):
     return forward, backward, outputs
 
 
-def _loss_runs(shape, device):
+def _loss_runs(shape, device, backend="triton"):
     hidden = torch.randn(shape.rows, shape.hidden_dim, device=device, dtype=shape.dtype, requires_grad=True)
     weight = (torch.randn(shape.items, shape.hidden_dim, device=device) * 0.3).to(shape.dtype).requires_grad_()
     targets = torch.randint(1, shape.items, (shape.rows,), device=device)
 
     def forward():
-        return sk.full_softmax_loss(hidden, weight, targets, backend="triton")
+        return sk.full_softmax_loss(hidden, weight, targets, backend=backend)
 
     def backward(loss):
         return torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
@@ -182,6 +190,27 @@ def _loss_runs(shape, device):
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
     return forward, backward, outputs
+
+
+def _has_cuda_switches(device):
+    return device.type == "cuda" and all(hasattr(torch.ops.seqrec, op) for _, op in CUDA_SWITCHES.values())
+
+
+@contextlib.contextmanager
+def _forcing(kernel, config):
+    """Launches of `kernel` in `config` inside the block: tuning.forcing for a Triton kernel,
+    the extension's switch for a CUDA one."""
+    if kernel not in CUDA_SWITCHES:
+        with tuning.forcing(kernel, config):
+            yield
+        return
+    default, op = CUDA_SWITCHES[kernel]
+    switch = getattr(torch.ops.seqrec, op)
+    previous = switch(*(config[name] for name in default))  # the switch's one option
+    try:
+        yield
+    finally:
+        switch(previous)
 
 
 def tune_class(shape, device, candidates, log):
@@ -201,18 +230,23 @@ def tune_class(shape, device, candidates, log):
     truth = [t.detach().float() for t in outputs("reference")]
     tolerance = common.TOLERANCE[shape.dtype]
     results = {}
-    for kernel, default, timed in ((fwd_kernel, defaults[0], "forward"), (bwd_kernel, defaults[1], "backward")):
+    jobs = [(fwd_kernel, defaults[0], "forward", "triton", forward, backward),
+            (bwd_kernel, defaults[1], "backward", "triton", forward, backward)]  # fmt: skip
+    if isinstance(shape, LossClass) and _has_cuda_switches(device):
+        jobs.append(("cuda_full_softmax_bwd", CUDA_SWITCHES["cuda_full_softmax_bwd"][0], "backward", "cuda",
+                     *_loss_runs(shape, device, "cuda")[:2]))  # fmt: skip
+    for kernel, default, timed, backend, forward, backward in jobs:
         trials, measured = [], []  # (ms, config, error) of the correct ones; every candidate's record
         for config in [default] + [c for c in candidates_for(kernel, block_d, candidates) if c != default]:
             label = "default" if config is default else "candidate"
             try:
-                with tuning.forcing(kernel, config):
+                with _forcing(kernel, config):
                     if timed == "forward":
                         ms = common.bench(forward, device, quick=True)
                     else:
                         out = forward()
-                        ms = common.bench(lambda out=out: backward(out), device, quick=True)
-                    error = common.max_rel_error(outputs("triton"), truth)
+                        ms = common.bench(lambda out=out, backward=backward: backward(out), device, quick=True)
+                    error = common.max_rel_error(outputs(backend), truth)
             except Exception as exc:  # noqa: BLE001 - a candidate that does not compile or run loses
                 log(
                     f"  {kernel:<18} {label:<9} {config}  error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -133,20 +134,30 @@ std::tuple<Tensor, Tensor> row_outputs(const Tensor& hidden) {
   return {at::empty({hidden.size(0)}, options), at::empty({hidden.size(0)}, options)};
 }
 
-// Gradient buffers: d_hidden [T, D] in the input dtype, d_weight [N, D] float32 (zeroed).
+// The full loss's d weight written by its kernels in the input dtype (LossGradients::d_weight_out),
+// a tuning candidate that waits for a GPU measurement: off by default, set process-wide by
+// seqrec::_set_full_loss_item_grad_in_dtype (benchmarks/tune.py times both).
+std::atomic<bool> full_loss_item_grad_in_dtype{false};
+
+bool set_full_loss_item_grad_in_dtype(bool enabled) { return full_loss_item_grad_in_dtype.exchange(enabled); }
+
+// Gradient buffers: d_hidden [T, D] in the input dtype, d_weight [N, D] float32 (zeroed), or,
+// with in_dtype (full loss), d_weight in the input dtype, not initialized: the kernels write it.
 struct GradientBuffers {
   Tensor grad_loss, lse, d_hidden, d_weight, workspace;
   cuda::LossGradients grads{};
 
   GradientBuffers(const Tensor& grad, const Tensor& lse_in, const Tensor& hidden, const Tensor& weight,
-                  size_t workspace_floats)
+                  size_t workspace_floats, bool in_dtype = false)
       : grad_loss(grad.to(at::kFloat).contiguous()),
         lse(lse_in.to(at::kFloat).contiguous()),
         d_hidden(at::empty({hidden.size(0), hidden.size(1)}, hidden.options())),
-        d_weight(at::zeros({weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat))),
+        d_weight(in_dtype ? at::empty({weight.size(0), weight.size(1)}, hidden.options())
+                          : at::zeros({weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat))),
         workspace(float_workspace(workspace_floats, hidden)) {
-    grads = {grad_loss.data_ptr<float>(), lse.data_ptr<float>(), d_hidden.data_ptr(), d_weight.data_ptr<float>(),
-             workspace.data_ptr<float>()};
+    grads = {grad_loss.data_ptr<float>(), lse.data_ptr<float>(),
+             d_hidden.data_ptr(),         in_dtype ? nullptr : d_weight.data_ptr<float>(),
+             workspace.data_ptr<float>(), in_dtype ? d_weight.data_ptr() : nullptr};
   }
   std::tuple<Tensor, Tensor> result(const Tensor& weight) const {
     return {d_hidden, d_weight.to(weight.scalar_type())};
@@ -256,10 +267,15 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CUDA>(const 
   auto target = a.targets.to(at::kLong).contiguous();
   auto excluded = a.excluded_ids.to(at::kInt).contiguous();
   auto params = full_params(a, target, excluded);
-  GradientBuffers buffers(grad_loss, lse, a.hidden, a.weight, cuda::full_softmax_backward_workspace_floats(params));
+  GradientBuffers buffers(grad_loss, lse, a.hidden, a.weight, cuda::full_softmax_backward_workspace_floats(params),
+                          full_loss_item_grad_in_dtype.load());
   if (a.hidden.size(0) == 0) return buffers.result(a.weight);
   C10_CUDA_CHECK(cuda::full_softmax_backward(params, buffers.grads, c10::cuda::getCurrentCUDAStream()));
   return buffers.result(a.weight);
+}
+
+TORCH_LIBRARY_FRAGMENT(seqrec, m) {
+  m.def("_set_full_loss_item_grad_in_dtype(bool enabled) -> bool", &set_full_loss_item_grad_in_dtype);
 }
 
 TORCH_LIBRARY_IMPL(seqrec, CUDA, m) { register_ops<c10::DispatchKey::CUDA>(m); }

@@ -6,15 +6,19 @@ rule: odd row counts (not a multiple of the row block), catalogs that do not div
 splits, ignored rows, excluded items (held in registers and through the catalog mask), a
 temperature, float32 and bfloat16. Each test also checks that the variant was launched."""
 
+import contextlib
+
 import pytest
 import torch
 
+from backends_under_test import GPU_CUDA
+from benchmarks.tune import CANDIDATES
 from loss_helpers import check_loss_against_truth, full_pair
 from seqrec_kernels import full_softmax_loss, tuning
 from seqrec_kernels.backends import triton_interpreter_enabled
 from seqrec_kernels.triton import softmax_loss as triton_loss
 
-pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(), reason="observes launches in Triton's interpreter")
+interpreter = pytest.mark.skipif(not triton_interpreter_enabled(), reason="Triton's interpreter on CPU")
 
 BLOCKS = dict(BLOCK_T=16, BLOCK_N=16, num_warps=4, num_stages=1)  # the interpreter's defaults: several blocks
 VARIANTS = {
@@ -64,6 +68,7 @@ def _check_launched(launches, name, config):
         assert "_sum_splits_kernel" in launches
 
 
+@interpreter
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "dtype, rows, dim, num_items, num_excluded, temperature",
@@ -82,6 +87,7 @@ def test_candidate_matches_naive(launches, variant, dtype, rows, dim, num_items,
     _check_launched(launches, kernel, config)
 
 
+@interpreter
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_candidate_with_every_row_ignored_and_a_split_of_excluded_items(launches, variant):
     """All rows ignored: loss 0, LSE 0, zero gradients (no partials are written, the merge
@@ -102,6 +108,7 @@ def test_candidate_with_every_row_ignored_and_a_split_of_excluded_items(launches
     _check_launched(launches, kernel, config)
 
 
+@interpreter
 def test_fused_backward_is_not_used_in_deterministic_mode(launches):
     """FUSED adds d hidden with atomics: under torch.use_deterministic_algorithms the full
     loss keeps its deterministic kernels."""
@@ -130,3 +137,50 @@ def test_fused_backward_is_not_used_in_deterministic_mode(launches):
 )
 def test_item_splits(max_splits, row_blocks, num_items, expected):
     assert triton_loss._item_splits(max_splits, row_blocks, num_items, 16) == expected
+
+
+def _gpu_candidates():
+    """The sweep's split and fused candidates of the full loss (benchmarks/tune.py)."""
+    return [(kernel, config) for kernel in ("full_softmax_fwd", "full_softmax_bwd") for config, _ in CANDIDATES[kernel]
+            if config.get("ITEM_SPLITS", 1) > 1 or config.get("FUSED")]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel, config", _gpu_candidates())
+def test_gpu_candidate_matches_naive(launches, kernel, config):
+    """The sweep's candidates as compiled for the GPU (several row blocks and splits, the
+    last ones partial) against float64, in bfloat16 at D=50 (padded operands; the sweep
+    itself checks them at D=64)."""
+    dtype, dim = torch.bfloat16, 50
+    hidden, weight, targets, excluded = _case(700, dim, 3001, 3, seed=dim)
+    ours, naive = full_pair("triton", targets.cuda(), excluded, 0.5, ignore_index=-1)
+    with tuning.forcing(kernel, config):
+        check_loss_against_truth(ours, naive, hidden.to(dtype).cuda(), weight.to(dtype).cuda())
+    _check_launched(launches, kernel, config)
+
+
+@contextlib.contextmanager
+def _item_grad_in_dtype():
+    previous = torch.ops.seqrec._set_full_loss_item_grad_in_dtype(True)
+    try:
+        yield
+    finally:
+        torch.ops.seqrec._set_full_loss_item_grad_in_dtype(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", [GPU_CUDA])
+@pytest.mark.parametrize(
+    "dtype, rows, dim, num_items",
+    [(torch.bfloat16, 300, 64, 5003), (torch.float16, 45, 50, 150), (torch.float32, 700, 64, 777),
+     (torch.bfloat16, 13, 64, 20000)],
+)  # fmt: skip
+def test_gpu_cuda_item_grad_in_dtype_matches_naive(backend, dtype, rows, dim, num_items):
+    """The CUDA candidate writing d weight in the input dtype (no float32 buffer, zero fill and
+    cast), one item split and several (few rows, a large catalog), against float64."""
+    hidden, weight, targets, excluded = _case(rows, dim, num_items, 2, seed=rows)
+    ours, naive = full_pair(backend, targets.cuda(), excluded, 0.5, ignore_index=-1)
+    with _item_grad_in_dtype():
+        check_loss_against_truth(ours, naive, hidden.to(dtype).cuda(), weight.to(dtype).cuda())

@@ -82,6 +82,9 @@ struct LossGradients {
   void* d_hidden;              // [T, D] contiguous, dtype of hidden (every row written)
   float* d_weight;             // [N, D] contiguous float32, zero-filled by the caller
   float* workspace;            // *_backward_workspace_floats(...) floats, zero-filled
+  // Full softmax only, a tuning candidate: if set, d weight [N, D] contiguous in the dtype of
+  // hidden, every row written by the kernels (no zero fill, no cast), and d_weight unused.
+  void* d_weight_out = nullptr;
 };
 
 // Sampled: row t scores its positive against the negatives of group t / rows_per_group;

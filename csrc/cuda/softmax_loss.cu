@@ -221,6 +221,7 @@ struct EngineOut {
   float* row_logit;  // forward with splits: [T] positive / target logits
   void* d_hidden;    // [T, D] backward rows, one split
   float* d_weight;   // [N, D] backward items (full, one split; sampled: atomics)
+  void* d_weight_out;  // [N, D] in T instead of d_weight: full, one split (LossGradients::d_weight_out)
   bool atomic_dw;    // sampled, not deterministic: backward rows also add the positives' d
                      // weight, backward items the negatives' (float32 atomics)
 };
@@ -272,6 +273,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
           o.part[bwd_part_index(split, kRowsX ? a.T : items_rows(shape_of(a), p), line, a.D, d)] = 0.f;
         else if constexpr (kRowsX)
           static_cast<T*>(o.d_hidden)[line * a.D + d] = from_f<T>(0.f);
+        else if (o.d_weight_out != nullptr)
+          static_cast<T*>(o.d_weight_out)[line * a.D + d] = from_f<T>(0.f);
         else
           o.d_weight[line * a.D + d] = 0.f;
       }
@@ -508,6 +511,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, IsF32<T>::value&& KIND != kFwd
         const float v = acc[j][2 * rr + e] * scale_max;
         if (o.atomic_dw)  // sampled: duplicates across slots and groups
           atomicAdd(o.d_weight + item * a.D + d, v);
+        else if (p.splits == 1 && !a.sampled && o.d_weight_out != nullptr)  // the item's one writer
+          static_cast<T*>(o.d_weight_out)[item * a.D + d] = from_f<T>(v);
         else if (p.splits == 1 && !a.sampled)
           o.d_weight[item * a.D + d] = v;
         else  // split, or sampled deterministic: the item's (slot's) row of this split
@@ -1219,8 +1224,15 @@ cudaError_t full_softmax_backward(const FullSoftmaxParams& p, const LossGradient
   // d weight: items stationary, rows streamed.
   if ((err = launch(grad_scale_max, 1, 1024, 0, stream, a, g.workspace)) != cudaSuccess) return err;
   a.scale_max = g.workspace;
+  o.d_weight_out = g.d_weight_out;
   if ((err = launch_engine<kBwdItems>(a, plan.items, o, p.in.dtype, dev, stream)) != cudaSuccess) return err;
-  if (plan.items.splits > 1) {
+  if (plan.items.splits > 1 && g.d_weight_out != nullptr) {
+    err = with_dtype(p.in.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      return launch(reduce_splits<T>, elementwise_blocks(a.N * a.D), 256, 0, stream, part, plan.items.splits, a.N * a.D,
+                    static_cast<T*>(g.d_weight_out));
+    });
+  } else if (plan.items.splits > 1) {
     err = launch(reduce_splits<float>, elementwise_blocks(a.N * a.D), 256, 0, stream, part, plan.items.splits,
                  a.N * a.D, g.d_weight);
   }
