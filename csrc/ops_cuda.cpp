@@ -141,6 +141,13 @@ std::atomic<bool> full_loss_item_grad_in_dtype{false};
 
 bool set_full_loss_item_grad_in_dtype(bool enabled) { return full_loss_item_grad_in_dtype.exchange(enabled); }
 
+// The attention forward's K/V stages (csrc/cuda/attention.cu): 1 (today's) or 2 (double-buffered,
+// 16-bit), a tuning candidate set process-wide by seqrec::_set_attention_kv_stages (benchmarks/tune.py).
+int64_t set_attention_kv_stages(int64_t stages) {
+  TORCH_CHECK_VALUE(stages == 1 || stages == 2, "_set_attention_kv_stages: stages must be 1 or 2, got ", stages);
+  return cuda::set_attention_kv_stages(static_cast<int>(stages));
+}
+
 // Gradient buffers: d_hidden [T, D] in the input dtype, d_weight [N, D] float32 (zeroed), or,
 // with in_dtype (full loss), d_weight in the input dtype, not initialized: the kernels write it.
 struct GradientBuffers {
@@ -276,6 +283,7 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CUDA>(const 
 
 TORCH_LIBRARY_FRAGMENT(seqrec, m) {
   m.def("_set_full_loss_item_grad_in_dtype(bool enabled) -> bool", &set_full_loss_item_grad_in_dtype);
+  m.def("_set_attention_kv_stages(int stages) -> int", &set_attention_kv_stages);
 }
 
 TORCH_LIBRARY_IMPL(seqrec, CUDA, m) { register_ops<c10::DispatchKey::CUDA>(m); }

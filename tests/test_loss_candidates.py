@@ -15,7 +15,7 @@ from backends_under_test import GPU_CUDA
 from benchmarks.tune import CANDIDATES
 from loss_helpers import check_loss_against_truth, full_pair
 from seqrec_kernels import full_softmax_loss, tuning
-from seqrec_kernels.backends import triton_interpreter_enabled
+from seqrec_kernels.backends import EXTENSION_ERROR, triton_interpreter_enabled
 from seqrec_kernels.triton import softmax_loss as triton_loss
 
 interpreter = pytest.mark.skipif(not triton_interpreter_enabled(), reason="Triton's interpreter on CPU")
@@ -184,3 +184,23 @@ def test_gpu_cuda_item_grad_in_dtype_matches_naive(backend, dtype, rows, dim, nu
     ours, naive = full_pair(backend, targets.cuda(), excluded, 0.5, ignore_index=-1)
     with _item_grad_in_dtype():
         check_loss_against_truth(ours, naive, hidden.to(dtype).cuda(), weight.to(dtype).cuda())
+
+
+@interpreter
+@pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
+def test_sweep_times_a_cuda_switch_beside_its_default(monkeypatch):
+    """benchmarks/tune.py times a CUDA candidate by setting its extension switch around each
+    run, and restores it. On CPU, with a stand-in switch (the extension's item id checks):
+    the `cuda` backend rejects CPU tensors, so both settings are logged as errors and nothing
+    is written for that kernel, while the class's Triton kernels are tuned as usual."""
+    from benchmarks import tune
+
+    seen = []
+    monkeypatch.setattr(tune, "CUDA_SWITCHES", {"cuda_full_softmax_bwd": (dict(ON=True), "_set_item_id_checks")})
+    monkeypatch.setattr(tune, "_has_cuda_switches", lambda device: True)
+    candidates = dict(tune.DRY_RUN_CANDIDATES, cuda_full_softmax_bwd=[(dict(ON=False), 1024)])
+    results = tune.tune_class(tune.DRY_RUN_CLASSES[1], torch.device("cpu"), candidates, seen.append)
+    cuda_lines = [line for line in seen if "cuda_full_softmax_bwd" in line]
+    assert len(cuda_lines) == 3 and "{'ON': True}" in cuda_lines[0] and "{'ON': False}" in cuda_lines[1]
+    assert "cuda_full_softmax_bwd" not in results and set(results) == {"full_softmax_fwd", "full_softmax_bwd"}
+    assert torch.ops.seqrec._set_item_id_checks(True) is True  # restored after each run

@@ -58,6 +58,9 @@ struct AttentionBackwardParams {
 };
 
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
+// The forward's K/V stages from the next call on, process-wide: 1 (the default) or 2 (double-
+// buffered, 16-bit; a tuning candidate); returns the previous value.
+int set_attention_kv_stages(int stages);
 size_t attention_backward_workspace_floats(const AttentionBackwardParams& p);
 cudaError_t attention_backward(const AttentionBackwardParams& p, cudaStream_t stream);
 
