@@ -101,10 +101,16 @@ CANDIDATES = {
     # fill and cast): a process-wide switch of the extension (CUDA_SWITCHES), timed through the
     # public op on the cuda backend beside today's float32 buffer.
     "cuda_full_softmax_bwd": [(dict(ITEM_GRAD_IN_DTYPE=True), 1024)],
+    # The CUDA attention forward with double-buffered K/V tiles (16-bit: tile t + 2 loads while
+    # tiles t and t + 1 compute) beside today's single buffers, by the same kind of switch.
+    "cuda_attention_fwd": [(dict(KV_STAGES=2), 256)],
 }
 # Candidates of CUDA kernels: kernel -> (today's default, the extension op that sets the
 # switch and returns its previous value); the table records them, the op does not read it.
-CUDA_SWITCHES = {"cuda_full_softmax_bwd": (dict(ITEM_GRAD_IN_DTYPE=False), "_set_full_loss_item_grad_in_dtype")}
+CUDA_SWITCHES = {
+    "cuda_full_softmax_bwd": (dict(ITEM_GRAD_IN_DTYPE=False), "_set_full_loss_item_grad_in_dtype"),
+    "cuda_attention_fwd": (dict(KV_STAGES=1), "_set_attention_kv_stages"),
+}
 DRY_RUN_CANDIDATES = {
     "attention_fwd": [(_config(16, 16, 4, 1, ATTENTION, HEAVY_FIRST=True, MASK_EDGES_ONLY=True), 1024)],
     "attention_bwd": [
@@ -154,7 +160,7 @@ GPU_CLASSES = [
 DRY_RUN_CLASSES = [AttentionClass("tiny", 2, 1, 20, 8, torch.float32), LossClass("tiny", 24, 40, 8, torch.float32)]
 
 
-def _attention_runs(shape, device):
+def _attention_runs(shape, device, backend="triton"):
     """(forward, backward, outputs) closures over random inputs of `shape`, lengths 1..L."""
     q, k, v = (torch.randn(shape.batch, shape.heads, shape.length, shape.head_dim, device=device, dtype=shape.dtype,
                            requires_grad=True) for _ in range(3))  # fmt: skip
@@ -162,7 +168,7 @@ def _attention_runs(shape, device):
     dout = torch.randn_like(q)
 
     def forward():
-        return sk.fused_attention(q, k, v, seq_lens=seq_lens, backend="triton")
+        return sk.fused_attention(q, k, v, seq_lens=seq_lens, backend=backend)
 
     def backward(out):
         return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
@@ -235,6 +241,9 @@ def tune_class(shape, device, candidates, log):
     if isinstance(shape, LossClass) and _has_cuda_switches(device):
         jobs.append(("cuda_full_softmax_bwd", CUDA_SWITCHES["cuda_full_softmax_bwd"][0], "backward", "cuda",
                      *_loss_runs(shape, device, "cuda")[:2]))  # fmt: skip
+    if isinstance(shape, AttentionClass) and _has_cuda_switches(device):
+        jobs.append(("cuda_attention_fwd", CUDA_SWITCHES["cuda_attention_fwd"][0], "forward", "cuda",
+                     *_attention_runs(shape, device, "cuda")[:2]))  # fmt: skip
     for kernel, default, timed, backend, forward, backward in jobs:
         trials, measured = [], []  # (ms, config, error) of the correct ones; every candidate's record
         for config in [default] + [c for c in candidates_for(kernel, block_d, candidates) if c != default]:
