@@ -34,15 +34,23 @@ import triton.language as tl
 from .. import tuning
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
-from ._launch import launch_kernel
+from ._launch import cached_plan, launch_kernel
 from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
+
+_configs = tuning.derived_cache()  # _blocks's answers, by its arguments and the modes they read
 
 
 def _blocks(hidden_dim, dtype, kernel, device):
     """(BLOCK_T, BLOCK_N, BLOCK_D, launch options, variant) of the tile kernels (shared
     negatives, full): today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning)
     measured a faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the
-    hidden dim. variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates)."""
+    hidden dim. variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates).
+    Computed once per arguments and modes (a dictionary lookup per call; not to be modified)."""
+    key = (hidden_dim, dtype, kernel, device, triton_interpreter_enabled(), torch.get_float32_matmul_precision())
+    return cached_plan(_configs, key, _blocks_for, hidden_dim, dtype, kernel, device)
+
+
+def _blocks_for(hidden_dim, dtype, kernel, device):
     block_d = max(16, triton.next_power_of_2(hidden_dim))
     default = _default_config(kernel, block_d, hidden_dim, dtype)
     config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d), device, default)
@@ -1027,8 +1035,9 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     _, num_segments, blocks_per_segment, segment_rows = segments
     row_blocks, item_blocks = num_segments * blocks_per_segment, triton.cdiv(num_items, block_n)
     hidden_dim = hidden.shape[1]
-    fused = variant["FUSED"] and not torch.are_deterministic_algorithms_enabled()
-    splits, items_per_split = _item_splits(variant["ITEM_SPLITS"], row_blocks, num_items, block_n)
+    fused = variant["FUSED"] and not torch.are_deterministic_algorithms_enabled()  # (the atomics' order varies)
+    splits, items_per_split = (1, num_items) if fused else _item_splits(variant["ITEM_SPLITS"], row_blocks, num_items,
+                                                                         block_n)  # fmt: skip
     # fused: d hidden's float32 sums (atomics); split: d hidden's partials [splits, T, D]
     part = torch.zeros(num_rows, hidden_dim, dtype=torch.float32, device=hidden.device) if fused else (
         torch.empty(splits, num_rows, hidden_dim, dtype=torch.float32, device=hidden.device) if splits > 1 else d_hidden
@@ -1047,7 +1056,7 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
             hidden.stride(0), weight.stride(0), grad_loss.stride(0), d_hidden.stride(0), *scalars,
             num_segments, blocks_per_segment, segment_rows, items_per_split, SPLIT=splits > 1, **meta,
         )  # fmt: skip
-    if splits > 1 and not fused:
+    if splits > 1:
         block_r = max(1, 4096 // block_d)  # a [BR, BD] float32 tile
         launch_kernel(_sum_splits_kernel, (triton.cdiv(num_rows, block_r),),
             part, targets, d_hidden, num_rows, num_items, hidden_dim, d_hidden.stride(0), splits, ignore_index,
