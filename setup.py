@@ -28,7 +28,7 @@ def _extension_modules():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    host_sources = [str(CSRC / "ops.cpp"), str(CSRC / "ops_cpu.cpp")]
+    host_sources = [str(CSRC / "ops.cpp"), str(CSRC / "ops_cpu.cpp"), str(CSRC / "front.cpp")]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("SEQREC_SKIP_CUDA")
     if with_cuda:

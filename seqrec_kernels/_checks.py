@@ -137,6 +137,11 @@ def check() -> None:
             )
 
 
+def values_outside(name: str, expected: str) -> str:
+    """The message of a deferred check_values (the values themselves stay on the device)."""
+    return f"{name}: expected {expected}, got values outside"
+
+
 def check_values(name: str, values: torch.Tensor, low: int, high: int, expected: str, *,
                  allowed: int | None = None, show_all: bool = False) -> None:  # fmt: skip
     """Index values in [low, high] (or equal to `allowed`), as value_check_mode says: at once
@@ -149,7 +154,7 @@ def check_values(name: str, values: torch.Tensor, low: int, high: int, expected:
         bad = values.clamp(low, high).ne(values)
         if allowed is not None and not low <= allowed <= high:
             bad &= values.ne(allowed)
-        defer_error(name, bad.any(), f"{name}: expected {expected}, got values outside")
+        defer_error(name, bad.any(), values_outside(name, expected))
         return
     smallest, largest = (int(x) for x in torch.aminmax(values))
     if low <= smallest and largest <= high:

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 import seqrec_kernels as sk
 from seqrec_kernels import _checks
-from seqrec_kernels.ops import _library
+from seqrec_kernels.ops import _front, _library
 from seqrec_kernels.triton import attention as triton_attention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,9 @@ def _outputs_and_grads(run_op, inputs):
 @pytest.mark.parametrize("op_name", ["fused_attention", "fused_attention_varlen", "sampled", "full"])
 def test_eager_path_computes_what_the_custom_op_computes(op_name, backend, monkeypatch):
     """Bitwise the same outputs and gradients through either entry point; a plain call takes
-    the eager path (its autograd node is the eager Function's)."""
+    the eager path (its autograd node is the eager Function's). cpp without its C++ front
+    (tested below)."""
+    monkeypatch.setattr(_front, "takes", lambda *args: False)
     q, k, v = (torch.randn(2, 3, 11, 16, requires_grad=True) for _ in "qkv")
     hidden, weight = torch.randn(13, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
     targets, neg_ids = torch.randint(0, 40, (13,)), torch.randint(1, 40, (13, 4))
@@ -295,3 +297,285 @@ def test_device_error_flags_survive_inference_mode(device_path):
     call()
     with pytest.raises(ValueError, match=r"^seq_lens: expected values in \[0, 9\] \(L\), got values outside"):
         sk.check()
+
+
+# ------------------------------------------------------------------ the C++ front (cpp, cuda)
+# The public functions' eager calls on the extension's backends run in C++ (csrc/front.cpp),
+# which either computes what the general path computes or declines, leaving the general path
+# to raise its error. Three entry points per call: the front, the general eager path (the front
+# refused: _front.takes patched), the custom op (_eager_possible patched, which the front obeys).
+ENTRY_POINTS = ("front", "general eager", "custom op")
+FRONT_OPS = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss")
+
+
+def _entry_point(monkeypatch, entry):
+    monkeypatch.undo()
+    if entry != "front":
+        monkeypatch.setattr(_front, "takes", lambda *args: False)
+    if entry == "custom op":
+        monkeypatch.setattr(_library, "_eager_possible", lambda first: False)
+
+
+def _front_cases():
+    """name -> (run(): the public call, its differentiable inputs)."""
+    q, k, v = (torch.randn(3, 2, 9, 16, requires_grad=True) for _ in "qkv")
+    packed = [torch.randn(21, 2, 24, requires_grad=True) for _ in "qkv"]
+    strided = torch.randn(21, 2, 48, requires_grad=True)  # packed q with stride 2 on D: copied
+    cu_seqlens = torch.tensor([0, 9, 9, 17])  # an empty sequence, a padding tail of 4 rows
+    hidden, weight = torch.randn(2, 7, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (2, 7))
+    targets[0, :3] = 0  # ignored rows
+    neg = {"[K]": torch.randint(1, 30, (5,)), "[B, K]": torch.randint(1, 30, (2, 5)),
+           "[B, L, K]": torch.randint(1, 30, (2, 7, 5))}  # fmt: skip
+    log_q = torch.randn(2, 7, 5)
+    lens = torch.tensor([9, 4, 0])
+    cases = {
+        "padded, all L": (lambda: sk.fused_attention(q, k, v, backend="cpp"), (q, k, v)),
+        "padded left, lse": (
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens, backend="cpp", return_lse=True),
+            (q, k, v),
+        ),  # fmt: skip
+        "padded right, int32, scale": (
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens.int(), padding_side="right", scale=0.3, backend="cpp"),
+            (q, k, v),
+        ),
+        "padded, not causal, dropout": (
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens, causal=False, dropout_p=0.3, backend="cpp"),
+            (q, k, v),
+        ),
+        "packed, lse, dropout": (
+            lambda: sk.fused_attention_varlen(*packed, cu_seqlens, 10, dropout_p=0.2, backend="cpp", return_lse=True),
+            packed,
+        ),
+        "packed, int32, strided": (
+            lambda: sk.fused_attention_varlen(
+                strided[..., ::2], *packed[1:], cu_seqlens.int(), 9, causal=False, backend="cpp"
+            ),  # fmt: skip
+            (strided, *packed[1:]),
+        ),
+        "sampled [K], 3-D": (
+            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[K]"], backend="cpp"),
+            (hidden, weight),
+        ),  # fmt: skip
+        "sampled [B, K], sum": (
+            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[B, K]"], reduction="sum", backend="cpp"),
+            (hidden, weight),
+        ),
+        "sampled [T, K], none, log_q, int32": (
+            lambda: sk.sampled_softmax_loss(
+                hidden.flatten(0, 1),
+                weight,
+                targets.flatten().int(),
+                neg["[B, L, K]"].flatten(0, 1),
+                pos_log_q=log_q[..., 0].flatten(),
+                neg_log_q=log_q.flatten(0, 1),
+                remove_accidental_hits=False,
+                temperature=0.7,
+                ignore_index=-100,
+                reduction="none",
+                backend="cpp",
+            ),
+            (hidden, weight),
+        ),  # fmt: skip
+        "full, mean, lse": (
+            lambda: sk.full_softmax_loss(hidden, weight, targets, backend="cpp", return_lse=True),
+            (hidden, weight),
+        ),  # fmt: skip
+        "full, excluded, none": (
+            lambda: sk.full_softmax_loss(
+                hidden,
+                weight,
+                targets.clamp(max=24),
+                exclude_items=[29, 0, 25],
+                reduction="none",
+                temperature=2.0,
+                backend="cpp",
+            ),  # fmt: skip
+            (hidden, weight),
+        ),
+        "full 2-D, sum, int32": (
+            lambda: sk.full_softmax_loss(
+                hidden[1], weight, targets[1].clamp(min=1).int(), ignore_index=-1, reduction="sum", backend="cpp"
+            ),  # fmt: skip
+            (hidden, weight),
+        ),
+    }
+    return cases
+
+
+def _run_entry(run, inputs, seed):
+    torch.manual_seed(seed)  # the same dropout mask through every entry point
+    out = run()
+    first = out[0] if isinstance(out, tuple) else out
+    taken = first.grad_fn.name() if first.grad_fn is not None else None
+    return _outputs_and_grads(lambda: out, inputs), taken
+
+
+@pytest.mark.parametrize("mode", ["plain", "autocast bfloat16", "medium float32 precision"])
+@pytest.mark.parametrize("case", sorted(_front_cases()))
+def test_front_computes_what_the_general_path_computes(case, mode, monkeypatch, fresh_seed):
+    """Bitwise the same outputs (dtypes, shapes) and gradients through the front, the general
+    eager path and the custom op, with the front's node (or a view of its output) in the graph."""
+    run, inputs = _front_cases()[case]
+    results = {}
+    precision = torch.get_float32_matmul_precision()
+    try:
+        if mode == "medium float32 precision":
+            torch.set_float32_matmul_precision("medium")
+        for entry in ENTRY_POINTS:
+            _entry_point(monkeypatch, entry)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast bfloat16"):
+                results[entry] = _run_entry(run, inputs, fresh_seed)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        monkeypatch.undo()
+    front, _ = results["front"]
+    assert results["front"][1] is not None
+    for entry in ENTRY_POINTS[1:]:
+        other, taken = results[entry]
+        assert "seqrec::" not in (taken or "")
+        assert len(front) == len(other)
+        for a, b in zip(front, other):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), entry
+    if mode == "autocast bfloat16":
+        assert front[0].dtype == (torch.bfloat16 if case.startswith(("padded", "packed")) else torch.float32)
+
+
+def test_front_takes_the_plain_calls(monkeypatch):
+    """A plain eager call on 'cpp' has the front's node; a call under torch.no_grad no node."""
+    for case, (run, _inputs) in _front_cases().items():
+        out = run()
+        node = (out[0] if isinstance(out, tuple) else out).grad_fn
+        while node is not None and "seqrec::" not in node.name() and node.next_functions:
+            node = node.next_functions[0][0]
+        assert node is not None and node.name().startswith("torch::autograd::CppNode<seqrec::"), case
+        with torch.no_grad():
+            assert (run()[0] if isinstance(run(), tuple) else run()).grad_fn is None
+
+
+def _call_error(call):
+    try:
+        call()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    return None
+
+
+def _bad_calls():
+    """name -> a call with one invalid argument (on 'cpp', CPU tensors)."""
+    q, k, v = (torch.randn(2, 1, 6, 8) for _ in "qkv")
+    packed = [torch.randn(10, 1, 8) for _ in "qkv"]
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(12, 8)
+    targets, neg_ids = torch.randint(1, 12, (2, 5)), torch.randint(1, 12, (2, 3))
+
+    def attention(**kwargs):
+        args = dict(q=q, k=k, v=v, backend="cpp")
+        args.update(kwargs)
+        operands = [args.pop(name) for name in "qkv"]
+        return lambda: sk.fused_attention(*operands, **args)
+
+    def varlen(offsets=(0, 4, 10), max_seqlen=6, qkv=packed):
+        cu = offsets if isinstance(offsets, torch.Tensor) else torch.tensor(offsets)
+        return lambda: sk.fused_attention_varlen(*qkv, cu, max_seqlen, backend="cpp")
+
+    def sampled(**kwargs):
+        args = dict(hidden=hidden, item_weight=weight, pos_ids=targets, neg_ids=neg_ids, backend="cpp")
+        args.update(kwargs)
+        return lambda: sk.sampled_softmax_loss(**args)
+
+    def full(**kwargs):
+        args = dict(hidden=hidden, item_weight=weight, targets=targets, backend="cpp")
+        args.update(kwargs)
+        return lambda: sk.full_softmax_loss(**args)
+
+    return {
+        "q 3-D": attention(q=q[0]), "q float64": attention(q=q.double(), k=k.double(), v=v.double()),
+        "q int": attention(q=q.int(), k=k.int(), v=v.int()), "q a list": attention(q=[1.0]),
+        "k shape": attention(k=k[:, :, :5]), "v dtype": attention(v=v.half()), "k a list": attention(k=[1.0]),
+        "head dim 300": attention(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+                                  v=torch.randn(1, 1, 2, 300)),  # fmt: skip
+        "causal int": attention(causal=1), "dropout 1": attention(dropout_p=1.0),
+        "dropout -0.1": attention(dropout_p=-0.1), "dropout nan": attention(dropout_p=float("nan")),
+        "dropout bool": attention(dropout_p=False), "scale inf": attention(scale=float("inf")),
+        "scale str": attention(scale="0.5"), "padding_side": attention(padding_side="top"),
+        "return_lse int": attention(return_lse=1), "seq_lens float": attention(seq_lens=torch.tensor([1.0, 2.0])),
+        "seq_lens 2-D": attention(seq_lens=torch.tensor([[1, 2]])), "seq_lens B": attention(seq_lens=torch.tensor([1])),
+        "seq_lens > L": attention(seq_lens=torch.tensor([7, 2])),
+        "seq_lens < 0": attention(seq_lens=torch.tensor([-1, 2])),
+        "seq_lens a list": attention(seq_lens=[1, 2]), "backend": attention(backend="cppp"),
+        "cu_seqlens one": varlen((0,)), "cu_seqlens float": varlen(torch.tensor([0.0, 4.0])),
+        "cu_seqlens from 1": varlen((1, 4)), "cu_seqlens decreasing": varlen((0, 5, 4)),
+        "cu_seqlens past T": varlen((0, 11)), "longer than max_seqlen": varlen(max_seqlen=5),
+        "max_seqlen -1": varlen(max_seqlen=-1), "max_seqlen bool": varlen(max_seqlen=True),
+        "max_seqlen float": varlen(max_seqlen=6.0), "packed q 4-D": varlen(qkv=[q, k, v]),
+        "hidden 1-D": sampled(hidden=hidden[0, 0]), "hidden float64": sampled(hidden=hidden.double(),
+                                                                              item_weight=weight.double()),  # fmt: skip
+        "weight dtype": sampled(item_weight=weight.half()), "weight D": sampled(item_weight=weight[:, :7]),
+        "weight no rows": sampled(item_weight=weight[:0]), "weight 1-D": full(item_weight=weight[0]),
+        "hidden D 1025": sampled(hidden=torch.randn(2, 5, 1025), item_weight=torch.randn(12, 1025)),
+        "temperature 0": sampled(temperature=0.0), "temperature inf": sampled(temperature=float("inf")),
+        "temperature bool": full(temperature=True), "ignore_index float": sampled(ignore_index=0.0),
+        "reduction": full(reduction="avg"), "reduction a list": sampled(reduction=["mean"]),
+        "remove hits int": sampled(remove_accidental_hits=1), "pos_ids shape": sampled(pos_ids=targets[0]),
+        "pos_ids float": sampled(pos_ids=targets.float()), "pos_ids >= N": sampled(pos_ids=targets + 11),
+        "neg_ids shape": sampled(neg_ids=neg_ids[:1]), "neg_ids K 0": sampled(neg_ids=neg_ids[:, :0]),
+        "neg_ids < 0": sampled(neg_ids=-neg_ids), "pos_log_q shape": sampled(pos_log_q=torch.randn(10)),
+        "neg_log_q int": sampled(neg_log_q=neg_ids), "targets >= N": full(targets=targets + 11),
+        "targets excluded": full(targets=targets.index_fill(1, torch.tensor([2]), 5), exclude_items=(0, 5)),
+        "exclude_items >= N": full(exclude_items=(12,)), "exclude_items all": full(exclude_items=range(12)),
+        "exclude_items int": full(exclude_items=5), "full return_lse int": full(return_lse=1),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", sorted(_bad_calls()))
+def test_front_leaves_bad_input_to_the_general_path(bad, monkeypatch):
+    """Every invalid argument raises the general path's error, the same type and message, and
+    the front draws no random numbers before it declines."""
+    call = _bad_calls()[bad]
+    state = torch.get_rng_state()
+    with_front = _call_error(call)
+    assert torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setattr(_front, "takes", lambda *args: False)
+    without_front = _call_error(call)
+    assert without_front is not None and with_front == without_front
+
+
+def test_front_reads_no_index_value_on_the_device_path(device_path):
+    """On the device path the front checks index values on the device: no host read, a flag
+    per checked argument, nothing for check() to raise on valid values."""
+    calls = _calls("cpp")
+    with HostReadCounter() as counter:
+        for op_name in FRONT_OPS:
+            calls[op_name]()
+    assert counter.reads == []
+    assert {name for name, _ in _checks._device_errors} == {"seq_lens", "cu_seqlens", "pos_ids", "neg_ids", "targets"}
+    sk.check()
+
+
+@pytest.fixture
+def item_id_checks_off():
+    """The cpp ops' own host check of item ids off: they mask out-of-range ids as the CUDA
+    kernels do (on a device nothing reads the ids on the host)."""
+    torch.ops.seqrec._set_item_id_checks(False)
+    yield
+    torch.ops.seqrec._set_item_id_checks(True)
+
+
+@pytest.mark.parametrize("bad", ["cu_seqlens", "pos_ids", "neg_ids", "targets"])
+def test_front_flags_invalid_device_values(bad, device_path, item_id_checks_off):
+    """Invalid index values on the device path: the call returns, check() raises the general
+    path's error once; value_checks(False) checks nothing. (Invalid seq_lens, or cu_seqlens past
+    T, make the cpp op itself raise on CPU tensors: its sequence rows are checked on the host.)"""
+    op_name, message = BAD[bad]
+    if bad == "cu_seqlens":  # offsets not from 0: sequences inside T, which the cpp op accepts
+        packed = [torch.randn(20, 2, 16, requires_grad=True) for _ in "qkv"]
+        run = lambda: sk.fused_attention_varlen(*packed, torch.tensor([1, 9, 16]), 9, backend="cpp")  # noqa: E731
+    else:
+        run = _calls("cpp", bad)[op_name]
+    run()
+    with pytest.raises(ValueError, match=r"^" + re.escape(message)):
+        sk.check()
+    sk.check()
+    with sk.value_checks(False):
+        run()
+    sk.check()

@@ -26,9 +26,11 @@ from .._checks import (
     check_values,
     defer_error,
     value_check_mode,
+    values_outside,
 )
 from .._limits import check_head_dim
 from ..backends import Backend, resolve_for
+from . import _front
 from ._library import define_ops, empty_stats, extension_operands
 
 _SCHEMAS = (
@@ -66,14 +68,25 @@ def _check_options(causal, dropout_p, scale, head_dim) -> tuple[float, float]:
     return dropout_p, check_real("scale", scale, low=-math.inf, high=math.inf)
 
 
+def _seq_lens_expected(length) -> str:
+    return f"values in [0, {length}] (L)"
+
+
+def _offsets_outside(total, max_seqlen) -> str:
+    """The message of a deferred cu_seqlens check."""
+    return (
+        f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total},"
+        f" sequences at most max_seqlen={max_seqlen} long"
+    )
+
+
 def _check_offsets(cu_seqlens, seq_len, total, max_seqlen) -> None:
     """cu_seqlens non-decreasing from 0 to at most T, no sequence longer than max_seqlen
     (value_checks says when and where; seq_len = cu_seqlens.diff())."""
     mode = value_check_mode(cu_seqlens)
     if mode == "deferred":
         bad = seq_len.clamp(0, max_seqlen).ne(seq_len).any() | cu_seqlens[0].ne(0) | cu_seqlens[-1].gt(total)
-        defer_error("cu_seqlens", bad, f"cu_seqlens: expected non-decreasing offsets from 0 to at most T={total},"
-                    f" sequences at most max_seqlen={max_seqlen} long")  # fmt: skip
+        defer_error("cu_seqlens", bad, _offsets_outside(total, max_seqlen))
     if mode != "now":
         return
     offsets = cu_seqlens.tolist()
@@ -124,6 +137,22 @@ def fused_attention(
     -inf at padding rows, not differentiable). Any strides with unit stride on D work,
     so `x.view(B, L, H, D).transpose(1, 2)` needs no copy; out has the layout of q.
     """
+    if (
+        (backend == "cpp" or backend == "cuda")
+        and _front.takes(backend, q, k, v, seq_lens)
+        and type(causal) is bool
+        and type(dropout_p) in _front.REAL
+        and (scale is None or type(scale) in _front.REAL)
+        and (padding_side == "left" or padding_side == "right")
+        and type(return_lse) is bool
+    ):
+        out, lse, flag = _front.FUSED_ATTENTION(
+            q, k, v, seq_lens, causal, padding_side == "left", dropout_p, scale, return_lse, *_front.value_checks(q)
+        )
+        if out is not None:  # else declined: the general path below names what is wrong
+            if flag is not None:
+                defer_error("seq_lens", flag, values_outside("seq_lens", _seq_lens_expected(q.shape[2])))
+            return (out, lse) if return_lse else out
     _check_qkv(q, k, v, "[B, H, L, D]")
     batch, _, length, head_dim = q.shape
     dropout_p, scale = _check_options(causal, dropout_p, scale, head_dim)
@@ -137,7 +166,7 @@ def fused_attention(
             raise ValueError(
                 f"seq_lens: expected shape ({batch},) (one length per batch row of q), got {tuple(seq_lens.shape)}"
             )
-        check_values("seq_lens", seq_lens, 0, length, f"values in [0, {length}] (L)", show_all=True)
+        check_values("seq_lens", seq_lens, 0, length, _seq_lens_expected(length), show_all=True)
         seq_len = seq_lens.to(torch.int32)
     # torch.rsub, not `length - seq_len`: Tensor.__rsub__'s Python wrapper costs as much as the op.
     seq_start = torch.rsub(seq_len, length) if padding_side == "left" else torch.zeros_like(seq_len)
@@ -167,6 +196,22 @@ def fused_attention_varlen(
     output zeros, get zero gradients and have LSE -inf; no backend visits them beyond
     zero-filling its outputs. So T can be rounded up to a few fixed sizes (static shapes for
     torch.compile and CUDA graphs) with a padding tail that costs no attention work."""
+    if (
+        (backend == "cpp" or backend == "cuda")
+        and _front.takes(backend, q, k, v, cu_seqlens)
+        and type(max_seqlen) is int
+        and type(causal) is bool
+        and type(dropout_p) in _front.REAL
+        and (scale is None or type(scale) in _front.REAL)
+        and type(return_lse) is bool
+    ):
+        out, lse, flag = _front.FUSED_ATTENTION_VARLEN(
+            q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, scale, return_lse, *_front.value_checks(q)
+        )
+        if out is not None:  # else declined: the general path below names what is wrong
+            if flag is not None:
+                defer_error("cu_seqlens", flag, _offsets_outside(q.shape[0], max_seqlen))
+            return (out, lse) if return_lse else out
     _check_qkv(q, k, v, "[T, H, D]")
     total, _, head_dim = q.shape
     dropout_p, scale = _check_options(causal, dropout_p, scale, head_dim)

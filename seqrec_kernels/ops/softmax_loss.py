@@ -25,9 +25,11 @@ from .._checks import (
     check_values,
     defer_error,
     value_check_mode,
+    values_outside,
 )
 from .._limits import check_kernel_hidden_dim
 from ..backends import Backend, resolve_for
+from . import _front
 from ._library import define_ops, empty_stats, excluded_items, extension_operands
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,12 +82,20 @@ def _check_hidden_and_weight(hidden, item_weight):
         raise ValueError("item_weight: expected at least one item row, got shape (0, D)")
 
 
+def _ids_expected(num_items) -> str:
+    return f"item ids in [0, {num_items}) (N)"
+
+
 def _check_ids(name, ids, shape, device, num_items, ignore_index=None):
     """Integer ids of `shape` in [0, num_items) (ignore_index allowed where given)."""
     check_tensor(name, ids, dtypes=INDEX_DTYPES, device=device)
     if ids.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
-    check_values(name, ids, 0, num_items - 1, f"item ids in [0, {num_items}) (N)", allowed=ignore_index)
+    check_values(name, ids, 0, num_items - 1, _ids_expected(num_items), allowed=ignore_index)
+
+
+def _excluded_target(excluded) -> str:
+    return f"targets: a non-ignored target is an excluded item ({list(excluded)}); excluded items are never classes"
 
 
 def _check_targets_not_excluded(targets, excluded, excluded_ids, ignore_index) -> None:
@@ -96,7 +106,7 @@ def _check_targets_not_excluded(targets, excluded, excluded_ids, ignore_index) -
     if mode is None:
         return
     excluded_target = (torch.isin(targets, excluded_ids) & (targets != ignore_index)).any()
-    message = f"targets: a non-ignored target is an excluded item ({list(excluded)}); excluded items are never classes"
+    message = _excluded_target(excluded)
     if mode == "deferred":
         defer_error("targets", excluded_target, message)
     elif bool(excluded_target):
@@ -183,6 +193,25 @@ def sampled_softmax_loss(
     (shared), [B, K] (per sequence) or [T, K] / [B, L, K] (per row); log_q tensors have
     the shape of their ids. Returns a float32 scalar, or [T] / [B, L] for reduction="none".
     """
+    if (
+        (backend == "cpp" or backend == "cuda")
+        and _front.takes(backend, hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q)
+        and type(remove_accidental_hits) is bool
+        and type(temperature) in _front.REAL
+        and type(ignore_index) is int
+        and type(reduction) is str
+        and reduction in _front.REDUCTIONS
+    ):
+        loss, pos_flag, neg_flag = _front.SAMPLED_SOFTMAX_LOSS(
+            hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q, remove_accidental_hits, temperature,
+            ignore_index, _front.REDUCTIONS[reduction], *_front.value_checks(hidden),
+        )  # fmt: skip
+        if loss is not None:  # else declined: the general path below names what is wrong
+            if pos_flag is not None:
+                defer_error("pos_ids", pos_flag, values_outside("pos_ids", _ids_expected(item_weight.shape[0])))
+            if neg_flag is not None:
+                defer_error("neg_ids", neg_flag, values_outside("neg_ids", _ids_expected(item_weight.shape[0])))
+            return loss
     _check_hidden_and_weight(hidden, item_weight)
     temperature = _check_common(temperature, ignore_index, reduction)
     check_bool("remove_accidental_hits", remove_accidental_hits)
@@ -227,6 +256,31 @@ def full_softmax_loss(
     hidden [T, D] or [B, L, D]; item_weight [N, D]; targets [T] or [B, L]. With
     return_lse, also returns the per-row log-sum-exp (float32, shape of targets).
     """
+    if (
+        (backend == "cpp" or backend == "cuda")
+        and _front.takes(backend, hidden, item_weight, targets)
+        and item_weight.dim() == 2
+        and type(temperature) in _front.REAL
+        and type(ignore_index) is int
+        and type(reduction) is str
+        and reduction in _front.REDUCTIONS
+        and type(return_lse) is bool
+    ):
+        try:  # the ids in [0, N), sorted and distinct, and their tensor: cached
+            excluded, excluded_ids = excluded_items(exclude_items, item_weight.shape[0], hidden.device)
+        except (TypeError, ValueError):  # the general path below names what is wrong
+            excluded = None
+        if excluded is not None:
+            loss, lse, range_flag, excluded_flag = _front.FULL_SOFTMAX_LOSS(
+                hidden, item_weight, targets, excluded_ids, len(excluded) > (ignore_index in excluded), temperature,
+                ignore_index, _front.REDUCTIONS[reduction], return_lse, *_front.value_checks(hidden),
+            )  # fmt: skip
+            if loss is not None:  # else declined: the general path below names what is wrong
+                if range_flag is not None:
+                    defer_error("targets", range_flag, values_outside("targets", _ids_expected(item_weight.shape[0])))
+                if excluded_flag is not None:
+                    defer_error("targets", excluded_flag, _excluded_target(excluded))
+                return (loss, lse) if return_lse else loss
     _check_hidden_and_weight(hidden, item_weight)
     temperature = _check_common(temperature, ignore_index, reduction)
     check_bool("return_lse", return_lse)
