@@ -1,5 +1,5 @@
-"""The attention backward's tuning candidates (benchmarks/tune.py CANDIDATES) compute the op's
-function: the one-pass backward with dq summed by float32 atomics (ATOMIC_DQ, with and without
+"""The attention tuning candidates (benchmarks/tune.py CANDIDATES) compute the op's function.
+Triton's backward: the one-pass backward with dq summed by float32 atomics (ATOMIC_DQ, with and without
 MASK_EDGES_ONLY) and the two-pass backward with its dq blocks last to first (HEAVY_FIRST),
 forced through `seqrec_kernels.tuning.forcing` and checked against the float64 truth by the
 FlashAttention rule (attention_helpers.check_against_truth: out, LSE, dq, dk, dv, zeros at
@@ -16,7 +16,7 @@ from seqrec_kernels import tuning
 from seqrec_kernels.backends import triton_interpreter_enabled
 from seqrec_kernels.triton import attention as triton_attention
 
-pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(), reason="observes launches in Triton's interpreter")
+interpreted = pytest.mark.skipif(not triton_interpreter_enabled(), reason="observes launches in Triton's interpreter")
 
 
 @pytest.fixture
@@ -60,6 +60,7 @@ def _check(config, layout, seed, launches, expected_kernel):
     assert expected_kernel in launches, f"{expected_kernel} was not launched: {sorted(launches)}"
 
 
+@interpreted
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("config", ATOMIC_CONFIGS)
 def test_one_pass_backward_matches_the_truth(launches, config, layout):
@@ -69,12 +70,14 @@ def test_one_pass_backward_matches_the_truth(launches, config, layout):
     assert fused["MASK_EDGES_ONLY"] is ATOMIC_CONFIGS[config].get("MASK_EDGES_ONLY", False)
 
 
+@interpreted
 @pytest.mark.parametrize("layout", ["left-causal", "packed-causal-dropout"])
 def test_heavy_first_two_pass_backward_matches_the_truth(launches, layout):
     _check(dict(BLOCK_M=16, BLOCK_N=16, HEAVY_FIRST=True), layout, 12, launches, "_attention_bwd_dq_kernel")
     assert [launch["HEAVY_FIRST"] for launch in launches["_attention_bwd_dq_kernel"]] == [True]
 
 
+@interpreted
 def test_deterministic_mode_keeps_the_two_pass_backward(launches):
     """dq by atomics is summed in no fixed order: under torch.use_deterministic_algorithms the
     launcher runs the deterministic two-pass backward even where a table picks ATOMIC_DQ."""
@@ -87,6 +90,7 @@ def test_deterministic_mode_keeps_the_two_pass_backward(launches):
     assert "_attention_bwd_fused_kernel" not in launches
 
 
+@interpreted
 def test_one_pass_and_edge_masking_agree_with_the_default_backward(launches):
     """Edge-only masking skips the mask only where it changes nothing: dk and dv (one writer
     per row, the same summation order) equal those of the masked one-pass backward, and dq
@@ -105,3 +109,80 @@ def test_one_pass_and_edge_masking_agree_with_the_default_backward(launches):
     (dq, dk, dv), (edges_dq, edges_dk, edges_dv) = grads(blocks), grads(dict(blocks, MASK_EDGES_ONLY=True))
     assert torch.equal(edges_dk, dk) and torch.equal(edges_dv, dv)
     torch.testing.assert_close(edges_dq, dq, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- GPU
+
+
+def _bwd_candidates(option, head_dim):
+    """The sweep's attention_bwd candidates with `option` meant for this head dim."""
+    from benchmarks.tune import candidates_for
+
+    return [c for c in candidates_for("attention_bwd", max(16, 1 << (head_dim - 1).bit_length())) if c.get(option)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("option", "head_dim"), [("ATOMIC_DQ", 50), ("ATOMIC_DQ", 128), ("HEAVY_FIRST", 64)])
+def test_gpu_backward_candidates_match_the_truth(option, head_dim):
+    """The sweep's own backward candidates, compiled for the GPU at hand, by the rule: several
+    tiles per sequence, lengths off the tile edges, 0 and 1, left padding or packed in turn."""
+    configs = _bwd_candidates(option, head_dim)
+    assert configs, f"no {option} candidate for D={head_dim}"
+    seq_lens = torch.tensor([300, 129, 1, 0, 64], device="cuda")
+    for number, config in enumerate(configs):
+        varlen = number % 2 == 1  # left padding, packed, left padding, ...
+        q, k, v = make_qkv(5, 2, 300, head_dim, torch.bfloat16, generator=torch.Generator().manual_seed(15))
+        q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+        with tuning.forcing("attention_bwd", config):
+            check_against_truth(q, k, v, seq_lens, "right" if varlen else "left", True, "triton", dropout_p=0.1,
+                                varlen=varlen, tail=5 if varlen else 0)  # fmt: skip
+
+
+def _cuda_switch():
+    from seqrec_kernels.backends import extension_has_cuda_kernels
+
+    if not extension_has_cuda_kernels():
+        pytest.skip("seqrec_kernels._C has no CUDA kernels")
+    return torch.ops.seqrec._set_attention_kv_stages
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [20, 50, 64, 128, 200])
+def test_gpu_cuda_double_buffered_forward_is_the_default_bit_for_bit(dtype, head_dim):
+    """The double-buffered forward (K/V stages 2) computes every tile as today's (the same
+    products and softmax in the same order): the same bits of out and LSE, padded (left,
+    right) and packed, causal or not, lengths 0, 1, on and off the 64-row tiles."""
+    switch = _cuda_switch()
+    q, k, v = (torch.randn(6, 2, 200, head_dim, device="cuda", dtype=dtype) for _ in "qkv")
+    seq_lens = torch.tensor([200, 64, 65, 1, 0, 137], device="cuda")
+    cu_seqlens = torch.nn.functional.pad(seq_lens.cumsum(0), (1, 0)).to(torch.int32)
+    packed = [t.transpose(1, 2).reshape(-1, 2, head_dim)[: int(seq_lens.sum())] for t in (q, k, v)]
+
+    def run():
+        results = []
+        for causal in (True, False):
+            for side in ("left", "right"):
+                results += sk.fused_attention(q, k, v, seq_lens=seq_lens, padding_side=side, causal=causal,
+                                              backend="cuda", return_lse=True)  # fmt: skip
+            results += sk.fused_attention_varlen(*packed, cu_seqlens, 200, causal=causal, backend="cuda",
+                                                 return_lse=True)  # fmt: skip
+        return results
+
+    expected = run()
+    previous = switch(2)
+    try:
+        assert switch(2) == 2, "the switch returns the previous value"
+        double_buffered = run()
+    finally:
+        switch(previous)
+    for ours, theirs in zip(double_buffered, expected):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_kv_stages_switch_checks_its_value():
+    switch = _cuda_switch()
+    with pytest.raises(ValueError, match="stages must be 1 or 2"):
+        switch(3)
+    assert switch(1) == 1

@@ -10,7 +10,9 @@
 //   the causal mask hides entirely are never visited.
 // - Each warp owns 16 "stationary" rows (queries in the forward and dq kernels, keys in
 //   dk/dv) and the CTA streams tiles of kN rows of the other side through shared memory
-//   (cp.async; single buffers, each refilled while the CTA works on the other operand).
+//   (cp.async; single buffers, each refilled while the CTA works on the other operand; a
+//   tuning candidate of the 16-bit forward double-buffers K and V: FwdPlan's STAGES, set by
+//   seqrec::_set_attention_kv_stages).
 //   Scores stay in registers in the mma.sync m16n8k16 accumulator layout; float16 and
 //   bfloat16 multiply on tensor cores (float32 accumulation), float32 with FFMA in the
 //   same row layout (no TF32). Softmax runs in base 2 with float32 statistics.
@@ -24,6 +26,8 @@
 //   its key tile (for DP = 256, dv and dk in two launches so that one [16, 256]
 //   accumulator per warp suffices). Every output row has one writer: no atomics,
 //   deterministic results.
+#include <atomic>
+
 #include "common.cuh"
 #include "dropout_hash.h"
 #include "kernels.h"
@@ -282,21 +286,22 @@ __device__ __forceinline__ void store_rows(T* dst, i64 stride, const float (&acc
 // ------------------------------------------------------------------ forward --------------
 
 // The plans of tile_plan.h for element type T (4 bytes: the FFMA path; 2: tensor cores).
-template <typename T, int DP>
-using FwdTiles = FwdPlan<sizeof(T), DP>;
+template <typename T, int DP, int STAGES = 1>
+using FwdTiles = FwdPlan<sizeof(T), DP, STAGES>;
 
-template <typename T, int DP, bool TF32X3>
-__global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
+// STAGES: K/V buffers (FwdPlan): 1 by default, 2 double-buffered (a tuning candidate).
+template <typename T, int DP, int STAGES, bool TF32X3>
+__global__ void __launch_bounds__(FwdTiles<T, DP, STAGES>::kWarps * 32, 1)
     attention_fwd_kernel(const AttentionParams p, const int vec, const int out_vec) {
-  using Tiles = FwdTiles<T, DP>;
+  using Tiles = FwdTiles<T, DP, STAGES>;
   constexpr int kM = Tiles::kM, kN = Tiles::kN, kNK = kN / 8, kLd = tile_ld(sizeof(T), DP);
   const Seq sq = this_seq(p, kM);
   const PadRows pad = seq_pad_rows(p, sq);
   write_padding(row0<T>(p.out, sq), p.out.row_stride, p.head_dim, from_f<T>(0.f), pad, kM);
   write_padding(lse_row0(p, sq), 1, 1, -kInf, pad, kM);
   if (sq.first >= sq.len) return;
-  // Shared tiles, row stride kLd: Q [kM rows], K and V [kN rows].
-  T *qs = reinterpret_cast<T*>(dynamic_smem), *ks = qs + kM * kLd, *vs = ks + kN * kLd;
+  // Shared tiles, row stride kLd: Q [kM rows], K [STAGES][kN rows], V [STAGES][kN rows].
+  T *qs = reinterpret_cast<T*>(dynamic_smem), *ks = qs + kM * kLd, *vs = ks + STAGES * kN * kLd;
   const Program<T> pg = this_program<T>(p, sq);
   const int r0 = pg.first + 16 * pg.warp;  // first query position of this warp
   const int ntiles = num_tiles(0, key_end(p.causal, pg.len, pg.first, kM), kN);
@@ -309,74 +314,112 @@ __global__ void __launch_bounds__(FwdTiles<T, DP>::kWarps * 32, 1)
     rh[1] = dropout::row_hash(seed, key0 + r0 + pg.g + 8);
   }
 
-  // Groups in flight: {Q, K tile 0}, {V tile 0}; then K t+1 and V t+1 as each buffer frees.
-  load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.read_dim, vec);
-  load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.read_dim, vec);
-  cp_async_commit();
-  load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.read_dim, vec);
-  cp_async_commit();
-
   float o[DP / 8][4] = {};                             // [16, DP] output rows, unnormalized
   float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};  // rows g, g + 8; row_sum per lane
-  for (int t = 0; t < ntiles; ++t) {
-    const int n0 = t * kN;  // first key position of the tile
-    // Warps whose rows are all padding, or all before the tile (causal), skip the math.
-    const bool active = rows_active(p.causal, pg.len, r0, n0);
-    const bool unmasked = tile_unmasked(p.causal, pg.len, r0, 16, n0, kN);
-    float s[kNK][4];  // [16, kN] scores, then probabilities
-    cp_async_wait<1>();
-    __syncthreads();  // Q and K tile t landed
-    if (active) {
-      tile_scores<T, DP, kNK, TF32X3>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
-      float safe_max[2];
+  // The online softmax of the key tile at n0: s [16, kN] from scores to (dropped)
+  // probabilities; row_max, row_sum and o rescaled to the new maxima.
+  auto probabilities = [&](float (&s)[kNK][4], int n0, bool unmasked) {
+    float safe_max[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = r0 + frag::score_row(pg.g, h);
-        float tile_max = -kInf;
+    for (int h = 0; h < 2; ++h) {
+      const int row = r0 + frag::score_row(pg.g, h);
+      float tile_max = -kInf;
 #pragma unroll
-        for (int j = 0; j < kNK; ++j) {
+      for (int j = 0; j < kNK; ++j) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
+        for (int e = 0; e < 2; ++e) {
+          const int col = n0 + frag::score_col(j, pg.tig, e);
+          s[j][2 * h + e] = unmasked || visible(p.causal, pg.len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
+          tile_max = fmaxf(tile_max, s[j][2 * h + e]);
+        }
+      }
+      const float new_max = fmaxf(row_max[h], quad_max(tile_max));
+      safe_max[h] = new_max == -kInf ? 0.f : new_max;  // rows that saw no key yet: no (-inf) - (-inf)
+      const float rescale = exp2f(row_max[h] - safe_max[h]);
+      row_max[h] = new_max;
+      row_sum[h] *= rescale;
+#pragma unroll
+      for (int j = 0; j < DP / 8; ++j) {
+        o[j][2 * h] *= rescale;
+        o[j][2 * h + 1] *= rescale;
+      }
+#pragma unroll
+      for (int j = 0; j < kNK; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float pr = exp2f(s[j][2 * h + e] - safe_max[h]);
+          row_sum[h] += pr;  // the LSE is of the undropped probabilities
+          if (dropout) {
             const int col = n0 + frag::score_col(j, pg.tig, e);
-            s[j][2 * h + e] = unmasked || visible(p.causal, pg.len, row, col) ? s[j][2 * h + e] * scale_log2 : -kInf;
-            tile_max = fmaxf(tile_max, s[j][2 * h + e]);
+            pr = dropout::keep(rh[h], col, p.keep_threshold) ? pr * p.dropout_scale : 0.f;
           }
-        }
-        const float new_max = fmaxf(row_max[h], quad_max(tile_max));
-        safe_max[h] = new_max == -kInf ? 0.f : new_max;  // rows that saw no key yet: no (-inf) - (-inf)
-        const float rescale = exp2f(row_max[h] - safe_max[h]);
-        row_max[h] = new_max;
-        row_sum[h] *= rescale;
-#pragma unroll
-        for (int j = 0; j < DP / 8; ++j) {
-          o[j][2 * h] *= rescale;
-          o[j][2 * h + 1] *= rescale;
-        }
-#pragma unroll
-        for (int j = 0; j < kNK; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float pr = exp2f(s[j][2 * h + e] - safe_max[h]);
-            row_sum[h] += pr;  // the LSE is of the undropped probabilities
-            if (dropout) {
-              const int col = n0 + frag::score_col(j, pg.tig, e);
-              pr = dropout::keep(rh[h], col, p.keep_threshold) ? pr * p.dropout_scale : 0.f;
-            }
-            s[j][2 * h + e] = pr;
-          }
+          s[j][2 * h + e] = pr;
         }
       }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // V tile t landed; every warp is done with K tile t
-    if (t + 1 < ntiles)
-      load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
+  };
+
+  if constexpr (STAGES == 1) {
+    // Groups in flight: {Q, K tile 0}, {V tile 0}; then K t+1 and V t+1 as each buffer frees.
+    load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.read_dim, vec);
+    load_tile<T, DP>(ks, kN, pg.k, p.k.row_stride, pg.len, pg.read_dim, vec);
     cp_async_commit();
-    if (active) tile_accumulate<T, DP, kNK>(o, s, vs, pg.lane);
-    __syncthreads();  // every warp is done with V tile t
-    if (t + 1 < ntiles)
-      load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
+    load_tile<T, DP>(vs, kN, pg.v, p.v.row_stride, pg.len, pg.read_dim, vec);
     cp_async_commit();
+    for (int t = 0; t < ntiles; ++t) {
+      const int n0 = t * kN;  // first key position of the tile
+      // Warps whose rows are all padding, or all before the tile (causal), skip the math.
+      const bool active = rows_active(p.causal, pg.len, r0, n0);
+      const bool unmasked = tile_unmasked(p.causal, pg.len, r0, 16, n0, kN);
+      float s[kNK][4];  // [16, kN] scores, then probabilities
+      cp_async_wait<1>();
+      __syncthreads();  // Q and K tile t landed
+      if (active) {
+        tile_scores<T, DP, kNK, TF32X3>(s, qs + 16 * pg.warp * kLd, ks, pg.lane);
+        probabilities(s, n0, unmasked);
+      }
+      cp_async_wait<0>();
+      __syncthreads();  // V tile t landed; every warp is done with K tile t
+      if (t + 1 < ntiles)
+        load_tile<T, DP>(ks, kN, pg.k + (n0 + kN) * p.k.row_stride, p.k.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
+      cp_async_commit();
+      if (active) tile_accumulate<T, DP, kNK>(o, s, vs, pg.lane);
+      __syncthreads();  // every warp is done with V tile t
+      if (t + 1 < ntiles)
+        load_tile<T, DP>(vs, kN, pg.v + (n0 + kN) * p.v.row_stride, p.v.row_stride, pg.len - n0 - kN, pg.read_dim, vec);
+      cp_async_commit();
+    }
+  } else {
+    // K and V of the tile at n0 into buffer b: one cp.async group with the caller's commit.
+    auto load_kv = [&](int b, int n0) {
+      load_tile<T, DP>(ks + b * kN * kLd, kN, pg.k + n0 * p.k.row_stride, p.k.row_stride, pg.len - n0, pg.read_dim,
+                       vec);
+      load_tile<T, DP>(vs + b * kN * kLd, kN, pg.v + n0 * p.v.row_stride, p.v.row_stride, pg.len - n0, pg.read_dim,
+                       vec);
+    };
+    // Groups in flight: {Q, tile 0}, {tile 1}, ..., then tile t + STAGES as tile t's buffer frees
+    // (tile_plan.h's kv_buffer schedule).
+    load_tile<T, DP>(qs, kM, pg.q + pg.first * p.q.row_stride, p.q.row_stride, pg.len - pg.first, pg.read_dim, vec);
+#pragma unroll
+    for (int t = 0; t < STAGES; ++t) {
+      if (t < ntiles) load_kv(kv_buffer(t, STAGES), t * kN);
+      cp_async_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+      const int n0 = t * kN, b = kv_buffer(t, STAGES);
+      cp_async_wait<kv_pending_groups(STAGES)>();
+      __syncthreads();  // Q and tile t's K and V landed
+      if (rows_active(p.causal, pg.len, r0, n0)) {
+        float s[kNK][4];  // [16, kN] scores, then probabilities
+        tile_scores<T, DP, kNK, TF32X3>(s, qs + 16 * pg.warp * kLd, ks + b * kN * kLd, pg.lane);
+        probabilities(s, n0, tile_unmasked(p.causal, pg.len, r0, 16, n0, kN));
+        tile_accumulate<T, DP, kNK>(o, s, vs + b * kN * kLd, pg.lane);
+      }
+      __syncthreads();  // every warp is done with buffer b
+      const int refill = kv_refill_tile(t, STAGES);
+      if (refill < ntiles) load_kv(b, refill * kN);
+      cp_async_commit();
+    }
   }
 
   if (r0 >= pg.len) return;
@@ -746,6 +789,11 @@ int bhld_copy_width(const AttentionParams& p, int width, std::initializer_list<B
   return vec;
 }
 
+// The forward's K/V stages (FwdPlan) asked for process-wide: 1 (today's) or 2 (the
+// double-buffered tuning candidate), set by seqrec::_set_attention_kv_stages (benchmarks/tune.py
+// times both).
+std::atomic<int> requested_kv_stages{1};
+
 // The grid of tile_plan.h's attention_grid, empty (x == 0) when there is nothing to do;
 // cudaErrorInvalidValue for bad sizes or beyond the grid limits.
 cudaError_t attention_grid(const AttentionParams& p, int rows, dim3* grid) {
@@ -768,12 +816,21 @@ cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream) {
     if (err != cudaSuccess || grid.x == 0) return err;
     const int vec = bhld_copy_width(p, p.read_dim, {p.q, p.k, p.v});
     const int out_vec = bhld_copy_width(p, p.head_dim, {p.out});
+    if constexpr (sizeof(T) == 2) {
+      if (fwd_kv_stages(requested_kv_stages.load(), sizeof(T)) == 2) {
+        using Double = FwdTiles<T, DP, 2>;
+        return launch(attention_fwd_kernel<T, DP, 2, false>, grid, Double::kWarps * 32, Double::kSmem, stream, p, vec,
+                      out_vec);
+      }
+    }
     return with_tf32x3<T>(p.tf32x3, [&](auto tf32x3) -> cudaError_t {
-      return launch(attention_fwd_kernel<T, DP, decltype(tf32x3)::value>, grid, Tiles::kWarps * 32, Tiles::kSmem,
+      return launch(attention_fwd_kernel<T, DP, 1, decltype(tf32x3)::value>, grid, Tiles::kWarps * 32, Tiles::kSmem,
                     stream, p, vec, out_vec);
     });
   });
 }
+
+int set_attention_kv_stages(int stages) { return requested_kv_stages.exchange(stages); }
 
 size_t attention_backward_workspace_floats(const AttentionBackwardParams& p) {
   return workspace_floats(p.fwd.batch, p.fwd.num_heads, p.fwd.num_rows);

@@ -95,14 +95,34 @@ SEQREC_HD constexpr size_t tile_row_bytes(int es, int dp) { return static_cast<s
 // Streamed rows per tile: 64, fewer for wide rows (16 KB of unpadded row data at most).
 SEQREC_HD constexpr int stream_rows(int es, int dp) { return imin(16384 / (dp * es), 64); }
 
-template <int ES, int DP>
+// STAGES: K and V buffers of the forward, each. 1 (the default): one K and one V buffer, each
+// refilled while the CTA works on the other. 2 (a tuning candidate, 16-bit only: float32 at
+// DP = 256 exceeds the budget): double-buffered, tile t + 2's K and V load while the CTA
+// computes tiles t and t + 1 (the schedule of kv_buffer below).
+template <int ES, int DP, int STAGES = 1>
 struct FwdPlan {
   static constexpr int kWarps = 4;
   static constexpr int kM = 16 * kWarps;             // query rows per program
   static constexpr int kN = stream_rows(ES, DP);     // key rows per streamed tile
-  static constexpr size_t kSmem = (kM + 2 * kN) * tile_row_bytes(ES, DP);  // Q, K, V tiles
+  static constexpr int kStages = STAGES;
+  static constexpr size_t kSmem = (kM + 2 * STAGES * kN) * tile_row_bytes(ES, DP);  // Q, STAGES x (K, V) tiles
   static_assert(kSmem <= kSmemBudget, "forward tiles exceed the shared-memory budget");
 };
+
+// The forward's K/V stages for a request (SEQREC_CUDA_ATTENTION_KV_STAGES, read by the glue
+// of attention.cu) and element size: 2 where requested at 16-bit, else 1.
+SEQREC_HD constexpr int fwd_kv_stages(int requested, int es) { return requested == 2 && es == 2 ? 2 : 1; }
+
+// The multi-stage forward's pipeline (stages >= 2 buffers of K and V): the prologue commits
+// one cp.async group per tile 0 .. stages - 1 into buffer kv_buffer(tile) (Q joins tile 0's;
+// a group past the last tile is empty). Iteration t waits until at most kv_pending_groups are
+// pending, when tile t's group has landed, computes tile t from buffer kv_buffer(t), syncs the
+// CTA (every warp done with that buffer), then loads tile kv_refill_tile(t) into the same
+// buffer as one group (empty past the last tile: the same count of groups at every wait, and
+// none pending after the loop).
+SEQREC_HD constexpr int kv_buffer(int tile, int stages) { return tile % stages; }
+SEQREC_HD constexpr int kv_pending_groups(int stages) { return stages - 1; }
+SEQREC_HD constexpr int kv_refill_tile(int tile, int stages) { return tile + stages; }
 
 // dq: kM queries per program (16 per warp), streaming kN keys; dk/dv: kM keys per program,
 // streaming kN queries. Four warps unless that exceeds the shared-memory budget.

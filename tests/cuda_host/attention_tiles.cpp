@@ -12,7 +12,10 @@
 //   the dq kernel's delta sums each column of a row once;
 // - a warp only works on a tile where it has a visible pair (the causal skip);
 // - shared memory within the budget and the A100 / H100 opt-in limits for every head dim;
-// - the grid within CUDA's limits up to the largest max_seqlen, each tile on one program.
+// - the grid within CUDA's limits up to the largest max_seqlen, each tile on one program;
+// - the double-buffered forward's K/V pipeline (kv_buffer): each tile read from the buffer its
+//   own copy filled, after that copy's cp.async group completed, never refilled before every
+//   warp is done with it, nothing in flight after the loop.
 // The loops mirror the kernels' (programs, warps, streamed tiles, lanes, fragment entries).
 #include <cstdint>
 #include <cstdio>
@@ -271,7 +274,10 @@ template <int ES, int DP>
 void check_plan_limits() {
   using F = FwdPlan<ES, DP>;
   using B = BwdPlan<ES, DP>;
-  const i64 largest = static_cast<i64>(B::kSmemDkDv > F::kSmem ? B::kSmemDkDv : F::kSmem);
+  // The double-buffered forward is instantiated at 16-bit only (fwd_kv_stages).
+  i64 forward = static_cast<i64>(F::kSmem);
+  if constexpr (ES == 2) forward = static_cast<i64>(FwdPlan<ES, DP, 2>::kSmem);
+  const i64 largest = static_cast<i64>(B::kSmemDkDv) > forward ? static_cast<i64>(B::kSmemDkDv) : forward;
   CHECK(largest <= static_cast<i64>(kSmemBudget) && largest <= kOptinA100 && largest <= kOptinH100,
         "es=%d DP=%d: %lld bytes of shared memory", ES, DP, (long long)largest);
   CHECK(F::kN % 16 == 0 && B::kN % 16 == 0 && F::kM % 16 == 0 && B::kM % 16 == 0,
@@ -440,6 +446,79 @@ void check_padding(const Layout& L, int heads, int rows) {
   CHECK(wrong == 0, "%s (%d rows per program): %ld rows written the wrong number of times", L.name, rows, wrong);
 }
 
+// The multi-stage forward's K/V pipeline (attention.cu's STAGES >= 2 branch), replayed with a
+// model of cp.async groups: a commit closes a group of the copies issued since the last one; a
+// wait<N> completes all but the N most recent groups; the CTA syncs (__syncthreads) after the
+// wait and after the tile's math. Every tile must be read from the buffer that its own copy
+// filled, once that copy completed and with no copy into the buffer in flight; a buffer is
+// refilled only after the sync that follows its last read; nothing is in flight after the loop
+// (the output is staged in shared memory next).
+void check_kv_pipeline(int stages, int ntiles) {
+  constexpr int kQ = -1;  // the buffer index of Q's copy (with tile 0's)
+  struct Copy {
+    int buffer, tile;
+  };
+  std::vector<std::vector<Copy>> pending;  // groups in commit order
+  std::vector<int> holds(stages, -1);      // tile whose copy into the buffer completed (-1: none / being refilled)
+  std::vector<bool> free_to_refill(stages, true);
+  bool q_landed = false;
+  auto wait = [&](int n) {
+    while (static_cast<int>(pending.size()) > n) {
+      for (const Copy& c : pending.front()) (c.buffer == kQ ? q_landed : (holds[c.buffer] = c.tile, q_landed)) = true;
+      pending.erase(pending.begin());
+    }
+  };
+  auto issue = [&](std::vector<Copy>& group, int tile) {
+    const int b = kv_buffer(tile, stages);
+    CHECK(b >= 0 && b < stages, "stages %d: tile %d into buffer %d", stages, tile, b);
+    if (b < 0 || b >= stages) return;
+    CHECK(free_to_refill[b], "stages %d, %d tiles: tile %d copied into buffer %d before every warp is done with it",
+          stages, ntiles, tile, b);
+    for (const auto& g : pending)
+      for (const Copy& c : g)
+        CHECK(c.buffer != b, "stages %d: two copies into buffer %d in flight (tiles %d, %d)", stages, b, c.tile, tile);
+    holds[b] = -1;
+    group.push_back({b, tile});
+  };
+  for (int t = 0; t < stages; ++t) {  // the prologue: Q joins tile 0's group
+    std::vector<Copy> group;
+    if (t == 0) group.push_back({kQ, 0});
+    if (t < ntiles) issue(group, t);
+    pending.push_back(group);
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    wait(kv_pending_groups(stages));
+    const int b = kv_buffer(t, stages);  // __syncthreads(), then the tile's math
+    CHECK(q_landed, "stages %d: Q read before its copy completed", stages);
+    CHECK(b >= 0 && b < stages && holds[b] == t, "stages %d, %d tiles: tile %d read from buffer %d holding %d", stages,
+          ntiles, t, b, b >= 0 && b < stages ? holds[b] : -2);
+    for (const auto& g : pending)
+      for (const Copy& c : g)
+        CHECK(c.buffer != b, "stages %d: tile %d read while tile %d is copied into its buffer", stages, t, c.tile);
+    if (b >= 0 && b < stages) free_to_refill[b] = false;
+    for (int i = 0; i < stages; ++i) free_to_refill[i] = true;  // __syncthreads(): every warp done with buffer b
+    std::vector<Copy> group;
+    const int refill = kv_refill_tile(t, stages);
+    if (refill < ntiles) issue(group, refill);
+    pending.push_back(group);
+  }
+  long in_flight = 0;
+  for (const auto& g : pending) in_flight += static_cast<long>(g.size());
+  CHECK(in_flight == 0, "stages %d, %d tiles: %ld copies in flight after the loop", stages, ntiles, in_flight);
+}
+
+// The forward's stages: the double-buffered plan only at 16-bit, where requested.
+void check_kv_stages() {
+  CHECK(fwd_kv_stages(1, 2) == 1 && fwd_kv_stages(2, 2) == 2 && fwd_kv_stages(2, 4) == 1 && fwd_kv_stages(0, 2) == 1,
+        "fwd_kv_stages");
+  using Single = FwdPlan<2, 64>;
+  using Double = FwdPlan<2, 64, 2>;
+  CHECK(Double::kSmem - Single::kSmem == 2 * Single::kN * tile_row_bytes(2, 64), "the second stage: one K, one V tile");
+  // A program that reaches the loop has a key tile: key_end > its first row >= 0.
+  for (int stages : {2, 3})
+    for (int ntiles = 1; ntiles <= 9; ++ntiles) check_kv_pipeline(stages, ntiles);
+}
+
 // Out-of-range starts and lengths are clamped into the batch row and max_seqlen.
 void check_clamping() {
   for (int start : {-5, 0, 3, 9, 10, 12})
@@ -456,6 +535,7 @@ int main() {
   check_head_dims();
   check_grids();
   check_clamping();
+  check_kv_stages();
   check_plan_limits<4, 32>();
   check_plan_limits<4, 64>();
   check_plan_limits<4, 128>();
