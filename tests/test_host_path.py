@@ -24,6 +24,7 @@ import seqrec_kernels as sk
 from seqrec_kernels import _checks
 from seqrec_kernels.ops import _front, _library
 from seqrec_kernels.triton import attention as triton_attention
+from seqrec_kernels.triton._launch import BoundLaunch, cached_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["reference", "triton", "cpp"]
@@ -579,3 +580,93 @@ def test_front_flags_invalid_device_values(bad, device_path, item_id_checks_off)
     with sk.value_checks(False):
         run()
     sk.check()
+
+
+# Issue 24, launch plans: a worker as above, launching through a BoundLaunch (its grid and
+# trailing scalars bound) instead; each launch is compared with what Triton's generic path selects.
+_BOUND_LAUNCH_WORKER = """
+import torch
+from benchmarks import host
+assert host.stub_triton_launches() is None
+from seqrec_kernels.triton import _launch, softmax_loss
+
+kernel = softmax_loss._compact_rows_kernel
+base = {dtype: torch.arange(64, dtype=dtype) for dtype in (torch.int32, torch.int64)}
+launches = {scalars: _launch.BoundLaunch(kernel, (1,), scalars, dict(SEGMENT=16, num_warps=4))
+            for scalars in [(1, 30, 16, 1, 0), (17, 30, 16, 1, -100)]}
+checked = 0
+for round in range(2):  # the second round runs from each BoundLaunch's own cache
+    for scalars, launch in launches.items():
+        for dtype in (torch.int32, torch.int64):
+            for offset in (0, 1, 4):  # 16-byte aligned or not, by dtype
+                for order_offset in (0, 1):
+                    tensors = (base[dtype][offset:], torch.empty(9, dtype=torch.int32)[order_offset:],
+                               torch.empty(8, dtype=torch.int32))
+                    ours = launch(*tensors)
+                    tritons = kernel.run(*tensors, *scalars, grid=(1,), warmup=True, SEGMENT=16, num_warps=4)
+                    assert ours is tritons, (dtype, offset, order_offset, scalars)
+                    checked += 1
+print(checked, sum(len(launch._compiled) for launch in launches.values()))
+"""
+
+
+def test_bound_launch_selects_the_kernel_triton_selects():
+    """A BoundLaunch keys compiled kernels by its tensors alone (dtype, 16-byte alignment), its
+    scalars being fixed: for each, the first launch (through Triton) and the cached ones run the
+    very CompiledKernel Triton selects."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _BOUND_LAUNCH_WORKER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checked, cached = map(int, result.stdout.split())
+    assert checked == 48 and cached == 2 * 2 * 2 * 2  # per BoundLaunch: 2 dtypes x 2 alignments x 2 of order
+
+
+def _plan_parts(plan):
+    """A launch plan as comparable values: each BoundLaunch as (kernel, grid, scalars, meta)."""
+    if isinstance(plan, BoundLaunch):
+        return plan.kernel, plan.grid, plan.scalars, plan.meta
+    if isinstance(plan, (tuple, list)):
+        return tuple(_plan_parts(part) for part in plan)
+    return plan
+
+
+def test_cached_attention_plans_are_what_a_fresh_build_gives():
+    """Calls that differ in one thing a plan depends on (layout of q or of k, sequences, max_seqlen,
+    causal, scale, dropout, dout's layout, deterministic mode) each get the plan built for them,
+    not one cached for another: the plan keys hold everything the plans derive from."""
+    qkv = [torch.randn(3, 2, 70, 20) for _ in "qkv"]
+    transposed = torch.randn(3, 70, 2, 20).transpose(1, 2)  # [B, H, L, D] view of a [B, L, H, D] tensor
+    packed = [t[:1] for t in qkv]  # one batch row holding 3 sequences
+    variants = [
+        (qkv, 3, 70, True, 0.25, 0.0),
+        ((transposed, *qkv[1:]), 3, 70, True, 0.25, 0.0),
+        ((qkv[0], transposed, qkv[2]), 3, 70, True, 0.25, 0.0),
+        (packed, 3, 30, True, 0.25, 0.0),
+        (qkv, 3, 30, True, 0.25, 0.0),
+        (qkv, 3, 70, False, 0.25, 0.0),
+        (qkv, 3, 70, True, 0.5, 0.0),
+        (qkv, 3, 70, True, 0.25, 0.3),
+    ]
+    dout_layouts = [torch.randn(3, 2, 70, 20), torch.randn(3, 70, 2, 20).transpose(1, 2)]
+    checked = 0
+    for _ in range(2):  # the second round from the caches
+        for (q, k, v), *options in variants:
+            out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+            key = triton_attention._plan_key(q, k, v, *options)
+            cached = cached_plan(triton_attention._forward_plans, key, triton_attention._forward_plan,
+                                 q, k, v, out, lse, *options)  # fmt: skip
+            fresh = triton_attention._forward_plan(q, k, v, out, lse, *options)
+            assert _plan_parts(cached) == _plan_parts(fresh), options
+            for dout in dout_layouts:
+                dout = dout[: q.shape[0]]
+                for deterministic in (False, True):
+                    grads = [torch.empty_like(t) for t in (q, k, v)]
+                    plan_args = (q, k, v, dout, out, lse, *grads, *options, deterministic)
+                    bwd_key = (*key, dout.stride(), out.stride(), lse.stride(), deterministic)
+                    cached = cached_plan(triton_attention._backward_plans, bwd_key, triton_attention._backward_plan,
+                                         *plan_args)  # fmt: skip
+                    assert _plan_parts(cached) == _plan_parts(triton_attention._backward_plan(*plan_args)), options
+                    checked += 1
+    assert checked == 2 * len(variants) * 4

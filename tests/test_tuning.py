@@ -38,9 +38,9 @@ def fake_gpu(monkeypatch, tmp_path):
     """Every device looks like FAKE_GPU; tables are read from tmp_path. Returns a writer."""
     monkeypatch.setattr(tuning, "device_name", lambda device: FAKE_GPU)
     monkeypatch.setattr(tuning, "TABLE_DIR", tmp_path)
-    tuning.table.cache_clear()
+    tuning.clear_caches()
     yield lambda entries: (tmp_path / f"{tuning.gpu_slug(FAKE_GPU)}.json").write_text(json.dumps(entries))
-    tuning.table.cache_clear()
+    tuning.clear_caches()
 
 
 def _entry(config):
@@ -86,7 +86,7 @@ def test_other_gpus_and_unlisted_keys_get_the_defaults(fake_gpu, launches):
     default = triton_attention._default_launch_config(16, torch.float32, backward=False)
     assert launches["_attention_fwd_kernel"][0]["BLOCK_M"] == default["BLOCK_M"]
     fake_gpu({})  # no table for this GPU at all
-    tuning.table.cache_clear()
+    tuning.clear_caches()
     assert tuning.launch_config("attention_fwd", "x", torch.device("cuda"), {"BLOCK_M": 7}) == {"BLOCK_M": 7}
 
 

@@ -112,19 +112,88 @@ def _record_launch(kernel, grid, args, meta):
     return torch.library.wrap_triton(_with_options(kernel, **options))[grid](*args, **constexprs)
 
 
+def _generic_only(kernel) -> bool:
+    """Whether launches of `kernel` must take Triton's generic path: under the interpreter, with
+    a launch hook, or where a test or tool wrapped JITFunction.run (a compile-only driver, a
+    launch counter): it must see every launch."""
+    return (
+        GENERIC_ONLY
+        or _active(knobs.runtime.launch_enter_hook)
+        or _active(knobs.runtime.launch_exit_hook)
+        or type(kernel).run.__module__ != "triton.runtime.jit"
+    )
+
+
+def _is_compiled(launched) -> bool:
+    """Whether what Triton's launch returned is a CompiledKernel (not an asynchronous compile)."""
+    return hasattr(launched, "packed_metadata")
+
+
+def _constexpr_values(kernel, num_args: int, meta: dict) -> tuple:
+    """The values of the kernel's parameters after its num_args positional arguments, in
+    signature order: the constexprs as Triton passes them to the launcher."""
+    defaults = {p.name: p.default for p in kernel.params}
+    return tuple(meta[n] if n in meta else defaults[n] for n in kernel.arg_names[num_args:])
+
+
+class BoundLaunch:
+    """One launch of `kernel` whose grid, trailing scalar arguments (sizes, strides, ...) and
+    constexprs and launch options are fixed: `launch(*tensors)` is launch_kernel(kernel, grid,
+    *tensors, *scalars, **meta) at the cost of a key of the tensors alone (dtype and 16-byte
+    alignment of each, as Triton specializes them) and a dictionary lookup. Part of a launch
+    plan (`cached_plan`), which is keyed by everything the scalars and meta derive from."""
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "_grid3", "_compiled")
+
+    def __init__(self, kernel, grid, scalars, meta):
+        self.kernel, self.grid, self.scalars, self.meta = kernel, grid, tuple(scalars), meta
+        self._grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        self._compiled: dict[tuple, tuple] = {}  # (device, tensors' key) -> (compiled kernel, constexprs)
+
+    def __call__(self, *tensors):
+        if getattr(_state, "traced", False) or _generic_only(self.kernel):
+            return launch_kernel(self.kernel, self.grid, *tensors, *self.scalars, **self.meta)
+        device = driver.active.get_current_device()
+        key = (device, tuple([None if t is None else (t.dtype, not t.data_ptr() % 16) for t in tensors]))
+        entry = self._compiled.get(key)
+        if entry is None:
+            compiled = launch_kernel(self.kernel, self.grid, *tensors, *self.scalars, **self.meta)
+            if _is_compiled(compiled):
+                num_args = len(tensors) + len(self.scalars)
+                self._compiled[key] = (compiled, _constexpr_values(self.kernel, num_args, self.meta))
+            return compiled
+        compiled, constexprs = entry
+        x, y, z = self._grid3
+        compiled.run(
+            x, y, z, driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata,
+            None, None, None, *tensors, *self.scalars, *constexprs,
+        )  # fmt: skip
+        return compiled
+
+
+MAX_PLANS = 1024  # per launcher: a workload of ever-new sizes starts over rather than grows
+
+
+def cached_plan(cache: dict, key: tuple, build, *args):
+    """cache[key], made by build(*args) on a miss: a launcher's launch plan (block sizes, grids,
+    BoundLaunches) for inputs and options summed up by `key`. Under tracing it is built each
+    time: traced sizes are symbolic, and what a trace decides must not outlive it."""
+    if getattr(_state, "traced", False):
+        return build(*args)
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) >= MAX_PLANS:
+            cache.clear()
+        plan = cache[key] = build(*args)
+    return plan
+
+
 def launch_kernel(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta): args are the kernel's leading parameters, positionally;
     meta its constexprs (by name) and launch options (num_warps, num_stages, maxnreg)."""
     if getattr(_state, "traced", False):
         return _record_launch(kernel, grid, args, meta)
-    # The generic path under the interpreter, with a launch hook, or where a test or tool wrapped
-    # JITFunction.run (a compile-only driver, a launch counter): it must see every launch.
-    if (
-        GENERIC_ONLY
-        or _active(knobs.runtime.launch_enter_hook)
-        or _active(knobs.runtime.launch_exit_hook)
-        or type(kernel).run.__module__ != "triton.runtime.jit"
-    ):
+    if _generic_only(kernel):
         return kernel[grid](*args, **meta)
     device = driver.active.get_current_device()
     if len(_compiled) >= MAX_CACHED:  # a workload of ever-new sizes: start over rather than grow
@@ -133,11 +202,8 @@ def launch_kernel(kernel, grid, *args, **meta):
     entry = _compiled.get(cache_key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)  # compiles (first time) and launches
-        if not hasattr(compiled, "packed_metadata"):  # not a CompiledKernel (an asynchronous compile)
-            return compiled
-        names = kernel.arg_names[len(args) :]
-        defaults = {p.name: p.default for p in kernel.params}
-        _compiled[cache_key] = (compiled, tuple(meta[n] if n in meta else defaults[n] for n in names))
+        if _is_compiled(compiled):
+            _compiled[cache_key] = (compiled, _constexpr_values(kernel, len(args), meta))
         return compiled
     compiled, constexprs = entry
     grid = tuple(grid) + (1,) * (3 - len(grid))

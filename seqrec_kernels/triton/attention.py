@@ -15,7 +15,9 @@ aligned rows and a load mask constant over 16 columns, hence 128-bit loads and c
 pipelining, which rows of 50 elements do not get. Zero columns add 0 to every dot product.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,7 +27,7 @@ from .. import tuning
 from .._limits import check_head_dim
 from ..backends import triton_interpreter_enabled
 from ..reference.dropout import keep_threshold
-from ._launch import launch_kernel
+from ._launch import BoundLaunch, cached_plan
 from .dropout import keep_mask, row_hash
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
@@ -614,10 +616,15 @@ def _dot_options(dtype, head_dim: int) -> dict:
     Under the interpreter: float32 products, since it multiplies bfloat16 bit patterns
     (triton-lang/triton#11584) and ignores input_precision; for 16-bit inputs float32 gives
     the same products (a 16-bit product is exact in float32)."""
-    if triton_interpreter_enabled():
+    return dict(_dot_options_in(dtype, head_dim, triton_interpreter_enabled(), torch.get_float32_matmul_precision()))
+
+
+@functools.lru_cache(maxsize=256)  # per call of the loss and retrieval launchers: computed once per mode
+def _dot_options_in(dtype, head_dim: int, interpreted: bool, float32_precision: str) -> dict:
+    if interpreted:
         return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
     if dtype == torch.float32:
-        dot_dtype, precision = FLOAT32_DOT[torch.get_float32_matmul_precision()]
+        dot_dtype, precision = FLOAT32_DOT[float32_precision]
         if precision == "tf32x3" and head_dim > 512:
             precision = "ieee"
         return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
@@ -657,25 +664,37 @@ def _read_width(head_dim, max_seqlen, block_m, block_n):
     return triton.cdiv(head_dim, PAD_MULTIPLE) * PAD_MULTIPLE
 
 
-def _pad_rows(padded_dim, block_d, q, k, v, dout=None):
-    """q, k, v (and dout), each [B, H, L, D], copied by one launch into one buffer
-    [n, B, H, L, padded_dim], zeros at columns >= D; returns its n slices."""
-    operands = (q, k, v) if dout is None else (q, k, v, dout)
+def _pad_plan(padded_dim, block_d, q, k, v, dout=None):
+    """The launch that copies q, k, v (and dout), each [B, H, L, D], into one buffer
+    [n, B, H, L, padded_dim], zeros at columns >= D, and that buffer's shape: _pad_rows's
+    arguments."""
     batch, num_heads, num_rows, head_dim = q.shape
-    padded = torch.empty((len(operands), batch, num_heads, num_rows, padded_dim), dtype=q.dtype, device=q.device)
     dout_strides = (0, 0, 0) if dout is None else dout.stride()[:3]
     grid = (batch * num_heads * triton.cdiv(num_rows, PAD_BLOCK_ROWS),)
-    launch_kernel(_pad_rows_kernel, grid,
-        padded, q, k, v, dout, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout_strides,
-        num_heads, num_rows, head_dim, padded_dim,
-        WITH_DOUT=dout is not None, BLOCK=PAD_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4, maxnreg=MAX_REGISTERS,
-    )  # fmt: skip
-    return [padded[i] for i in range(len(operands))]
+    scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout_strides, num_heads, num_rows, head_dim,
+               padded_dim)  # fmt: skip
+    meta = dict(WITH_DOUT=dout is not None, BLOCK=PAD_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4, maxnreg=MAX_REGISTERS)
+    shape = (3 if dout is None else 4, batch, num_heads, num_rows, padded_dim)
+    return BoundLaunch(_pad_rows_kernel, grid, scalars, meta), shape
 
 
-def _seqs_per_row(seq_len, packed):
+def _padded_strides(q, padded_dim, packed):
+    """_strides of a slice of _pad_rows's buffer (rows padded_dim wide) for operands like q."""
+    num_heads, num_rows = q.shape[1], q.shape[2]
+    return (0 if packed else num_heads * num_rows * padded_dim), num_rows * padded_dim, padded_dim
+
+
+def _pad_rows(launch, shape, q, k, v, dout=None):
+    """q, k, v (and dout) copied by `launch` (from _pad_plan) into one buffer of `shape`
+    [n, B, H, L, padded_dim], zeros at columns >= D; returns its n slices."""
+    padded = torch.empty(shape, dtype=q.dtype, device=q.device)
+    launch(padded, q, k, v, dout)
+    return [padded[i] for i in range(shape[0])]
+
+
+def _seqs_per_row(num_seqs, packed):
     """Sequences per batch row of the [B, H, L, D] view: all of them when packed, else one."""
-    return seq_len.shape[0] if packed else 1
+    return num_seqs if packed else 1
 
 
 def _strides(t, packed):
@@ -683,7 +702,7 @@ def _strides(t, packed):
     return (0 if packed else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
+def _common_args(q, num_seqs, max_seqlen, causal, scale, dropout_p):
     num_heads, num_rows, head_dim = q.shape[1], q.shape[2], q.shape[3]
     return dict(
         sizes=(num_heads, num_rows, max_seqlen, head_dim),
@@ -694,8 +713,87 @@ def _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p):
             **_dot_options(q.dtype, head_dim),
         ),
         drop=(keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),
-        packed=q.shape[0] != seq_len.shape[0],
+        packed=q.shape[0] != num_seqs,
     )
+
+
+# Launch plans (tuning.derived_cache: forgotten when a table or `forcing` changes), keyed by
+# _plan_key and, for the backward, the layouts of its other tensors and deterministic mode.
+_forward_plans = tuning.derived_cache()
+_backward_plans = tuning.derived_cache()
+
+
+def _plan_key(q, k, v, num_seqs, max_seqlen, causal, scale, dropout_p):
+    """What a launch plan derives from: the operands' sizes, layouts, dtype and device, the
+    options, and the modes the configurations read (the interpreter's, float32 precision)."""
+    return (
+        q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, num_seqs, max_seqlen, causal, scale,
+        dropout_p, triton_interpreter_enabled(), torch.get_float32_matmul_precision(),
+    )  # fmt: skip
+
+
+def _forward_plan(q, k, v, out, lse, num_seqs, max_seqlen, causal, scale, dropout_p):
+    """(_pad_rows's launch and shape or None, the forward kernel's launch) for such inputs."""
+    c = _common_args(q, num_seqs, max_seqlen, causal, scale, dropout_p)
+    packed = c["packed"]
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, False, max_seqlen, q.device)
+    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
+    pad, operand_strides = None, (*_strides(q, packed), *_strides(k, packed), *_strides(v, packed))
+    if read_dim != q.shape[3]:
+        pad, operand_strides = _pad_plan(read_dim, block_d, q, k, v), _padded_strides(q, read_dim, packed) * 3
+    scalars = (
+        *operand_strides, *_strides(out, packed), *_strides(lse, packed)[:2],
+        *c["sizes"], _seqs_per_row(num_seqs, packed), read_dim, scale * math.log2(math.e), *c["drop"],
+    )  # fmt: skip
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
+    grid = (num_seqs * q.shape[1], _row_blocks(max_seqlen, block_m))
+    return pad, BoundLaunch(_attention_fwd_kernel, grid, scalars, meta)
+
+
+class _BackwardPlan(NamedTuple):
+    delta: BoundLaunch
+    pad: tuple | None  # _pad_rows's launch and shape
+    atomic_dq: bool  # one pass, dq summed in float32 by atomics: kernels = (fused,); else (dk/dv, dq)
+    kernels: tuple
+
+
+def _backward_plan(q, k, v, dout, out, lse, dq, dk, dv, num_seqs, max_seqlen, causal, scale, dropout_p, deterministic):
+    c = _common_args(q, num_seqs, max_seqlen, causal, scale, dropout_p)
+    packed, num_pairs = c["packed"], num_seqs * q.shape[1]
+    lse_strides = _strides(lse, packed)[:2]  # delta's too: it is laid out like lse
+    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, True, max_seqlen, q.device)
+    # The schedules: the one-pass backward's dq is summed by atomics in no fixed order, so
+    # deterministic mode keeps the two-pass backward.
+    atomic_dq = launch.pop("ATOMIC_DQ") and not deterministic
+    heavy_first, mask_edges_only = launch.pop("HEAVY_FIRST"), launch.pop("MASK_EDGES_ONLY")
+    delta = BoundLaunch(_attention_bwd_delta_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
+        (*_strides(out, packed), *_strides(dout, packed), *lse_strides, *c["sizes"]),
+        dict(BLOCK_M=block_m, BLOCK_D=block_d),
+    )  # fmt: skip
+    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
+    operand_strides = tuple(stride for t in (q, k, v, dout) for stride in _strides(t, packed))
+    pad = None
+    if read_dim != q.shape[3]:  # the delta kernel reads out and dout once: unpadded
+        pad, operand_strides = _pad_plan(read_dim, block_d, q, k, v, dout), _padded_strides(q, read_dim, packed) * 4
+    shared = (
+        *operand_strides, *lse_strides, *c["sizes"], _seqs_per_row(num_seqs, packed), read_dim, scale,
+        scale * math.log2(math.e), *c["drop"],
+    )  # fmt: skip
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
+    key_blocks = (num_pairs, _row_blocks(max_seqlen, block_n))
+    if atomic_dq:  # dq: float32 sums laid out like dq
+        kernels = (BoundLaunch(_attention_bwd_fused_kernel, key_blocks,
+            (*shared, *_strides(dk, packed), *_strides(dv, packed), *_strides(dq, packed)),
+            dict(meta, MASK_EDGES_ONLY=mask_edges_only),
+        ),)  # fmt: skip
+    else:
+        kernels = (
+            BoundLaunch(_attention_bwd_dkdv_kernel, key_blocks, (*shared, *_strides(dk, packed), *_strides(dv, packed)),
+                        meta),
+            BoundLaunch(_attention_bwd_dq_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
+                        (*shared, *_strides(dq, packed)), dict(meta, HEAVY_FIRST=heavy_first)),
+        )  # fmt: skip
+    return _BackwardPlan(delta, pad, atomic_dq, kernels)
 
 
 def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, dropout_seed):
@@ -706,19 +804,11 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
-    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, False, max_seqlen, q.device)
-    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
-    if read_dim != q.shape[3]:
-        q, k, v = _pad_rows(read_dim, block_d, q, k, v)
-    grid = (seq_len.shape[0] * q.shape[1], _row_blocks(max_seqlen, block_m))
-    launch_kernel(_attention_fwd_kernel, grid,
-        q, k, v, out, lse, seq_start, seq_len, dropout_seed,
-        *_strides(q, c["packed"]), *_strides(k, c["packed"]), *_strides(v, c["packed"]),
-        *_strides(out, c["packed"]), *_strides(lse, c["packed"])[:2],
-        *c["sizes"], _seqs_per_row(seq_len, c["packed"]), read_dim, scale * math.log2(math.e), *c["drop"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"],
-    )  # fmt: skip
+    options = (seq_len.shape[0], max_seqlen, causal, scale, dropout_p)
+    pad, kernel = cached_plan(_forward_plans, _plan_key(q, k, v, *options), _forward_plan, q, k, v, out, lse, *options)
+    if pad is not None:
+        q, k, v = _pad_rows(*pad, q, k, v)
+    kernel(q, k, v, out, lse, seq_start, seq_len, dropout_seed)
     return out, lse
 
 
@@ -731,44 +821,21 @@ def attention_backward(dout, q, k, v, out, lse, seq_start, seq_len, max_seqlen, 
         return dq, dk, dv
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    c = _common_args(q, seq_len, max_seqlen, causal, scale, dropout_p)
-    packed, num_pairs = c["packed"], seq_len.shape[0] * q.shape[1]
-    lse_strides = _strides(lse, packed)[:2]
-    block_m, block_n, block_d, launch = _launch_config(q.shape[3], q.dtype, True, max_seqlen, q.device)
-    # The schedules: the one-pass backward's dq is summed by atomics in no fixed order, so
-    # deterministic mode keeps the two-pass backward.
-    atomic_dq = launch.pop("ATOMIC_DQ") and not torch.are_deterministic_algorithms_enabled()
-    heavy_first, mask_edges_only = launch.pop("HEAVY_FIRST"), launch.pop("MASK_EDGES_ONLY")
-
+    options = (seq_len.shape[0], max_seqlen, causal, scale, dropout_p)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = (*_plan_key(q, k, v, *options), dout.stride(), out.stride(), lse.stride(), deterministic)
+    plan = cached_plan(
+        _backward_plans, key, _backward_plan, q, k, v, dout, out, lse, dq, dk, dv, *options, deterministic
+    )
     delta = torch.empty_like(lse)  # [B, H, L]: rowsum(dout * out), read at rows of sequences only
-    launch_kernel(_attention_bwd_delta_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
-        out, dout, delta, seq_start, seq_len,
-        *_strides(out, packed), *_strides(dout, packed), *lse_strides,
-        *c["sizes"], BLOCK_M=block_m, BLOCK_D=block_d,
-    )  # fmt: skip
-    read_dim = _read_width(q.shape[3], max_seqlen, block_m, block_n)
-    if read_dim != q.shape[3]:  # the delta kernel read out and dout once: unpadded
-        q, k, v, dout = _pad_rows(read_dim, block_d, q, k, v, dout)
-    shared = (
-        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(dout, packed),
-        *lse_strides, *c["sizes"], _seqs_per_row(seq_len, packed), read_dim, scale, scale * math.log2(math.e),
-        *c["drop"],
-    )  # fmt: skip
-    launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **launch, **c["meta"])
-    if atomic_dq:  # dq: float32 sums in dq's layout (zeros at padding rows), cast once at the end
+    plan.delta(out, dout, delta, seq_start, seq_len)
+    if plan.pad is not None:  # the delta kernel read out and dout once: unpadded
+        q, k, v, dout = _pad_rows(*plan.pad, q, k, v, dout)
+    if plan.atomic_dq:  # dq: float32 sums in dq's layout (zeros at padding rows), cast once at the end
         dq = torch.zeros_like(dq, dtype=torch.float32)
-        launch_kernel(_attention_bwd_fused_kernel, (num_pairs, _row_blocks(max_seqlen, block_n)),
-            q, k, v, dout, lse, delta, dk, dv, dq, seq_start, seq_len, dropout_seed,
-            *shared, *_strides(dk, packed), *_strides(dv, packed), *_strides(dq, packed),
-            MASK_EDGES_ONLY=mask_edges_only, **launch,
-        )  # fmt: skip
+        plan.kernels[0](q, k, v, dout, lse, delta, dk, dv, dq, seq_start, seq_len, dropout_seed)
         return dq.to(q.dtype), dk, dv
-    launch_kernel(_attention_bwd_dkdv_kernel, (num_pairs, _row_blocks(max_seqlen, block_n)),
-        q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed,
-        *shared, *_strides(dk, packed), *_strides(dv, packed), **launch,
-    )  # fmt: skip
-    launch_kernel(_attention_bwd_dq_kernel, (num_pairs, _row_blocks(max_seqlen, block_m)),
-        q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed, *shared, *_strides(dq, packed),
-        HEAVY_FIRST=heavy_first, **launch,
-    )  # fmt: skip
+    dkdv, dq_kernel = plan.kernels
+    dkdv(q, k, v, dout, lse, delta, dk, dv, seq_start, seq_len, dropout_seed)
+    dq_kernel(q, k, v, dout, lse, delta, dq, seq_start, seq_len, dropout_seed)
     return dq, dk, dv

@@ -27,6 +27,24 @@ import torch
 TABLE_DIR = Path(__file__).resolve().parent
 # kernel -> config forced by `forcing` (the sweep times candidates through the public ops).
 _forced: dict[str, dict] = {}
+# The caches of what launchers derive from the tables and `forcing` (their launch plans).
+_derived: list[dict] = []
+
+
+def derived_cache() -> dict:
+    """A cache for what a launcher derives from launch_config (its launch plans), emptied
+    whenever what launch_config answers may change: by clear_caches and around `forcing`."""
+    cache: dict = {}
+    _derived.append(cache)
+    return cache
+
+
+def clear_caches() -> None:
+    """Forgets the tables read and all derived from them: after a table was (re)written, or
+    where a test fakes the GPU's name or the table directory."""
+    table.cache_clear()
+    for cache in _derived:
+        cache.clear()
 
 
 def gpu_slug(name: str) -> str:
@@ -66,10 +84,12 @@ def launch_config(kernel: str, key: str, device: torch.device, default: dict) ->
 def forcing(kernel: str, config: dict):
     """Launches of `kernel` use `config` (over the default and any table) inside the block."""
     _forced[kernel] = config
+    clear_caches()
     try:
         yield
     finally:
         del _forced[kernel]
+        clear_caches()
 
 
 def attention_key(dtype: torch.dtype, block_d: int, max_seqlen: int) -> str:
