@@ -274,8 +274,9 @@ std::tuple<Tensor, Tensor> impl::full_softmax_bwd<c10::DispatchKey::CUDA>(const 
   auto target = a.targets.to(at::kLong).contiguous();
   auto excluded = a.excluded_ids.to(at::kInt).contiguous();
   auto params = full_params(a, target, excluded);
+  // (no rows: no kernel writes d weight, the zeroed float32 buffer is the gradient)
   GradientBuffers buffers(grad_loss, lse, a.hidden, a.weight, cuda::full_softmax_backward_workspace_floats(params),
-                          full_loss_item_grad_in_dtype.load());
+                          full_loss_item_grad_in_dtype.load() && a.hidden.size(0) > 0);
   if (a.hidden.size(0) == 0) return buffers.result(a.weight);
   C10_CUDA_CHECK(cuda::full_softmax_backward(params, buffers.grads, c10::cuda::getCurrentCUDAStream()));
   return buffers.result(a.weight);

@@ -184,6 +184,10 @@ def test_gpu_cuda_item_grad_in_dtype_matches_naive(backend, dtype, rows, dim, nu
     ours, naive = full_pair(backend, targets.cuda(), excluded, 0.5, ignore_index=-1)
     with _item_grad_in_dtype():
         check_loss_against_truth(ours, naive, hidden.to(dtype).cuda(), weight.to(dtype).cuda())
+        no_rows = torch.zeros(0, dim, dtype=dtype, device="cuda", requires_grad=True)  # no kernel runs: zeros
+        item_weight = weight.to(dtype).cuda().requires_grad_()
+        full_softmax_loss(no_rows, item_weight, targets[:0].cuda(), reduction="sum", backend=backend).backward()
+        assert not item_weight.grad.any()
 
 
 @interpreter
