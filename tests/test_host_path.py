@@ -160,7 +160,7 @@ def test_eager_path_computes_what_the_custom_op_computes(op_name, backend, monke
     """Bitwise the same outputs and gradients through either entry point; a plain call takes
     the eager path (its autograd node is the eager Function's). cpp without its C++ front
     (tested below)."""
-    monkeypatch.setattr(_front, "takes", lambda *args: False)
+    monkeypatch.setattr(_front, "value_checks", lambda *args: None)
     q, k, v = (torch.randn(2, 3, 11, 16, requires_grad=True) for _ in "qkv")
     hidden, weight = torch.randn(13, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
     targets, neg_ids = torch.randint(0, 40, (13,)), torch.randint(1, 40, (13, 4))
@@ -304,7 +304,7 @@ def test_device_error_flags_survive_inference_mode(device_path):
 # The public functions' eager calls on the extension's backends run in C++ (csrc/front.cpp),
 # which either computes what the general path computes or declines, leaving the general path
 # to raise its error. Three entry points per call: the front, the general eager path (the front
-# refused: _front.takes patched), the custom op (_eager_possible patched, which the front obeys).
+# refused: _front.value_checks patched), the custom op (_eager_possible patched, which the front obeys).
 ENTRY_POINTS = ("front", "general eager", "custom op")
 FRONT_OPS = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss")
 
@@ -312,7 +312,7 @@ FRONT_OPS = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss"
 def _entry_point(monkeypatch, entry):
     monkeypatch.undo()
     if entry != "front":
-        monkeypatch.setattr(_front, "takes", lambda *args: False)
+        monkeypatch.setattr(_front, "value_checks", lambda *args: None)
     if entry == "custom op":
         monkeypatch.setattr(_library, "_eager_possible", lambda first: False)
 
@@ -536,7 +536,7 @@ def test_front_leaves_bad_input_to_the_general_path(bad, monkeypatch):
     state = torch.get_rng_state()
     with_front = _call_error(call)
     assert torch.equal(torch.get_rng_state(), state)
-    monkeypatch.setattr(_front, "takes", lambda *args: False)
+    monkeypatch.setattr(_front, "value_checks", lambda *args: None)
     without_front = _call_error(call)
     assert without_front is not None and with_front == without_front
 

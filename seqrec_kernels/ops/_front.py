@@ -31,20 +31,23 @@ if _HAS_FRONT:
     FULL_SOFTMAX_LOSS = torch.ops.seqrec._full_softmax_loss_front.default._op
 
 
-def takes(backend, first, *others) -> bool:
-    """Whether a call of `backend` ('cpp' or 'cuda': the caller compares) may take the front:
-    plain tensors (others: tensors or None) on the backend's device, a plain eager call, and
-    value_checks not forced on (value_checks(True) reads device values at once: the general path)."""
+def value_checks(backend, first, *others) -> tuple[bool, bool] | None:
+    """None when a call of `backend` ('cpp' or 'cuda': the caller compares) cannot take the front,
+    else how the front checks index values: (values_on_host, check_values). It takes plain
+    tensors (others: tensors or None) on the backend's device in a plain eager call, unless
+    value_checks(True) is on (device values read at once: the general path). Index values on
+    the host are read there (else flagged on the device) and checked as _checks.value_check_mode
+    says (CPU values also while a CUDA graph is captured: reading them is no sync, and torch.cuda's
+    capture query costs microseconds per call). One function: each Python call here costs ~1 us."""
     if not (_HAS_FRONT and type(first) in _PLAIN):
-        return False
+        return None
     for other in others:
         if other is not None and type(other) not in _PLAIN:
-            return False
-    on_device = first.is_cpu if backend == "cpp" else first.is_cuda and _CUDA_KERNELS  # resolve()'s rule
-    return on_device and _checks._value_checks is not True and _library._eager_possible(first)
-
-
-def value_checks(first: torch.Tensor) -> tuple[bool, bool]:
-    """(values_on_host, check_values) for the front: whether index values on first's device may
-    be read on the host (else flags on the device), and whether they are checked at all."""
-    return _checks.values_on_host(first), _checks._value_checks is None and _checks.values_checkable()
+            return None
+    on_cpu = first.is_cpu
+    if not (on_cpu if backend == "cpp" else first.is_cuda and _CUDA_KERNELS):  # resolve()'s rule
+        return None
+    checks = _checks._value_checks
+    if checks is True or not _library._eager_possible(first):
+        return None
+    return _checks.values_on_host(first), checks is None and (on_cpu or _checks.values_checkable())

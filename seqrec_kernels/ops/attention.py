@@ -137,9 +137,9 @@ def fused_attention(
     -inf at padding rows, not differentiable). Any strides with unit stride on D work,
     so `x.view(B, L, H, D).transpose(1, 2)` needs no copy; out has the layout of q.
     """
+    checks = _front.value_checks(backend, q, k, v, seq_lens) if backend == "cpp" or backend == "cuda" else None
     if (
-        (backend == "cpp" or backend == "cuda")
-        and _front.takes(backend, q, k, v, seq_lens)
+        checks is not None
         and type(causal) is bool
         and type(dropout_p) in _front.REAL
         and (scale is None or type(scale) in _front.REAL)
@@ -147,7 +147,7 @@ def fused_attention(
         and type(return_lse) is bool
     ):
         out, lse, flag = _front.FUSED_ATTENTION(
-            q, k, v, seq_lens, causal, padding_side == "left", dropout_p, scale, return_lse, *_front.value_checks(q)
+            q, k, v, seq_lens, causal, padding_side == "left", dropout_p, scale, return_lse, *checks
         )
         if out is not None:  # else declined: the general path below names what is wrong
             if flag is not None:
@@ -196,9 +196,9 @@ def fused_attention_varlen(
     output zeros, get zero gradients and have LSE -inf; no backend visits them beyond
     zero-filling its outputs. So T can be rounded up to a few fixed sizes (static shapes for
     torch.compile and CUDA graphs) with a padding tail that costs no attention work."""
+    checks = _front.value_checks(backend, q, k, v, cu_seqlens) if backend == "cpp" or backend == "cuda" else None
     if (
-        (backend == "cpp" or backend == "cuda")
-        and _front.takes(backend, q, k, v, cu_seqlens)
+        checks is not None
         and type(max_seqlen) is int
         and type(causal) is bool
         and type(dropout_p) in _front.REAL
@@ -206,7 +206,7 @@ def fused_attention_varlen(
         and type(return_lse) is bool
     ):
         out, lse, flag = _front.FUSED_ATTENTION_VARLEN(
-            q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, scale, return_lse, *_front.value_checks(q)
+            q, k, v, cu_seqlens, max_seqlen, causal, dropout_p, scale, return_lse, *checks
         )
         if out is not None:  # else declined: the general path below names what is wrong
             if flag is not None:

@@ -193,9 +193,11 @@ def sampled_softmax_loss(
     (shared), [B, K] (per sequence) or [T, K] / [B, L, K] (per row); log_q tensors have
     the shape of their ids. Returns a float32 scalar, or [T] / [B, L] for reduction="none".
     """
+    checks = None
+    if backend == "cpp" or backend == "cuda":
+        checks = _front.value_checks(backend, hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q)
     if (
-        (backend == "cpp" or backend == "cuda")
-        and _front.takes(backend, hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q)
+        checks is not None
         and type(remove_accidental_hits) is bool
         and type(temperature) in _front.REAL
         and type(ignore_index) is int
@@ -204,7 +206,7 @@ def sampled_softmax_loss(
     ):
         loss, pos_flag, neg_flag = _front.SAMPLED_SOFTMAX_LOSS(
             hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q, remove_accidental_hits, temperature,
-            ignore_index, _front.REDUCTIONS[reduction], *_front.value_checks(hidden),
+            ignore_index, _front.REDUCTIONS[reduction], *checks,
         )  # fmt: skip
         if loss is not None:  # else declined: the general path below names what is wrong
             if pos_flag is not None:
@@ -256,9 +258,11 @@ def full_softmax_loss(
     hidden [T, D] or [B, L, D]; item_weight [N, D]; targets [T] or [B, L]. With
     return_lse, also returns the per-row log-sum-exp (float32, shape of targets).
     """
+    checks = (
+        _front.value_checks(backend, hidden, item_weight, targets) if backend == "cpp" or backend == "cuda" else None
+    )
     if (
-        (backend == "cpp" or backend == "cuda")
-        and _front.takes(backend, hidden, item_weight, targets)
+        checks is not None
         and item_weight.dim() == 2
         and type(temperature) in _front.REAL
         and type(ignore_index) is int
@@ -273,7 +277,7 @@ def full_softmax_loss(
         if excluded is not None:
             loss, lse, range_flag, excluded_flag = _front.FULL_SOFTMAX_LOSS(
                 hidden, item_weight, targets, excluded_ids, len(excluded) > (ignore_index in excluded), temperature,
-                ignore_index, _front.REDUCTIONS[reduction], return_lse, *_front.value_checks(hidden),
+                ignore_index, _front.REDUCTIONS[reduction], return_lse, *checks,
             )  # fmt: skip
             if loss is not None:  # else declined: the general path below names what is wrong
                 if range_flag is not None:
