@@ -4,7 +4,9 @@ fused backward (FUSED: both gradients from one logit tile), each forced through 
 as the tuning sweep runs it, in Triton's interpreter, against the float64 truth by the tests'
 rule: odd row counts (not a multiple of the row block), catalogs that do not divide into the
 splits, ignored rows, excluded items (held in registers and through the catalog mask), a
-temperature, float32 and bfloat16. Each test also checks that the variant was launched."""
+temperature, float32 and bfloat16. Each test also checks that the variant was launched. The
+`gpu` tests run the sweep's own configurations compiled for the GPU, and the CUDA backend's
+candidate (d weight in the input dtype, an extension switch)."""
 
 import contextlib
 
