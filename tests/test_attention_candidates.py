@@ -101,12 +101,13 @@ def test_one_pass_and_edge_masking_agree_with_the_default_backward(launches):
 
     def grads(config):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        with tuning.forcing("attention_bwd", config):
+        with tuning.forcing("attention_bwd", config):  # the backward too runs inside
             out = sk.fused_attention(*inputs, seq_lens=seq_lens, backend="triton")
-        return torch.autograd.grad(out, inputs, dout)
+            return torch.autograd.grad(out, inputs, dout)
 
     blocks = dict(BLOCK_M=16, BLOCK_N=32, ATOMIC_DQ=True)
     (dq, dk, dv), (edges_dq, edges_dk, edges_dv) = grads(blocks), grads(dict(blocks, MASK_EDGES_ONLY=True))
+    assert [launch["MASK_EDGES_ONLY"] for launch in launches["_attention_bwd_fused_kernel"]] == [False, True]
     assert torch.equal(edges_dk, dk) and torch.equal(edges_dv, dv)
     torch.testing.assert_close(edges_dq, dq, atol=1e-6, rtol=1e-5)
 
