@@ -13,7 +13,7 @@ import torch
 import seqrec_kernels as sk
 from attention_helpers import check_against_truth, make_qkv
 from seqrec_kernels import tuning
-from seqrec_kernels.backends import triton_interpreter_enabled
+from seqrec_kernels.backends import EXTENSION_ERROR, triton_interpreter_enabled
 from seqrec_kernels.triton import attention as triton_attention
 
 interpreted = pytest.mark.skipif(not triton_interpreter_enabled(), reason="observes launches in Triton's interpreter")
@@ -187,3 +187,24 @@ def test_gpu_cuda_kv_stages_switch_checks_its_value():
     with pytest.raises(ValueError, match="stages must be 1 or 2"):
         switch(3)
     assert switch(1) == 1
+
+
+@interpreted
+@pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
+def test_sweep_times_the_cuda_forward_switch_at_attention_classes(monkeypatch):
+    """benchmarks/tune.py times cuda_attention_fwd at its attention classes by setting the
+    extension's switch around each run, and restores it. On CPU, with a stand-in switch (the
+    extension's item id checks): the `cuda` backend rejects CPU tensors, so both settings are
+    logged as errors and nothing is written for it, while the Triton kernels are tuned."""
+    from benchmarks import tune
+
+    seen = []
+    monkeypatch.setattr(tune, "CUDA_SWITCHES", {"cuda_attention_fwd": (dict(ON=True), "_set_item_id_checks")})
+    monkeypatch.setattr(tune, "_has_cuda_switches", lambda device: True)
+    candidates = dict(tune.DRY_RUN_CANDIDATES, attention_fwd=[], attention_bwd=[])  # the defaults only
+    candidates["cuda_attention_fwd"] = [(dict(ON=False), 1024)]
+    results = tune.tune_class(tune.DRY_RUN_CLASSES[0], torch.device("cpu"), candidates, seen.append)
+    cuda_lines = [line for line in seen if "cuda_attention_fwd" in line]
+    assert len(cuda_lines) == 3 and "{'ON': True}" in cuda_lines[0] and "{'ON': False}" in cuda_lines[1]
+    assert set(results) == {"attention_fwd", "attention_bwd"}
+    assert torch.ops.seqrec._set_item_id_checks(True) is True  # restored after each run
