@@ -118,12 +118,19 @@ std::optional<Tensor> optional(const Tensor& t) { return t.defined() ? std::opti
 using AttentionFwd = decltype(attention_fwd<c10::DispatchKey::CPU>);
 using AttentionBwd = decltype(attention_bwd<c10::DispatchKey::CPU>);
 
+// The memory of `view` as a tensor of its own, not an autograd view: a packed output is a plain
+// output of the node, modifiable in place as the general path's views of its outputs are.
+Tensor own_tensor(const Tensor& view) {
+  return at::empty({0}, view.options()).set_(view.storage(), view.storage_offset(), view.sizes(), view.strides());
+}
+
 }  // namespace
 
 // The autograd node of the eager path (its name shows as seqrec::AttentionFunction): the
 // forward op's kernel, and the backward op's on the gradient of out, as ops/_library.py's
 // rule runs them (the LSE is not differentiable; its gradient is never materialized). Packed
-// q, k, v [T, H, D] are viewed as [1, H, T, D] in here, below autograd (three view nodes less).
+// q, k, v [T, H, D] are viewed as [1, H, T, D] in here, below autograd, and out, lse come out
+// as [T, H, D], [H, T] (five view nodes less than autograd views around the node).
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static constexpr size_t kArguments = 11;  // of forward, after ctx
 
@@ -137,8 +144,12 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       return view.stride(-1) == 1 ? view : view.contiguous();
     };
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
-    auto [out, lse] =
+    auto [out, lse] =  // [B, H, L, D], [B, H, L]
         op.redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed);
+    if (packed) {  // [T, H, D], [H, T]
+      out = own_tensor(out.squeeze(0).transpose(0, 1));
+      lse = own_tensor(lse.squeeze(0));
+    }
     ctx->save_for_backward({q4, k4, v4, out, lse, seq_start, seq_len, seed.value_or(Tensor())});
     ctx->saved_data["max_seqlen"] = max_seqlen;
     ctx->saved_data["causal"] = causal;
@@ -157,10 +168,12 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     static const auto op = registered_op<AttentionBwd>("seqrec::attention_bwd_cuda");
     auto saved = ctx->get_saved_variables();  // q, k, v, out, lse, seq_start, seq_len, seed
     auto& data = ctx->saved_data;
-    auto grads_qkv = op.redispatch(kernel_keys(dout), dout, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                                   saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
-                                   data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
     bool packed = data["packed"].toBool();
+    auto batched = [packed](const Tensor& t) { return packed ? t.unsqueeze(0).transpose(1, 2) : t; };
+    auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
+    auto grads_qkv = op.redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
+                                   lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
+                                   data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
     auto input_shaped = [packed](const Tensor& grad) { return packed ? grad.squeeze(0).transpose(0, 1) : grad; };
     result[0] = input_shaped(std::get<0>(grads_qkv));
     result[1] = input_shaped(std::get<1>(grads_qkv));
@@ -171,9 +184,9 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 
 namespace {
 
-// ops/attention.py's _attention after the backend is resolved: out, lse [B, H, L, D] and
-// [B, H, L] on q, k, v [B, H, L, D] (packed: [T, H, D], then B = 1, L = T) and int32
-// contiguous rows seq_start, seq_len.
+// ops/attention.py's _attention after the backend is resolved: out, lse [B, H, L, D] and [B, H, L]
+// on q, k, v [B, H, L, D] (packed: [T, H, D] in, [T, H, D] and [H, T] out) and int32 contiguous
+// rows seq_start, seq_len.
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, const Tensor& seq_start, const Tensor& seq_len,
                                      int64_t max_seqlen, bool causal, double scale, double dropout_p, bool packed) {
   const auto dtype = q.scalar_type();
@@ -274,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_varlen_front(const Tensor& q,
   }
   auto [out, lse] = attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale_or_default(scale, q.size(2)),
                               dropout_p, /*packed=*/true);
-  return {out.squeeze(0).transpose(0, 1), return_lse ? lse[0] : Tensor(), flag};  // [T, H, D], [H, T]
+  return {out, return_lse ? lse : Tensor(), flag};
 }
 
 // --------------------------------------------------------------------- softmax losses ----
@@ -473,7 +486,7 @@ std::tuple<Tensor, Tensor, Tensor> sampled_softmax_loss_front(
     if (neg_ids.numel()) neg_flag = outside(neg_ids, 0, num_items - 1);
   }
 
-  auto pos_flat = pos_ids.reshape(-1).contiguous();
+  auto pos_flat = (pos_ids.dim() == 1 ? pos_ids : pos_ids.reshape(-1)).contiguous();
   auto groups_contiguous = groups.contiguous();
   auto pos_log_q_flat = pos_log_q ? std::optional<Tensor>(pos_log_q->reshape(-1)) : std::nullopt;
   auto neg_log_q_groups = neg_log_q ? std::optional<Tensor>(neg_log_q->reshape(groups.sizes())) : std::nullopt;
@@ -519,7 +532,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_softmax_loss_front(const Tensor&
   }
   if (check_values && !host_checks && targets.numel()) range_flag = outside(targets, 0, num_items - 1, ignore_index);
 
-  auto targets_flat = targets.reshape(-1).contiguous();
+  auto targets_flat = (targets.dim() == 1 ? targets : targets.reshape(-1)).contiguous();
   Tensor h = hidden, w = item_weight;
   cast_operands({&h, &w});
   auto count = reduction == kMean

@@ -670,3 +670,15 @@ def test_cached_attention_plans_are_what_a_fresh_build_gives():
                     assert _plan_parts(cached) == _plan_parts(triton_attention._backward_plan(*plan_args)), options
                     checked += 1
     assert checked == 2 * len(variants) * 4
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS[:2])
+def test_front_outputs_modified_in_place_as_the_general_paths(entry, monkeypatch):
+    """The packed output is modifiable in place (no view made inside the node), and autograd
+    then refuses the backward that needs it, as it does on the general path."""
+    _entry_point(monkeypatch, entry)
+    packed = [torch.randn(12, 2, 16, requires_grad=True) for _ in "qkv"]
+    out = sk.fused_attention_varlen(*packed, torch.tensor([0, 5, 12]), 7, backend="cpp")
+    out.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
