@@ -616,16 +616,17 @@ def _dot_options(dtype, head_dim: int) -> dict:
     Under the interpreter: float32 products, since it multiplies bfloat16 bit patterns
     (triton-lang/triton#11584) and ignores input_precision; for 16-bit inputs float32 gives
     the same products (a 16-bit product is exact in float32)."""
-    return dict(_dot_options_in(dtype, head_dim, triton_interpreter_enabled(), torch.get_float32_matmul_precision()))
+    wide = bool(head_dim > 512)  # a plain bool also where head_dim is traced (symbolic)
+    return dict(_dot_options_in(dtype, wide, triton_interpreter_enabled(), torch.get_float32_matmul_precision()))
 
 
-@functools.lru_cache(maxsize=256)  # per call of the loss and retrieval launchers: computed once per mode
-def _dot_options_in(dtype, head_dim: int, interpreted: bool, float32_precision: str) -> dict:
+@functools.lru_cache(maxsize=64)  # per call of the loss and retrieval launchers: computed once per mode
+def _dot_options_in(dtype, wide: bool, interpreted: bool, float32_precision: str) -> dict:
     if interpreted:
         return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
     if dtype == torch.float32:
         dot_dtype, precision = FLOAT32_DOT[float32_precision]
-        if precision == "tf32x3" and head_dim > 512:
+        if precision == "tf32x3" and wide:
             precision = "ieee"
         return dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
     return dict(DOT_DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], DOT_PRECISION="tf32")
