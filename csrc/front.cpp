@@ -312,11 +312,16 @@ bool item_ids(const Tensor& ids, at::IntArrayRef shape, const Tensor& hidden, in
                     [&](int64_t id) { return (0 <= id && id < num_items) || (ignore_index && id == *ignore_index); });
 }
 
-// The rows that count in `mean` (ops/softmax_loss.py's _valid_rows): positive/target not
-// ignore_index and in [0, N); their number, at least 1, as a scalar tensor on ids' device:
-// int64 as the general path counts them, float32 when counted on the host (the same quotient:
-// division promotes the count to float32, where it is exact, and CPU division divides).
-Tensor counted_rows(const Tensor& ids, int64_t ignore_index, int64_t num_items, bool values_on_host) {
+// The number of rows that count in `mean` (ops/softmax_loss.py's _valid_rows: positive/target
+// not ignore_index and in [0, N)), at least 1: an int64 scalar tensor on the device, as the
+// general path counts them, or counted on the host. Dividing by either gives the same float32
+// quotient (the count is exact in float32; the CPU kernel divides by a scalar as by a tensor).
+struct RowCount {
+  Tensor on_device;  // undefined when counted on the host
+  double on_host = 1.0;
+};
+
+RowCount counted_rows(const Tensor& ids, int64_t ignore_index, int64_t num_items, bool values_on_host) {
   bool ignore_in_range = 0 <= ignore_index && ignore_index < num_items;
   if (values_on_host && ids.is_cpu()) {
     int64_t count = 0;
@@ -324,24 +329,32 @@ Tensor counted_rows(const Tensor& ids, int64_t ignore_index, int64_t num_items, 
       count += 0 <= id && id < num_items && !(ignore_in_range && id == ignore_index);
       return true;
     });
-    return at::scalar_tensor(static_cast<double>(std::max<int64_t>(count, 1)), at::TensorOptions().dtype(at::kFloat));
+    return {Tensor(), static_cast<double>(std::max<int64_t>(count, 1))};
   }
   auto valid = ids.clamp(0, num_items - 1) == ids;
   if (ignore_in_range) valid = valid & (ids != ignore_index);
-  return valid.sum().clamp_min(1);
+  return {valid.sum().clamp_min(1)};
 }
 
 // The reduction of row_loss [T] (ops/softmax_loss.py's _reduce) and the gradient of the rows
 // from the reduced loss's (what autograd's sum and div nodes give the general path).
-Tensor reduce(const Tensor& row_loss, int64_t reduction, const Tensor& count) {
+Tensor reduce(const Tensor& row_loss, int64_t reduction, const RowCount& count) {
   if (reduction == kNone) return row_loss;
   auto total = row_loss.sum();
-  return reduction == kSum ? total : total / count;
+  if (reduction == kSum) return total;
+  return count.on_device.defined() ? total / count.on_device : total.div_(count.on_host);
 }
 
-Tensor row_gradient(const Tensor& grad, int64_t reduction, const Tensor& count, int64_t rows) {
+Tensor row_gradient(const Tensor& grad, int64_t reduction, const RowCount& count, int64_t rows) {
   if (reduction == kNone) return grad;
-  return (reduction == kSum ? grad : grad / count).expand({rows});
+  if (reduction == kSum) return grad.expand({rows});
+  return (count.on_device.defined() ? grad / count.on_device : grad / count.on_host).expand({rows});
+}
+
+// The count as the losses' nodes keep it.
+void save_count(AutogradContext* ctx, const RowCount& count) { ctx->saved_data["count"] = count.on_host; }
+RowCount saved_count(AutogradContext* ctx, const Tensor& on_device) {
+  return {on_device, ctx->saved_data["count"].toDouble()};
 }
 
 using SampledFwd = decltype(sampled_softmax_fwd<c10::DispatchKey::CPU>);
@@ -381,20 +394,20 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
   static variable_list forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& weight, const Tensor& pos_ids,
                                const Tensor& neg_ids, const std::optional<Tensor>& pos_log_q,
                                const std::optional<Tensor>& neg_log_q, int64_t rows_per_group, bool remove_hits,
-                               double temperature, int64_t ignore_index, int64_t reduction,
-                               const std::optional<Tensor>& count) {
+                               double temperature, int64_t ignore_index, int64_t reduction, const RowCount& count) {
     static const auto op = registered_op<SampledFwd>("seqrec::sampled_softmax_fwd_cuda");
     auto rows = hidden_rows(ctx, hidden);
     auto [row_loss, lse] = op.redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q, neg_log_q,
                                          rows_per_group, remove_hits, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, pos_ids, neg_ids, pos_log_q.value_or(Tensor()), neg_log_q.value_or(Tensor()),
-                            lse, count.value_or(Tensor())});
+                            lse, count.on_device});
+    save_count(ctx, count);
     save_loss_options(ctx, temperature, ignore_index, reduction);
     ctx->saved_data["rows_per_group"] = rows_per_group;
     ctx->saved_data["remove_hits"] = remove_hits;
     ctx->mark_non_differentiable({lse});
     ctx->set_materialize_grads(false);
-    return {reduce(row_loss, reduction, count.value_or(Tensor())), lse};
+    return {reduce(row_loss, reduction, count), lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -403,7 +416,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
     static const auto op = registered_op<SampledBwd>("seqrec::sampled_softmax_bwd_cuda");
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
-    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved[7], saved[0].size(0));
+    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
     std::tie(result[0], result[1]) = op.redispatch(
         kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
@@ -424,11 +437,12 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     auto rows = hidden_rows(ctx, hidden);
     auto [row_loss, lse] =
         op.redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
-    ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.value_or(Tensor())});
+    ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.on_device});
+    save_count(ctx, count);
     save_loss_options(ctx, temperature, ignore_index, reduction);
     ctx->mark_non_differentiable({lse});
     ctx->set_materialize_grads(false);
-    return {reduce(row_loss, reduction, count.value_or(Tensor())), lse};
+    return {reduce(row_loss, reduction, count), lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -437,7 +451,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     static const auto op = registered_op<FullBwd>("seqrec::full_softmax_bwd_cuda");
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
-    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved[5], saved[0].size(0));
+    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
     std::tie(result[0], result[1]) =
         op.redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],
                       data["temperature"].toDouble(), data["ignore_index"].toInt());
@@ -492,9 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> sampled_softmax_loss_front(
   auto neg_log_q_groups = neg_log_q ? std::optional<Tensor>(neg_log_q->reshape(groups.sizes())) : std::nullopt;
   Tensor h = hidden, w = item_weight;
   cast_operands({&h, &w});
-  auto count = reduction == kMean
-                   ? std::optional<Tensor>(counted_rows(pos_flat, ignore_index, num_items, values_on_host))
-                   : std::nullopt;
+  auto count = reduction == kMean ? counted_rows(pos_flat, ignore_index, num_items, values_on_host) : RowCount{};
   auto loss =
       SampledSoftmaxFunction::apply(h, w, pos_flat, groups_contiguous, pos_log_q_flat, neg_log_q_groups, rows_per_group,
                                     remove_hits, temperature, ignore_index, reduction, count)[0];
@@ -535,9 +547,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_softmax_loss_front(const Tensor&
   auto targets_flat = (targets.dim() == 1 ? targets : targets.reshape(-1)).contiguous();
   Tensor h = hidden, w = item_weight;
   cast_operands({&h, &w});
-  auto count = reduction == kMean
-                   ? std::optional<Tensor>(counted_rows(targets_flat, ignore_index, num_items, values_on_host))
-                   : std::nullopt;
+  auto count = reduction == kMean ? counted_rows(targets_flat, ignore_index, num_items, values_on_host) : RowCount{};
   auto outputs =
       FullSoftmaxFunction::apply(h, w, targets_flat, excluded_ids, temperature, ignore_index, reduction, count);
   auto loss = outputs[0];

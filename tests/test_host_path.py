@@ -412,11 +412,12 @@ def _run_entry(run, inputs, seed):
     return _outputs_and_grads(lambda: out, inputs), taken
 
 
-@pytest.mark.parametrize("mode", ["plain", "autocast bfloat16", "medium float32 precision"])
+@pytest.mark.parametrize("mode", ["plain", "autocast bfloat16", "medium float32 precision", "device path"])
 @pytest.mark.parametrize("case", sorted(_front_cases()))
 def test_front_computes_what_the_general_path_computes(case, mode, monkeypatch, fresh_seed):
     """Bitwise the same outputs (dtypes, shapes) and gradients through the front, the general
-    eager path and the custom op, with the front's node (or a view of its output) in the graph."""
+    eager path and the custom op, with the front's node (or a view of its output) in the graph;
+    also where index values stay on the device (the front's tensor-op branch)."""
     run, inputs = _front_cases()[case]
     results = {}
     precision = torch.get_float32_matmul_precision()
@@ -425,11 +426,14 @@ def test_front_computes_what_the_general_path_computes(case, mode, monkeypatch, 
             torch.set_float32_matmul_precision("medium")
         for entry in ENTRY_POINTS:
             _entry_point(monkeypatch, entry)
+            if mode == "device path":  # index tensors as on a device: rows, counts and checks by tensor ops
+                monkeypatch.setattr(_checks, "values_on_host", lambda values: False)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast bfloat16"):
                 results[entry] = _run_entry(run, inputs, fresh_seed)
     finally:
         torch.set_float32_matmul_precision(precision)
         monkeypatch.undo()
+        _checks._device_errors.clear()
     front, _ = results["front"]
     assert results["front"][1] is not None
     for entry in ENTRY_POINTS[1:]:
