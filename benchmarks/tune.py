@@ -102,7 +102,7 @@ CANDIDATES = {
     # public op on the cuda backend beside today's float32 buffer.
     "cuda_full_softmax_bwd": [(dict(ITEM_GRAD_IN_DTYPE=True), 1024)],
     # The CUDA attention forward with double-buffered K/V tiles (16-bit: tile t + 2 loads while
-    # tiles t and t + 1 compute) beside today's single buffers, by the same kind of switch.
+    # tile t + 1 computes) beside today's single buffers, by the same kind of switch.
     "cuda_attention_fwd": [(dict(KV_STAGES=2), 256)],
 }
 # Candidates of CUDA kernels: kernel -> (today's default, the extension op that sets the

@@ -97,8 +97,8 @@ SEQREC_HD constexpr int stream_rows(int es, int dp) { return imin(16384 / (dp * 
 
 // STAGES: K and V buffers of the forward, each. 1 (the default): one K and one V buffer, each
 // refilled while the CTA works on the other. 2 (a tuning candidate, 16-bit only: float32 at
-// DP = 256 exceeds the budget): double-buffered, tile t + 2's K and V load while the CTA
-// computes tiles t and t + 1 (the schedule of kv_buffer below).
+// DP = 256 exceeds the budget): double-buffered, tile t + 2's K and V load (issued once tile t
+// has freed its buffer) while the CTA computes tile t + 1 (the schedule of kv_buffer below).
 template <int ES, int DP, int STAGES = 1>
 struct FwdPlan {
   static constexpr int kWarps = 4;
@@ -109,7 +109,7 @@ struct FwdPlan {
   static_assert(kSmem <= kSmemBudget, "forward tiles exceed the shared-memory budget");
 };
 
-// The forward's K/V stages for a request (SEQREC_CUDA_ATTENTION_KV_STAGES, read by the glue
+// The forward's K/V stages for a request (seqrec::_set_attention_kv_stages, read by the glue
 // of attention.cu) and element size: 2 where requested at 16-bit, else 1.
 SEQREC_HD constexpr int fwd_kv_stages(int requested, int es) { return requested == 2 && es == 2 ? 2 : 1; }
 
