@@ -27,7 +27,7 @@ from .. import tuning
 from .._limits import check_head_dim
 from ..backends import triton_interpreter_enabled
 from ..reference.dropout import keep_threshold
-from ._launch import BoundLaunch, cached_plan
+from ._launch import BoundLaunch, cached_plan, cdiv, next_power_of_2
 from .dropout import keep_mask, row_hash
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
@@ -562,7 +562,7 @@ def _launch_config(head_dim, dtype, backward, max_seqlen, device):
     """Block sizes and launch options: (BLOCK_M, BLOCK_N, BLOCK_D, {num_warps, num_stages, maxnreg, ...}),
     today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning) measured a faster
     configuration for this kernel, dtype, head dim and length class."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     default = _default_launch_config(block_d, dtype, backward)
     key = tuning.attention_key(dtype, block_d, max_seqlen)
     config = tuning.launch_config("attention_bwd" if backward else "attention_fwd", key, device, default)
@@ -649,7 +649,7 @@ def _dot_chunk(dtype, block_d):
 def _row_blocks(max_seqlen, block):
     """Programs per (sequence, head) on grid axis 1: one at least, so that the padding rows
     are written even where no sequence has a row (max_seqlen = 0)."""
-    return triton.cdiv(max(max_seqlen, 1), block)
+    return cdiv(max(max_seqlen, 1), block)
 
 
 def _read_width(head_dim, max_seqlen, block_m, block_n):
@@ -662,7 +662,7 @@ def _read_width(head_dim, max_seqlen, block_m, block_n):
     # unvectorized load. One tile (SASRec's L=50 at 16-bit) keeps the unpadded operands.
     if head_dim % PAD_MULTIPLE == 0 or max_seqlen <= max(block_m, block_n):
         return head_dim
-    return triton.cdiv(head_dim, PAD_MULTIPLE) * PAD_MULTIPLE
+    return cdiv(head_dim, PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def _pad_plan(padded_dim, block_d, q, k, v, dout=None):
@@ -671,7 +671,7 @@ def _pad_plan(padded_dim, block_d, q, k, v, dout=None):
     arguments."""
     batch, num_heads, num_rows, head_dim = q.shape
     dout_strides = (0, 0, 0) if dout is None else dout.stride()[:3]
-    grid = (batch * num_heads * triton.cdiv(num_rows, PAD_BLOCK_ROWS),)
+    grid = (batch * num_heads * cdiv(num_rows, PAD_BLOCK_ROWS),)
     scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout_strides, num_heads, num_rows, head_dim,
                padded_dim)  # fmt: skip
     meta = dict(WITH_DOUT=dout is not None, BLOCK=PAD_BLOCK_ROWS, BLOCK_D=block_d, num_warps=4, maxnreg=MAX_REGISTERS)
@@ -710,7 +710,7 @@ def _common_args(q, num_seqs, max_seqlen, causal, scale, dropout_p):
         meta=dict(
             CAUSAL=causal,
             DROPOUT=dropout_p > 0.0,
-            DOT_CHUNK=_dot_chunk(q.dtype, max(16, triton.next_power_of_2(head_dim))),  # BLOCK_D's chunks
+            DOT_CHUNK=_dot_chunk(q.dtype, max(16, next_power_of_2(head_dim))),  # BLOCK_D's chunks
             **_dot_options(q.dtype, head_dim),
         ),
         drop=(keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)),

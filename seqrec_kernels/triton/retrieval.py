@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .._limits import check_kernel_hidden_dim, check_kernel_k
 from ..backends import triton_interpreter_enabled
-from ._launch import launch_kernel
+from ._launch import cdiv, launch_kernel, next_power_of_2
 from .attention import MAX_REGISTERS, _dot_options
 
 KEY_NONE = -(2**63)  # an empty slot: below every item's key; decodes to score -inf, id -1
@@ -240,7 +240,7 @@ def _launch(hidden):
     """(BLOCK_B, BLOCK_D, D_CHUNK, launch options): row blocks and item tiles of BLOCK_B; rows
     wider than 256 (64 in float32; 32 under the interpreter, so that tests take both paths)
     are multiplied D_CHUNK columns at a time."""
-    block_d = max(16, triton.next_power_of_2(hidden.shape[1]))
+    block_d = max(16, next_power_of_2(hidden.shape[1]))
     if triton_interpreter_enabled():
         return 16, block_d, min(block_d, 32), dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
     # float32 operand tiles take twice the registers, 3xTF32 three times: 32 rows spilled.
@@ -271,11 +271,11 @@ def _splits(rows, num_items, block, keys_per_row, device):
     """(items per split, splits): whole tiles per split, enough programs for the device,
     scratch keys (keys_per_row per row and split; 0: none) under _SCRATCH_KEYS, at most
     65,535 splits (grid y)."""
-    row_blocks, tiles = triton.cdiv(rows, block), triton.cdiv(num_items, block)
-    wanted = triton.cdiv(_target_programs(device), row_blocks)
+    row_blocks, tiles = cdiv(rows, block), cdiv(num_items, block)
+    wanted = cdiv(_target_programs(device), row_blocks)
     splits = max(1, min(wanted, tiles, _SCRATCH_KEYS // max(rows * keys_per_row, 1), 65_535))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    return tiles_per_split * block, triton.cdiv(tiles, tiles_per_split)
+    tiles_per_split = cdiv(tiles, splits)
+    return tiles_per_split * block, cdiv(tiles, tiles_per_split)
 
 
 def _decode(keys):
@@ -296,11 +296,11 @@ def topk_forward(hidden, weight, exclude, excluded_ids, k):
     if rows == 0:
         return torch.empty(0, k, device=hidden.device), torch.empty(0, k, dtype=torch.int64, device=hidden.device)
     block, block_d, d_chunk, launch = _launch(hidden)
-    k_pad = max(triton.next_power_of_2(k), block)  # a whole tile fits an emptied buffer
+    k_pad = max(next_power_of_2(k), block)  # a whole tile fits an emptied buffer
     items_per_split, splits = _splits(rows, num_items, block, 2 * k_pad, hidden.device)
     best = torch.full((rows, splits, k_pad), KEY_NONE, dtype=torch.int64, device=hidden.device)
     candidates = torch.full_like(best, KEY_NONE)
-    launch_kernel(_topk_kernel, (triton.cdiv(rows, block), splits),
+    launch_kernel(_topk_kernel, (cdiv(rows, block), splits),
         hidden, weight, exclude, excluded_ids, best, candidates,
         hidden.stride(0), weight.stride(0), exclude.stride(0),
         rows, num_items, hidden.shape[1], exclude.shape[1], excluded_ids.numel(), k, items_per_split, splits,
@@ -323,7 +323,7 @@ def ranks_forward(hidden, weight, targets, exclude, excluded_ids):
     exclude[:, 1:].masked_fill_(exclude[:, 1:] == exclude[:, :-1], 0)
     block, block_d, d_chunk, launch = _launch(hidden)
     items_per_split, splits = _splits(rows, num_items, block, 0, hidden.device)
-    launch_kernel(_ranks_kernel, (triton.cdiv(rows, block), splits),
+    launch_kernel(_ranks_kernel, (cdiv(rows, block), splits),
         hidden, weight, targets.contiguous(), exclude, excluded_ids, ranks,
         hidden.stride(0), weight.stride(0), exclude.stride(0),
         rows, num_items, hidden.shape[1], exclude.shape[1], excluded_ids.numel(), items_per_split,

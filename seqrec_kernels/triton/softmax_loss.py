@@ -34,7 +34,7 @@ import triton.language as tl
 from .. import tuning
 from .._limits import check_kernel_hidden_dim
 from ..backends import triton_interpreter_enabled
-from ._launch import cached_plan, launch_kernel
+from ._launch import cached_plan, cdiv, launch_kernel, next_power_of_2
 from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
 _configs = tuning.derived_cache()  # _blocks's answers, by its arguments and the modes they read
@@ -51,7 +51,7 @@ def _blocks(hidden_dim, dtype, kernel, device):
 
 
 def _blocks_for(hidden_dim, dtype, kernel, device):
-    block_d = max(16, triton.next_power_of_2(hidden_dim))
+    block_d = max(16, next_power_of_2(hidden_dim))
     default = _default_config(kernel, block_d, hidden_dim, dtype)
     config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d), device, default)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
@@ -77,10 +77,10 @@ def _default_config(kernel, block_d, hidden_dim, dtype):
 def _item_splits(max_splits, row_blocks, num_items, block_n):
     """(splits, items per split) of a split candidate: up to max_splits, at least one item
     block each, no more than bring row_blocks x splits to SPLIT_PROGRAMS."""
-    item_blocks = triton.cdiv(num_items, block_n)
-    splits = max(1, min(max_splits, item_blocks, triton.cdiv(SPLIT_PROGRAMS, row_blocks)))
-    blocks_per_split = triton.cdiv(item_blocks, splits)
-    return triton.cdiv(item_blocks, blocks_per_split), blocks_per_split * block_n
+    item_blocks = cdiv(num_items, block_n)
+    splits = max(1, min(max_splits, item_blocks, cdiv(SPLIT_PROGRAMS, row_blocks)))
+    blocks_per_split = cdiv(item_blocks, splits)
+    return cdiv(item_blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def _default_blocks(block_d, hidden_dim, dtype):
@@ -106,7 +106,7 @@ def _per_row_blocks(hidden_dim):
     """(BLOCK_T, BLOCK_K, BLOCK_D) for per-row negatives: a [T, K, D] register tile of at
     most 4,096 elements (8,192 spilled in the backward at 16-bit, D=64, sm_80: the tile's
     64-bit addresses for the item-gradient atomics take as many registers as its values)."""
-    block_d = max(16, triton.next_power_of_2(hidden_dim))
+    block_d = max(16, next_power_of_2(hidden_dim))
     block_k = max(1, min(16, 4096 // block_d))
     return max(1, 4096 // (block_k * block_d)), block_k, block_d
 
@@ -154,7 +154,7 @@ def _pad_columns(*operands):
     replaced by a copy zero-padded to a multiple of 16 columns (if D is not one), all of
     them (at most two) in one launch."""
     cols = operands[0][0].shape[1]
-    padded_cols = triton.cdiv(cols, 16) * 16
+    padded_cols = cdiv(cols, 16) * 16
     if cols == padded_cols:
         return [t for t, _ in operands]
     out = [torch.empty(t.shape[0], padded_cols, dtype=t.dtype, device=t.device) if reread else t
@@ -163,9 +163,9 @@ def _pad_columns(*operands):
     if copies:
         (a, padded_a), (b, padded_b) = copies[0], copies[-1]
         rows_b = b.shape[0] if len(copies) == 2 else 0  # one operand: no rows of a second
-        block_c = triton.next_power_of_2(padded_cols)
+        block_c = next_power_of_2(padded_cols)
         block_r = max(1, 4096 // block_c)
-        launch_kernel(_pad_columns_kernel, (triton.cdiv(a.shape[0], block_r) + triton.cdiv(rows_b, block_r),),
+        launch_kernel(_pad_columns_kernel, (cdiv(a.shape[0], block_r) + cdiv(rows_b, block_r),),
             a, padded_a, a.shape[0], a.stride(0), b, padded_b, rows_b, b.stride(0), cols, padded_cols,
             ALIGN=_alignment(cols, a, b), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
         )  # fmt: skip
@@ -211,15 +211,15 @@ def _row_segments(rows_per_group, block_t):
     one program per block: program = (group * segments_per_group + segment) *
     blocks_per_segment + block, on one grid axis (millions of rows fit CUDA's limits).
     Returns (rows_per_group, segments_per_group, blocks_per_segment, SEGMENT)."""
-    segment = min(MAX_SEGMENT_ROWS, triton.next_power_of_2(rows_per_group))
-    blocks_per_segment = triton.cdiv(min(rows_per_group, segment), block_t)
-    return rows_per_group, triton.cdiv(rows_per_group, segment), blocks_per_segment, segment
+    segment = min(MAX_SEGMENT_ROWS, next_power_of_2(rows_per_group))
+    blocks_per_segment = cdiv(min(rows_per_group, segment), block_t)
+    return rows_per_group, cdiv(rows_per_group, segment), blocks_per_segment, segment
 
 
 def _compact(ids, num_items, ignore_index, segments):
     """(order [T] int32, count [S] int32) from _compact_rows_kernel, ids [T] the positives/targets."""
     rows_per_group, segments_per_group, _, segment = segments
-    num_segments = triton.cdiv(ids.shape[0], rows_per_group) * segments_per_group
+    num_segments = cdiv(ids.shape[0], rows_per_group) * segments_per_group
     order = torch.empty(ids.shape[0], dtype=torch.int32, device=ids.device)
     count = torch.empty(num_segments, dtype=torch.int32, device=ids.device)
     launch_kernel(_compact_rows_kernel, (num_segments,),
@@ -1010,7 +1010,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
         **_dot_options(hidden.dtype, hidden.shape[1]), ALIGN=_alignment(hidden.shape[1], hidden, weight), **launch,
     )  # fmt: skip
     if splits > 1:
-        launch_kernel(_merge_splits_kernel, (triton.cdiv(num_rows, MERGE_ROWS),),
+        launch_kernel(_merge_splits_kernel, (cdiv(num_rows, MERGE_ROWS),),
             part, targets, loss, lse, num_rows, weight.shape[0], splits, ignore_index, BLOCK_R=MERGE_ROWS, num_warps=4,
         )  # fmt: skip
     return loss, lse
@@ -1033,7 +1033,7 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
     segments = _row_segments(num_rows, block_t)
     order, count = _compact(targets, num_items, ignore_index, segments)
     _, num_segments, blocks_per_segment, segment_rows = segments
-    row_blocks, item_blocks = num_segments * blocks_per_segment, triton.cdiv(num_items, block_n)
+    row_blocks, item_blocks = num_segments * blocks_per_segment, cdiv(num_items, block_n)
     hidden_dim = hidden.shape[1]
     fused = variant["FUSED"] and not torch.are_deterministic_algorithms_enabled()  # (the atomics' order varies)
     splits, items_per_split = (1, num_items) if fused else _item_splits(variant["ITEM_SPLITS"], row_blocks, num_items,
@@ -1058,7 +1058,7 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
         )  # fmt: skip
     if splits > 1:
         block_r = max(1, 4096 // block_d)  # a [BR, BD] float32 tile
-        launch_kernel(_sum_splits_kernel, (triton.cdiv(num_rows, block_r),),
+        launch_kernel(_sum_splits_kernel, (cdiv(num_rows, block_r),),
             part, targets, d_hidden, num_rows, num_items, hidden_dim, d_hidden.stride(0), splits, ignore_index,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
