@@ -142,9 +142,11 @@ def training_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def build_model(config: TrainConfig, num_items: int) -> SASRec:
+def build_model(config: TrainConfig, num_items: int, device: torch.device | str) -> SASRec:
+    """The run's model on `device`, on the backend it trains (and evaluates) on there."""
+    device = torch.device(device)
     model_config = dataclasses.replace(config.model, num_items=num_items)
-    return SASRec(model_config).set_backend(config.backend)
+    return SASRec(model_config).to(device).set_backend(training_backend(config.backend, device))
 
 
 def save_atomically(state: dict, path: Path) -> None:
@@ -170,11 +172,11 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[SASRec, dict]:
         raise CheckpointError(f"checkpoint: {path} is not a seqrec checkpoint (no train_config, model_config, model)")
     try:
         config = TrainConfig.from_dict(state["train_config"])
-        model = build_model(config, state["model_config"]["num_items"])
+        model = build_model(config, state["model_config"]["num_items"], device)
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as error:  # RuntimeError: weights that do not fit the config
         raise CheckpointError(f"checkpoint: {path}: not readable by this version ({error})") from error
-    return model.to(device).eval(), state
+    return model.eval(), state
 
 
 def prefetched(make: Callable, items: Iterable, depth: int = 2) -> Iterator:
@@ -325,7 +327,7 @@ def _train_process(config: TrainConfig, device: torch.device, rank: int, world: 
     torch.manual_seed(config.seed)
     data, source = load_dataset(config)
     split = LeaveOneOutSplit.of(data)
-    model = build_model(config, data.num_items).to(device).set_backend(training_backend(config.backend, device))
+    model = build_model(config, data.num_items, device)
     sampler = negative_sampler(model.config, data, split.train_item_counts())  # None for full_softmax
     optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay, device)
     encoder = DistributedDataParallel(model) if world > 1 else model  # the forward DDP synchronizes

@@ -65,6 +65,9 @@ GRIDS = {
         float32_precisions=("highest", "high", "medium"),
         retrieval_variants=[(d, k) for d in (50, 64, 128, 256, 512, 1024) for k in (10, 100, 1024, 2048)],
         candidate_dims={"attention": (50, 64, 128), "full_softmax": (50, 64)},
+        # (dropout_p, causal, form) of the attention candidates: the tuning key has no dropout, so a
+        # winner timed without it also runs SASRec's training calls (packed, with dropout)
+        candidate_attention_variants=[(0.0, True, "padded"), (0.2, True, "packed")],
     ),
     "ci": dict(
         attention_dims=(16, 50, 128, 256),
@@ -263,21 +266,25 @@ def _candidate_cases(grid):
             default = _default_config(kernel, dim)
             block_d = max(16, 1 << (dim - 1).bit_length())
             configs = [default] + [c for c in candidates_for(kernel, block_d) if c != default]
+            variants = grid["candidate_attention_variants"] if family == "attention" else [None]
             for config in configs:
                 options = [f"{k}={v}" for k, v in list(config.items())[4:] if default.get(k) != v]
                 label = "/".join(str(v) for v in list(config.values())[:4]) + "".join(f" {o}" for o in options)
-                tag = dict(op="candidates", dtype="bfloat16", precision=None, D=dim, tuned=kernel,
-                           config=f"{'default' if config is default else 'candidate'} {label}")  # fmt: skip
-                yield tag, (kernel, config, dim)
+                for variant in variants:
+                    call = "" if variant is None else f" (p={variant[0]}, {variant[2]})"
+                    tag = dict(op="candidates", dtype="bfloat16", precision=None, D=dim, tuned=kernel,
+                               config=f"{'default' if config is default else 'candidate'} {label}{call}")  # fmt: skip
+                    yield tag, (kernel, config, dim, variant)
 
 
-def _run_candidate(kernel, config, dim):
-    """The public op (forward and backward) with `kernel` launched in `config`."""
+def _run_candidate(kernel, config, dim, variant):
+    """The public op (forward and backward) with `kernel` launched in `config`; attention
+    called with variant = (dropout_p, causal, form)."""
     from seqrec_kernels import tuning
 
     with tuning.forcing(kernel, config):
         if kernel.startswith("attention"):
-            _run_attention("bfloat16", dim, 0.0, True, "padded")
+            _run_attention("bfloat16", dim, *variant)
         else:
             _run_loss("full", "bfloat16", dim, 1)
 

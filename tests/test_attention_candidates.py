@@ -126,7 +126,8 @@ def _bwd_candidates(option, head_dim):
 @pytest.mark.parametrize(("option", "head_dim"), [("ATOMIC_DQ", 50), ("ATOMIC_DQ", 128), ("HEAVY_FIRST", 64)])
 def test_gpu_backward_candidates_match_the_truth(option, head_dim):
     """The sweep's own backward candidates, compiled for the GPU at hand, by the rule: several
-    tiles per sequence, lengths off the tile edges, 0 and 1, left padding or packed in turn."""
+    tiles per sequence, lengths off the tile edges, 0 and 1, left padding or packed in turn,
+    causal and not."""
     configs = _bwd_candidates(option, head_dim)
     assert configs, f"no {option} candidate for D={head_dim}"
     seq_lens = torch.tensor([300, 129, 1, 0, 64], device="cuda")
@@ -134,9 +135,10 @@ def test_gpu_backward_candidates_match_the_truth(option, head_dim):
         varlen = number % 2 == 1  # left padding, packed, left padding, ...
         q, k, v = make_qkv(5, 2, 300, head_dim, torch.bfloat16, generator=torch.Generator().manual_seed(15))
         q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
-        with tuning.forcing("attention_bwd", config):
-            check_against_truth(q, k, v, seq_lens, "right" if varlen else "left", True, "triton", dropout_p=0.1,
-                                varlen=varlen, tail=5 if varlen else 0)  # fmt: skip
+        for causal in (True, False):
+            with tuning.forcing("attention_bwd", config):
+                check_against_truth(q, k, v, seq_lens, "right" if varlen else "left", causal, "triton",
+                                    dropout_p=0.1, varlen=varlen, tail=5 if varlen else 0)  # fmt: skip
 
 
 def _cuda_switch():
@@ -153,7 +155,7 @@ def _cuda_switch():
 def test_gpu_cuda_double_buffered_forward_is_the_default_bit_for_bit(dtype, head_dim):
     """The double-buffered forward (K/V stages 2) computes every tile as today's (the same
     products and softmax in the same order): the same bits of out and LSE, padded (left,
-    right) and packed, causal or not, lengths 0, 1, on and off the 64-row tiles."""
+    right) and packed, causal or not, with dropout, lengths 0, 1, on and off the 64-row tiles."""
     switch = _cuda_switch()
     q, k, v = (torch.randn(6, 2, 200, head_dim, device="cuda", dtype=dtype) for _ in "qkv")
     seq_lens = torch.tensor([200, 64, 65, 1, 0, 137], device="cuda")
@@ -168,11 +170,14 @@ def test_gpu_cuda_double_buffered_forward_is_the_default_bit_for_bit(dtype, head
                                               backend="cuda", return_lse=True)  # fmt: skip
             results += sk.fused_attention_varlen(*packed, cu_seqlens, 200, causal=causal, backend="cuda",
                                                  return_lse=True)  # fmt: skip
+        torch.manual_seed(0)  # the same dropout seed in both runs
+        results += sk.fused_attention(q, k, v, seq_lens=seq_lens, dropout_p=0.3, backend="cuda", return_lse=True)
         return results
 
     expected = run()
     previous = switch(2)
     try:
+        assert previous == 1, "the switch starts at one stage (else this compares the candidate with itself)"
         assert switch(2) == 2, "the switch returns the previous value"
         double_buffered = run()
     finally:

@@ -167,7 +167,7 @@ def test_every_model_option_round_trips_from_the_command_line():
     config = train_config(build_parser().parse_args(argv))
     assert config.model == SASRecConfig(num_items=0, **expected)
     assert TrainConfig.from_dict(dataclasses.asdict(config)) == config  # what checkpoints store
-    model = build_model(config, num_items=30)
+    model = build_model(config, num_items=30, device="cpu")
     assert model.config == SASRecConfig(num_items=30, **expected)
 
 

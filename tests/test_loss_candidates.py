@@ -165,6 +165,7 @@ def test_gpu_candidate_matches_naive(launches, kernel, config):
 @contextlib.contextmanager
 def _item_grad_in_dtype():
     previous = torch.ops.seqrec._set_full_loss_item_grad_in_dtype(True)
+    assert previous is False, "the switch starts off (else this compares the candidate with itself)"
     try:
         yield
     finally:
@@ -190,6 +191,17 @@ def test_gpu_cuda_item_grad_in_dtype_matches_naive(backend, dtype, rows, dim, nu
         item_weight = weight.to(dtype).cuda().requires_grad_()
         full_softmax_loss(no_rows, item_weight, targets[:0].cuda(), reduction="sum", backend=backend).backward()
         assert not item_weight.grad.any()
+
+    def all_rows_ignored():  # rows, but none counts: the engine's no-work branch writes d weight
+        item_weight = weight.to(dtype).cuda().requires_grad_()
+        rows = hidden.to(dtype).cuda().requires_grad_()
+        ignored = torch.full_like(targets, -1).cuda()
+        full_softmax_loss(rows, item_weight, ignored, ignore_index=-1, reduction="sum", backend=backend).backward()
+        return item_weight.grad
+
+    expected = all_rows_ignored()
+    with _item_grad_in_dtype():
+        assert torch.equal(all_rows_ignored(), expected) and not expected.any()
 
 
 @interpreter

@@ -450,9 +450,10 @@ void check_padding(const Layout& L, int heads, int rows) {
 // model of cp.async groups: a commit closes a group of the copies issued since the last one; a
 // wait<N> completes all but the N most recent groups; the CTA syncs (__syncthreads) after the
 // wait and after the tile's math. Every tile must be read from the buffer that its own copy
-// filled, once that copy completed and with no copy into the buffer in flight; a buffer is
-// refilled only after the sync that follows its last read; nothing is in flight after the loop
-// (the output is staged in shared memory next).
+// filled, once that copy completed and with no copy into the buffer in flight, so a refill
+// never lands in a buffer whose tile is still to be read; nothing is in flight after the loop
+// (the output is staged in shared memory next). The replay issues each refill after the sync
+// that follows the tile's math, as the kernel does: reads of earlier tiles are done by then.
 void check_kv_pipeline(int stages, int ntiles) {
   constexpr int kQ = -1;  // the buffer index of Q's copy (with tile 0's)
   struct Copy {
@@ -460,11 +461,15 @@ void check_kv_pipeline(int stages, int ntiles) {
   };
   std::vector<std::vector<Copy>> pending;  // groups in commit order
   std::vector<int> holds(stages, -1);      // tile whose copy into the buffer completed (-1: none / being refilled)
-  std::vector<bool> free_to_refill(stages, true);
   bool q_landed = false;
   auto wait = [&](int n) {
     while (static_cast<int>(pending.size()) > n) {
-      for (const Copy& c : pending.front()) (c.buffer == kQ ? q_landed : (holds[c.buffer] = c.tile, q_landed)) = true;
+      for (const Copy& c : pending.front()) {
+        if (c.buffer == kQ)
+          q_landed = true;
+        else
+          holds[c.buffer] = c.tile;
+      }
       pending.erase(pending.begin());
     }
   };
@@ -472,8 +477,6 @@ void check_kv_pipeline(int stages, int ntiles) {
     const int b = kv_buffer(tile, stages);
     CHECK(b >= 0 && b < stages, "stages %d: tile %d into buffer %d", stages, tile, b);
     if (b < 0 || b >= stages) return;
-    CHECK(free_to_refill[b], "stages %d, %d tiles: tile %d copied into buffer %d before every warp is done with it",
-          stages, ntiles, tile, b);
     for (const auto& g : pending)
       for (const Copy& c : g)
         CHECK(c.buffer != b, "stages %d: two copies into buffer %d in flight (tiles %d, %d)", stages, b, c.tile, tile);
@@ -495,9 +498,7 @@ void check_kv_pipeline(int stages, int ntiles) {
     for (const auto& g : pending)
       for (const Copy& c : g)
         CHECK(c.buffer != b, "stages %d: tile %d read while tile %d is copied into its buffer", stages, t, c.tile);
-    if (b >= 0 && b < stages) free_to_refill[b] = false;
-    for (int i = 0; i < stages; ++i) free_to_refill[i] = true;  // __syncthreads(): every warp done with buffer b
-    std::vector<Copy> group;
+    std::vector<Copy> group;  // after __syncthreads(): every warp is done with tile t's buffer
     const int refill = kv_refill_tile(t, stages);
     if (refill < ntiles) issue(group, refill);
     pending.push_back(group);
