@@ -47,6 +47,11 @@ c10::DispatchKeySet kernel_keys(const Tensor& t) {
   return c10::DispatchKeySet(t.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
 }
 
+// Python dispatch modes see the ops' kernels as kernels, not the tensor ops inside them (their
+// allocations; on the CPU the stand-in loops' read of a dropout seed), as under the custom ops.
+// Each kernel call below runs under `c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes)`.
+const c10::DispatchKeySet kPythonModes{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot};
+
 bool dense(const Tensor& t) { return t.layout() == at::kStrided && !t.is_nested(); }
 
 // float16, bfloat16 or float32: the dtypes of the kernel backends (float64 is reference-only).
@@ -144,6 +149,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       return view.stride(-1) == 1 ? view : view.contiguous();
     };
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto [out, lse] =  // [B, H, L, D], [B, H, L]
         op.redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed);
     if (packed) {  // [T, H, D], [H, T]
@@ -171,6 +177,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     bool packed = data["packed"].toBool();
     auto batched = [packed](const Tensor& t) { return packed ? t.unsqueeze(0).transpose(1, 2) : t; };
     auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto grads_qkv = op.redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
                                    lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
                                    data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
@@ -397,6 +404,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
                                double temperature, int64_t ignore_index, int64_t reduction, const RowCount& count) {
     static const auto op = registered_op<SampledFwd>("seqrec::sampled_softmax_fwd_cuda");
     auto rows = hidden_rows(ctx, hidden);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto [row_loss, lse] = op.redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q, neg_log_q,
                                          rows_per_group, remove_hits, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, pos_ids, neg_ids, pos_log_q.value_or(Tensor()), neg_log_q.value_or(Tensor()),
@@ -417,6 +425,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
     std::tie(result[0], result[1]) = op.redispatch(
         kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
@@ -432,9 +441,10 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
 
   static variable_list forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                const Tensor& excluded_ids, double temperature, int64_t ignore_index, int64_t reduction,
-                               const std::optional<Tensor>& count) {
+                               const RowCount& count) {
     static const auto op = registered_op<FullFwd>("seqrec::full_softmax_fwd_cuda");
     auto rows = hidden_rows(ctx, hidden);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto [row_loss, lse] =
         op.redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.on_device});
@@ -452,6 +462,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     std::tie(result[0], result[1]) =
         op.redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],
                       data["temperature"].toDouble(), data["ignore_index"].toInt());
