@@ -233,7 +233,7 @@ def tune_class(shape, device, candidates, log):
         fwd_kernel, bwd_kernel, dim = "full_softmax_fwd", "full_softmax_bwd", shape.hidden_dim
         forward, backward, outputs = _loss_runs(shape, device)
         block_d = max(16, triton.next_power_of_2(dim))
-        key = tuning.loss_key(shape.dtype, block_d)
+        key = tuning.loss_key(shape.dtype, block_d, shape.items)
         defaults = [triton_loss._default_config(k, block_d, dim, shape.dtype) for k in (fwd_kernel, bwd_kernel)]
     truth = [t.detach().float() for t in outputs("reference")]
     tolerance = common.TOLERANCE[shape.dtype]

@@ -98,10 +98,12 @@ def test_cpu_tensors_never_read_a_table():
 def test_full_loss_reads_its_own_entries(fake_gpu, launches):
     hidden, weight = torch.randn(40, 20, requires_grad=True), torch.randn(30, 20, requires_grad=True)
     targets = torch.randint(1, 30, (40,))
-    key = f"{tuning.dtype_key(torch.float32)}/d32"
+    key = f"{tuning.dtype_key(torch.float32)}/d32/n32768"  # 30 items: the smallest catalog class
     fake_gpu({
         "full_softmax_fwd": {key: _entry(dict(BLOCK_T=32, BLOCK_N=16, num_warps=2, num_stages=1))},
-        "full_softmax_bwd": {key: _entry(dict(BLOCK_T=16, BLOCK_N=32, num_warps=2, num_stages=1))},
+        "full_softmax_bwd": {key: _entry(dict(BLOCK_T=16, BLOCK_N=32, num_warps=2, num_stages=1)),
+                             key.replace("n32768", "n262144"): _entry(dict(BLOCK_T=32, BLOCK_N=16, num_warps=2,
+                                                                           num_stages=1))},
     })  # fmt: skip
     sk.full_softmax_loss(hidden, weight, targets, backend="triton").backward()
     fwd, d_hidden = launches["_full_fwd_kernel"][0], launches["_full_bwd_hidden_kernel"][0]
@@ -117,6 +119,15 @@ def test_forcing_overrides_the_table_inside_its_block(fake_gpu, launches):
         _attention()
     _attention()
     assert [call["BLOCK_M"] for call in launches["_attention_fwd_kernel"]] == [16, 32]
+
+
+def test_loss_keys_have_a_catalog_class():
+    """A winner measured at one catalog size class is never applied at another."""
+    key = tuning.loss_key(torch.bfloat16, 64, 131072)
+    assert key == "bfloat16/d64/n262144" == tuning.loss_key(torch.bfloat16, 64, 2**18)
+    assert [tuning.catalog_class(n) for n in (1, 2**15, 2**15 + 1, 2**18 + 1, 10**7)] == [
+        "n32768", "n32768", "n262144", "n>262144", "n>262144",
+    ]  # fmt: skip
 
 
 def test_length_buckets_and_dtype_keys():

@@ -40,20 +40,23 @@ from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 _configs = tuning.derived_cache()  # _blocks's answers, by its arguments and the modes they read
 
 
-def _blocks(hidden_dim, dtype, kernel, device):
+def _blocks(hidden_dim, dtype, kernel, device, num_items):
     """(BLOCK_T, BLOCK_N, BLOCK_D, launch options, variant) of the tile kernels (shared
     negatives, full): today's defaults below unless the GPU's tuning table (seqrec_kernels.tuning)
-    measured a faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype and the
-    hidden dim. variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates).
+    measured a faster configuration for `kernel` ("full_softmax_fwd", ...), the dtype, the
+    hidden dim and the class of num_items (the items each row is scored against: the catalog,
+    or the negatives). variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates).
     Computed once per arguments and modes (a dictionary lookup per call; not to be modified)."""
-    key = (hidden_dim, dtype, kernel, device, triton_interpreter_enabled(), torch.get_float32_matmul_precision())
-    return cached_plan(_configs, key, _blocks_for, hidden_dim, dtype, kernel, device)
+    catalog = tuning.catalog_class(num_items)
+    key = (hidden_dim, dtype, kernel, device, catalog, triton_interpreter_enabled(),
+           torch.get_float32_matmul_precision())  # fmt: skip
+    return cached_plan(_configs, key, _blocks_for, hidden_dim, dtype, kernel, device, num_items)
 
 
-def _blocks_for(hidden_dim, dtype, kernel, device):
+def _blocks_for(hidden_dim, dtype, kernel, device, num_items):
     block_d = max(16, next_power_of_2(hidden_dim))
     default = _default_config(kernel, block_d, hidden_dim, dtype)
-    config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d), device, default)
+    config = tuning.launch_config(kernel, tuning.loss_key(dtype, block_d, num_items), device, default)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"], maxnreg=MAX_REGISTERS)
     variant = {name: config[name] for name in VARIANT_DEFAULTS.get(kernel, {})}
     return config["BLOCK_T"], config["BLOCK_N"], block_d, launch, variant
@@ -587,7 +590,8 @@ def _sampled_launch(hidden, neg_ids, rows_per_group, pos_log_q, neg_log_q, remov
         launch = dict(num_warps=8, maxnreg=MAX_REGISTERS)  # 4 warps spilled at D=50 under Triton 3.6
         groups, segments = 1, _row_segments(hidden.shape[0], block_t)  # compacted together: each row has its list
     else:
-        block_t, block_k, block_d, launch, _ = _blocks(hidden.shape[1], hidden.dtype, "sampled_softmax", hidden.device)
+        block_t, block_k, block_d, launch, _ = _blocks(hidden.shape[1], hidden.dtype, "sampled_softmax", hidden.device,
+                                                       neg_ids.shape[-1])  # fmt: skip
         # 16 negatives per step in the backward (the item-gradient tile [BK, BD] and its atomics'
         # addresses: 32 spilled) and in the float32 forward (32 spilled 8 B at D=50, IEEE products).
         if backward or hidden.dtype == torch.float32:
@@ -992,7 +996,7 @@ def full_forward(hidden, weight, targets, excluded_ids, temperature, ignore_inde
     if num_rows == 0:
         return loss, lse
     block_t, block_n, block_d, launch, variant = _blocks(
-        hidden.shape[1], hidden.dtype, "full_softmax_fwd", hidden.device
+        hidden.shape[1], hidden.dtype, "full_softmax_fwd", hidden.device, weight.shape[0]
     )
     segments = _row_segments(num_rows, block_t)  # one group: every row against every item
     order, count = _compact(targets, weight.shape[0], ignore_index, segments)
@@ -1028,7 +1032,7 @@ def full_backward(grad_loss, hidden, weight, targets, excluded_ids, lse, tempera
         return torch.empty_like(hidden), torch.zeros_like(weight)
     d_hidden, d_weight = torch.empty_like(hidden), torch.empty_like(weight)  # the kernels write every row
     block_t, block_n, block_d, launch, variant = _blocks(
-        hidden.shape[1], hidden.dtype, "full_softmax_bwd", hidden.device
+        hidden.shape[1], hidden.dtype, "full_softmax_bwd", hidden.device, num_items
     )
     segments = _row_segments(num_rows, block_t)
     order, count = _compact(targets, num_items, ignore_index, segments)

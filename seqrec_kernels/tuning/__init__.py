@@ -97,9 +97,19 @@ def attention_key(dtype: torch.dtype, block_d: int, max_seqlen: int) -> str:
     return f"{dtype_key(dtype)}/d{block_d}/L{length_bucket(max_seqlen)}"
 
 
-def loss_key(dtype: torch.dtype, block_d: int) -> str:
-    """The table key of a loss launch: dtype (and mode), padded hidden dim."""
-    return f"{dtype_key(dtype)}/d{block_d}"
+def loss_key(dtype: torch.dtype, block_d: int, num_items: int) -> str:
+    """The table key of a loss launch: dtype (and mode), padded hidden dim, catalog class."""
+    return f"{dtype_key(dtype)}/d{block_d}/{catalog_class(num_items)}"
+
+
+# Catalog classes of the loss keys (the items each row is scored against): SASRec datasets'
+# catalogs, mid-size ones, catalog scale. A variant's edge can flip with N (the fused backward
+# trades one atomic add per logit saved), so a winner measured at one class never runs at another.
+CATALOG_CLASSES = (2**15, 2**18)
+
+
+def catalog_class(num_items: int) -> str:
+    return next((f"n{c}" for c in CATALOG_CLASSES if num_items <= c), f"n>{CATALOG_CLASSES[-1]}")
 
 
 def length_bucket(max_seqlen: int) -> int:
