@@ -89,7 +89,7 @@ def value_checks(enabled: bool):
 
 def values_on_host(values: torch.Tensor) -> bool:
     """Whether reading `values` costs no device sync (the one place that decides it)."""
-    return values.device.type == "cpu"
+    return values.is_cpu  # not values.device.type: no device object per call
 
 
 def values_checkable() -> bool:
