@@ -37,11 +37,17 @@ EXPECTED = {
     "topk_items": ({"_topk_kernel"}, set()),
     "target_ranks": ({"_ranks_kernel"}, set()),
 }
+# The forced tuning candidates' kernels (tests/traced_triton.py FORCED_CASES): forward, backward.
+EXPECTED_FORCED = {
+    "fused_attention, one-pass backward": ({"_attention_fwd_kernel"}, {"_attention_bwd_fused_kernel"}),
+    "full_softmax_loss, catalog split": ({"_full_fwd_kernel", "_merge_splits_kernel"}, {"_full_bwd_weight_kernel"}),
+    "full_softmax_loss, fused backward": ({"_full_fwd_kernel"}, {"_full_bwd_weight_kernel"}),
+}
 TOLERANCE = 1e-4  # float32 against the float64 reference, at these sizes
 
 
 def check_case(name: str, result: dict) -> None:
-    forward, backward = EXPECTED[name]
+    forward, backward = {**EXPECTED, **EXPECTED_FORCED}[name]
     for phase, expected in (("forward", forward), ("backward", backward)):
         found = result[phase]
         assert expected <= set(found), f"{name} {phase}: {found}"
@@ -65,6 +71,15 @@ def traced_on_cpu():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_compiled_graphs_launch_the_triton_kernels(traced_on_cpu, name):
     check_case(name, traced_on_cpu[name])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FORCED))
+def test_compiled_graphs_launch_forced_candidates(traced_on_cpu, name):
+    """Candidates with atomics or extra kernels decompose too: the kernel wrapper's analysis of
+    what they mutate keeps the atomics' buffers (the float32 dq, d hidden) in the graph."""
+    check_case(name, traced_on_cpu[name])
+    if "fused backward" in name:
+        assert "_full_bwd_hidden_kernel" not in traced_on_cpu[name]["backward"]
 
 
 def test_a_recompile_for_new_batch_sizes_launches_them_too(traced_on_cpu):

@@ -112,9 +112,10 @@ def _leaves(*tensors):
     return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
 
 
-def cases(device) -> dict:
+def cases(device, num_items: int = 11) -> dict:
     """name -> (function(*inputs, backend) -> a tensor or tuple, inputs); float inputs get gradients
-    where the op is differentiable. Attention at L=70, D=20 also pads its operands (_pad_rows)."""
+    where the op is differentiable. Attention at L=70, D=20 also pads its operands (_pad_rows);
+    the losses and retrieval score num_items (at least 11) items."""
     import seqrec_kernels as sk
 
     def ints(*values):
@@ -122,7 +123,7 @@ def cases(device) -> dict:
 
     qkv = [torch.randn(2, 1, 70, 20, device=device) for _ in "qkv"]
     packed = [torch.randn(9, 2, 16, device=device) for _ in "qkv"]
-    hidden, weight = torch.randn(6, 16, device=device), torch.randn(11, 16, device=device)
+    hidden, weight = torch.randn(6, 16, device=device), torch.randn(num_items, 16, device=device)
     return {
         "fused_attention": (
             lambda q, k, v, b: sk.fused_attention(q, k, v, seq_lens=ints(70, 33), backend=b),
@@ -143,6 +144,29 @@ def cases(device) -> dict:
         "topk_items": (lambda h, w, b: sk.topk_items(h, w, 3, backend=b)[1], [hidden, weight]),
         "target_ranks": (lambda h, w, b: sk.target_ranks(h, w, ints(1, 2, 3, 4, 5, 6), backend=b), [hidden, weight]),
     }
+
+
+# Tuning candidates whose kernels differ from the defaults' (float32 atomics, a merge kernel),
+# forced over a case: name -> (case, tuned kernel, configuration over its default, items).
+FORCED_CASES = {
+    "fused_attention, one-pass backward": (
+        "fused_attention", "attention_bwd", dict(BLOCK_M=16, BLOCK_N=16, ATOMIC_DQ=True, MASK_EDGES_ONLY=True), 11,
+    ),
+    "full_softmax_loss, catalog split": (  # 40 items: three item tiles of 16, two splits
+        "full_softmax_loss", "full_softmax_fwd", dict(BLOCK_N=16, ITEM_SPLITS=2), 40,
+    ),
+    "full_softmax_loss, fused backward": ("full_softmax_loss", "full_softmax_bwd", dict(FUSED=True), 11),
+}  # fmt: skip
+
+
+def run_forced_case(name: str, device) -> dict:
+    """run_case of FORCED_CASES[name], compiled and run with its configuration forced."""
+    from seqrec_kernels import tuning
+
+    case, kernel, config, num_items = FORCED_CASES[name]
+    torch._dynamo.reset()  # compiled afresh under the forced configuration
+    with tuning.forcing(kernel, config):
+        return run_case(*cases(device, num_items)[case])
 
 
 def run_case(function, inputs) -> dict:
@@ -226,6 +250,7 @@ if __name__ == "__main__":
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     cpu = torch.device("cpu")
     report = {name: run_case(function, inputs) for name, (function, inputs) in cases(cpu).items()}
+    report.update({name: run_forced_case(name, cpu) for name in FORCED_CASES})
     report["new batch sizes"] = run_with_new_batch_sizes(cpu)
     report["opcheck"] = opcheck_triton_ops(cpu)
     print(json.dumps(report))
