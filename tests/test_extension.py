@@ -191,14 +191,17 @@ def test_cuda_sources_compile_and_their_sass_meets_expectations():
     assert re.search(
         r"^  engine_kernel<__half, 1, false> +\d+ +256 +2 \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]", result.stdout, re.M
     )
-    # An attention kernel's row: HMMA LDSM LDGSTS, and 128-bit global stores (STG.128) of its output rows.
-    assert re.search(
-        r"^  attention_fwd_kernel<__half, 64, false> +\d+ +128 +\d+ \(2\) +0 +[1-9]\d* +[1-9]\d* +[1-9]\d* +[1-9]",
-        result.stdout,
-        re.M,
-    )
+    # An attention kernel's row, single- and double-buffered K/V (stages 1, 2): HMMA LDSM LDGSTS,
+    # and 128-bit global stores (STG.128) of its output rows.
+    for stages in (1, 2):
+        assert re.search(
+            rf"^  attention_fwd_kernel<__half, 64, {stages}, false> +\d+ +128 +\d+ \(2\) +0 +[1-9]\d* +[1-9]\d*"
+            r" +[1-9]\d* +[1-9]",
+            result.stdout,
+            re.M,
+        )
     # float32 under 3xTF32: tensor cores (HMMA) from plain shared loads (no LDSM), cp.async, STG.128.
-    for kernel in ("attention_fwd_kernel<float, 64, true>", "engine_kernel<float, 0, true>"):
+    for kernel in ("attention_fwd_kernel<float, 64, 1, true>", "engine_kernel<float, 0, true>"):
         assert re.search(rf"^  {re.escape(kernel)} +\d+ +\d+ +\d+ \(\d\) +0 +[1-9]\d* +0 +[1-9]", result.stdout, re.M)
 
 
