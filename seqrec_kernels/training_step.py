@@ -24,11 +24,13 @@ Inputs = Sequence[torch.Tensor]  # the step's tensors, in the order the loss fun
 
 def make_optimizer(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
     """Adam (AdamW when weight_decay > 0: decoupled), betas (0.9, 0.98) as the SASRec code;
-    fused (one kernel per parameter: on a CPU 1.5-3x faster than foreach at Games' sizes),
-    capturable on CUDA (step counts on the device)."""
+    fused and capturable on CUDA (step counts on the device), foreach on a CPU: torch's fused
+    CPU Adam was 1.5-3x faster at Games' sizes, but its Games runs ended 0.003-0.005 lower in
+    test NDCG@10 than foreach's (docs/sasrec.md), so it waits for a closer look."""
+    cuda = device.type == "cuda"
     kind = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
-    return kind(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, fused=True,
-                capturable=device.type == "cuda")  # fmt: skip
+    options = dict(fused=True, capturable=True) if cuda else dict(foreach=True)
+    return kind(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, **options)
 
 
 def whole_step_compilable() -> bool:
