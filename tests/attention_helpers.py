@@ -138,7 +138,15 @@ def assert_flash_rule(name, actual, truth, baseline, dtype, factor, floor_scale=
         f"{name}: the rule allows {limit:.3g} against a truth of largest magnitude {largest:.3g}: it would "
         f"accept zeros ({factor} x naive {base:.3g}, floor {floor:.3g})"
     )
-    assert err <= limit, f"{name}: max error {err:.3g} > {factor} x naive {base:.3g} + floor {floor:.3g}"
+    if largest <= 1e-6 * base:
+        # A truth that is 0 up to rounding: both results are rounding noise of the same cancelling
+        # sum taken in different orders, and noise over noise spreads wider than `factor` (RecBole's
+        # key-bias gradient, C++ vs naive float32: median 1.8x, largest 4.1x over 60 seeds). A real
+        # error sits orders of magnitude above 10x the noise.
+        limit = max(limit, 10 * base)
+    assert err <= limit, (
+        f"{name}: max error {err:.3g} > limit {limit:.3g} ({factor} x naive {base:.3g} + floor {floor:.3g})"
+    )
 
 
 def _rng_state(device):
