@@ -64,7 +64,7 @@ from seqrec_kernels.train import (
     epoch_users,
     prefetched,
     step_loss_function,
-    training_backend,
+    training_backends,
 )
 from seqrec_kernels.training_step import TrainingStep, make_optimizer
 
@@ -393,7 +393,8 @@ def trainer_providers(config: SASRecConfig, device, compile_backend: str, backen
         modes["graph"] = dict(graph=True)
     for name, options in modes.items():
         torch.manual_seed(0)
-        model = SASRec(config).to(device).set_backend(training_backend(backend, device))
+        attention, losses = training_backends(backend, device)
+        model = SASRec(config).to(device).set_backend(attention, loss_backend=losses)
         optimizer = make_optimizer(model.parameters(), 1e-3, 0.0, device)
         providers[name] = (TrainingStep(step_loss_function(model, model, "packed"), optimizer, **options), "packed")
     torch.manual_seed(0)

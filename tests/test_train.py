@@ -76,6 +76,7 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test metrics" in out
     # `auto` trains on the extension's C++ path on a CPU where it is built (twice the reference's speed)
+    # (bce: no loss op, so the log names one backend)
     assert f"backend {'cpp' if Backend.CPP in backends.available('cpu') else 'auto'}," in out
     main(["eval", str(run / "best.pt")])
     assert "NDCG@10" in capsys.readouterr().out
@@ -84,6 +85,28 @@ def test_command_line(tmp_path, capsys):
     assert len(lines) == 3 and lines[0].lstrip().startswith("1. item")
     main(["plot", str(run)])
     assert (run / "curves.png").exists()
+
+
+@pytest.mark.skipif(Backend.CPP not in backends.available("cpu"), reason="the extension is not built")
+@pytest.mark.parametrize("loss", ["sampled_softmax", "full_softmax"])
+def test_auto_on_cpu_trains_attention_on_cpp_and_losses_on_the_reference(tmp_path, monkeypatch, capsys, loss):
+    """The C++ loops beat the reference's attention on a CPU, not its BLAS matrix products in the
+    losses (several times slower at Games' shape): `auto` splits the two, and the log says so."""
+    import seqrec_kernels.models.sasrec as sasrec
+
+    backends_seen = {}
+    for op in ("fused_attention_varlen", f"{loss}_loss"):
+        original = getattr(sasrec, op)
+
+        def spy(*args, _op=op, _original=original, **kwargs):
+            backends_seen[_op] = Backend.parse(kwargs["backend"])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sasrec, op, spy)
+    main(["train", "--epochs", "1", "--eval-every", "1", "--hidden", "16", "--loss", loss, "--num-negatives", "8",
+          "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert backends_seen == {"fused_attention_varlen": Backend.CPP, f"{loss}_loss": Backend.AUTO}
+    assert "backend cpp, loss on reference," in capsys.readouterr().out
 
 
 def test_distributed_data_parallel_with_gloo(tmp_path):

@@ -148,7 +148,7 @@ class SASRec(nn.Module):
     def __init__(self, config: SASRecConfig):
         super().__init__()
         self.config = config
-        self.backend = Backend.AUTO
+        self.backend = self.loss_backend = Backend.AUTO
         self.item_embedding = nn.Embedding(config.num_items + 1, config.hidden, padding_idx=0)
         self.position_embedding = nn.Embedding(config.max_len, config.hidden)
         self.embedding_dropout = nn.Dropout(config.dropout)
@@ -163,10 +163,12 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def set_backend(self, backend: str | Backend) -> SASRec:
-        """Every fused op of the model (attention, losses, retrieval) runs on `backend`; the
-        extension has no retrieval kernels, so with 'cuda' or 'cpp' retrieval runs on 'auto'."""
+    def set_backend(self, backend: str | Backend, *, loss_backend: str | Backend | None = None) -> SASRec:
+        """Every fused op of the model (attention, losses, retrieval) runs on `backend`, the
+        losses on `loss_backend` where given; the extension has no retrieval kernels, so with
+        'cuda' or 'cpp' retrieval runs on 'auto'."""
         self.backend = Backend.parse(backend)
+        self.loss_backend = self.backend if loss_backend is None else Backend.parse(loss_backend)
         return self
 
     def _retrieval_backend(self) -> Backend:
@@ -221,7 +223,7 @@ class SASRec(nn.Module):
         if config.loss == "full_softmax":
             if negatives is not None:
                 raise ValueError("negatives: full_softmax scores every item and takes none; pass None")
-            return full_softmax_loss(hidden, items, targets, backend=self.backend)
+            return full_softmax_loss(hidden, items, targets, backend=self.loss_backend)
         if not (isinstance(negatives, tuple) and len(negatives) == 2):
             raise ValueError(
                 f"negatives: the {config.loss} loss needs (ids, log_q) from sample_negatives(), "
@@ -229,7 +231,7 @@ class SASRec(nn.Module):
             )
         neg_ids, neg_log_q = negatives
         if config.loss == "sampled_softmax":
-            return sampled_softmax_loss(hidden, items, targets, neg_ids, neg_log_q=neg_log_q, backend=self.backend)
+            return sampled_softmax_loss(hidden, items, targets, neg_ids, neg_log_q=neg_log_q, backend=self.loss_backend)
         valid = targets != 0
         pos_logits = (hidden * items[targets]).sum(-1)  # [B, L] or [T]
         neg_logits = (hidden[..., None, :] * items[neg_ids]).sum(-1)  # [B, L, k] or [T, k]
