@@ -123,10 +123,26 @@ std::optional<Tensor> optional(const Tensor& t) { return t.defined() ? std::opti
 using AttentionFwd = decltype(attention_fwd<c10::DispatchKey::CPU>);
 using AttentionBwd = decltype(attention_bwd<c10::DispatchKey::CPU>);
 
-// The memory of `view` as a tensor of its own, not an autograd view: a packed output is a plain
-// output of the node, modifiable in place as the general path's views of its outputs are.
-Tensor own_tensor(const Tensor& view) {
-  return at::empty({0}, view.options()).set_(view.storage(), view.storage_offset(), view.sizes(), view.strides());
+// Packed [T, H, D] as the kernels' [1, H, T, D]: one view op (as_strided keeps the version
+// counter, so an in-place change of a saved input is still caught), not unsqueeze + transpose.
+Tensor batch_view(const Tensor& packed) {
+  return packed.as_strided({1, packed.size(1), packed.size(0), packed.size(2)},
+                           {packed.size(0) * packed.stride(0), packed.stride(1), packed.stride(0), packed.stride(2)},
+                           packed.storage_offset());
+}
+
+// A fresh kernel output with `sizes` and `strides` over its memory, a tensor of its own, not an
+// autograd view (a plain output of the node, modifiable in place as the general path's views of
+// its outputs are), made without a dispatch.
+Tensor relaid(const Tensor& fresh, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto own = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(fresh.storage()), fresh.key_set(), fresh.dtype());
+  own.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, fresh.storage_offset());
+  return own;
+}
+
+// A kernel's [1, H, T, D] output or gradient as [T, H, D].
+Tensor unbatched(const Tensor& t) {
+  return relaid(t, {t.size(2), t.size(1), t.size(3)}, {t.stride(2), t.stride(1), t.stride(3)});
 }
 
 }  // namespace
@@ -145,7 +161,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     static const auto op = registered_op<AttentionFwd>("seqrec::attention_fwd_cuda");
     // [B, H, L, D] with unit stride on D, as the kernels read them; anything else is copied once here.
     auto operand = [packed](const Tensor& t) {
-      auto view = packed ? t.unsqueeze(0).transpose(1, 2) : t;
+      auto view = packed ? batch_view(t) : t;
       return view.stride(-1) == 1 ? view : view.contiguous();
     };
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
@@ -153,8 +169,8 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     auto [out, lse] =  // [B, H, L, D], [B, H, L]
         op.redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed);
     if (packed) {  // [T, H, D], [H, T]
-      out = own_tensor(out.squeeze(0).transpose(0, 1));
-      lse = own_tensor(lse.squeeze(0));
+      out = unbatched(out);
+      lse = relaid(lse, {lse.size(1), lse.size(2)}, {lse.stride(1), lse.stride(2)});
     }
     ctx->save_for_backward({q4, k4, v4, out, lse, seq_start, seq_len, seed.value_or(Tensor())});
     ctx->saved_data["max_seqlen"] = max_seqlen;
@@ -175,13 +191,13 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     auto saved = ctx->get_saved_variables();  // q, k, v, out, lse, seq_start, seq_len, seed
     auto& data = ctx->saved_data;
     bool packed = data["packed"].toBool();
-    auto batched = [packed](const Tensor& t) { return packed ? t.unsqueeze(0).transpose(1, 2) : t; };
+    auto batched = [packed](const Tensor& t) { return packed ? batch_view(t) : t; };
     auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto grads_qkv = op.redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
                                    lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
                                    data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
-    auto input_shaped = [packed](const Tensor& grad) { return packed ? grad.squeeze(0).transpose(0, 1) : grad; };
+    auto input_shaped = [packed](const Tensor& grad) { return packed ? unbatched(grad) : grad; };
     result[0] = input_shaped(std::get<0>(grads_qkv));
     result[1] = input_shaped(std::get<1>(grads_qkv));
     result[2] = input_shaped(std::get<2>(grads_qkv));

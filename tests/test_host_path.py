@@ -686,3 +686,10 @@ def test_front_outputs_modified_in_place_as_the_general_paths(entry, monkeypatch
     out.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+    # A saved input changed in place before the backward: refused too (the front saves a view of
+    # it made inside the node, which autograd names as such).
+    q, k, v = (t * 1.0 for t in packed)
+    out = sk.fused_attention_varlen(q, k, v, torch.tensor([0, 5, 12]), 7, backend="cpp")
+    k.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified inplace"):
+        out.sum().backward()
