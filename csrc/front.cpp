@@ -42,6 +42,18 @@ c10::TypedOperatorHandle<Signature> registered_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// A kernel phase's op on the extension (`cpp`/`cuda`: ops.cpp) or on Triton (its launcher, a
+// Python function that ops/_library.py registers as the custom op seqrec::<family>_<phase>_triton,
+// with the same schema), typed like the kernels; both found at first use, after the Python
+// package (which calls the fronts) has defined the Triton ops.
+template <typename Signature>
+struct KernelOp {
+  c10::TypedOperatorHandle<Signature> extension, triton;
+  KernelOp(const char* extension_name, const char* triton_name)
+      : extension(registered_op<Signature>(extension_name)), triton(registered_op<Signature>(triton_name)) {}
+  const c10::TypedOperatorHandle<Signature>& operator()(bool on_triton) const { return on_triton ? triton : extension; }
+};
+
 // The dispatch keys of t's kernel, below autograd and autocast: what the eager path runs.
 c10::DispatchKeySet kernel_keys(const Tensor& t) {
   return c10::DispatchKeySet(t.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
@@ -96,12 +108,13 @@ Tensor outside(const Tensor& values, int64_t low, int64_t high, std::optional<in
   return bad.any();
 }
 
-// The general path's operand casts: under torch's "medium" float32 matmul precision float32
+// The general path's operand casts: on the extension (not on Triton, whose kernels convert their
+// tiles in registers), under torch's "medium" float32 matmul precision float32
 // operands become bfloat16 copies (ops/_library.py's extension_operands); then, under autocast
 // of their device type, floating operands other than float64 take the autocast dtype
 // (_library._with_autocast). Returns whether the medium rule cast them (outputs go back).
-bool cast_operands(std::initializer_list<Tensor*> operands) {
-  bool medium = at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM &&
+bool cast_operands(std::initializer_list<Tensor*> operands, bool on_triton) {
+  bool medium = !on_triton && at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::MEDIUM &&
                 (*operands.begin())->scalar_type() == at::kFloat;
   if (medium) {
     for (Tensor* t : operands) *t = t->to(at::kBFloat16);
@@ -153,12 +166,13 @@ Tensor unbatched(const Tensor& t) {
 // q, k, v [T, H, D] are viewed as [1, H, T, D] in here, below autograd, and out, lse come out
 // as [T, H, D], [H, T] (five view nodes less than autograd views around the node).
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
-  static constexpr size_t kArguments = 11;  // of forward, after ctx
+  static constexpr size_t kArguments = 12;  // of forward, after ctx
 
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& seq_start, const Tensor& seq_len, int64_t max_seqlen, bool causal,
-                               double scale, double dropout_p, const std::optional<Tensor>& seed, bool packed) {
-    static const auto op = registered_op<AttentionFwd>("seqrec::attention_fwd_cuda");
+                               double scale, double dropout_p, const std::optional<Tensor>& seed, bool packed,
+                               bool on_triton) {
+    static const KernelOp<AttentionFwd> op("seqrec::attention_fwd_cuda", "seqrec::attention_fwd_triton");
     // [B, H, L, D] with unit stride on D, as the kernels read them; anything else is copied once here.
     auto operand = [packed](const Tensor& t) {
       auto view = packed ? batch_view(t) : t;
@@ -167,7 +181,8 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto [out, lse] =  // [B, H, L, D], [B, H, L]
-        op.redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed);
+        op(on_triton).redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p,
+                                 seed);
     if (packed) {  // [T, H, D], [H, T]
       out = unbatched(out);
       lse = relaid(lse, {lse.size(1), lse.size(2)}, {lse.stride(1), lse.stride(2)});
@@ -178,6 +193,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["packed"] = packed;
+    ctx->saved_data["on_triton"] = on_triton;
     ctx->mark_non_differentiable({lse});
     ctx->set_materialize_grads(false);
     return {out, lse};
@@ -187,16 +203,17 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     variable_list result(kArguments);
     const Tensor& dout = grads[0];
     if (!dout.defined()) return result;  // out took no part in what is differentiated
-    static const auto op = registered_op<AttentionBwd>("seqrec::attention_bwd_cuda");
+    static const KernelOp<AttentionBwd> op("seqrec::attention_bwd_cuda", "seqrec::attention_bwd_triton");
     auto saved = ctx->get_saved_variables();  // q, k, v, out, lse, seq_start, seq_len, seed
     auto& data = ctx->saved_data;
     bool packed = data["packed"].toBool();
     auto batched = [packed](const Tensor& t) { return packed ? batch_view(t) : t; };
     auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
-    auto grads_qkv = op.redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
-                                   lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
-                                   data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
+    auto grads_qkv = op(data["on_triton"].toBool())
+                         .redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
+                                     lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
+                                     data["scale"].toDouble(), data["dropout_p"].toDouble(), optional(saved[7]));
     auto input_shaped = [packed](const Tensor& grad) { return packed ? unbatched(grad) : grad; };
     result[0] = input_shaped(std::get<0>(grads_qkv));
     result[1] = input_shaped(std::get<1>(grads_qkv));
@@ -211,14 +228,15 @@ namespace {
 // on q, k, v [B, H, L, D] (packed: [T, H, D] in, [T, H, D] and [H, T] out) and int32 contiguous
 // rows seq_start, seq_len.
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, const Tensor& seq_start, const Tensor& seq_len,
-                                     int64_t max_seqlen, bool causal, double scale, double dropout_p, bool packed) {
+                                     int64_t max_seqlen, bool causal, double scale, double dropout_p, bool packed,
+                                     bool on_triton) {
   const auto dtype = q.scalar_type();
   // The seed is drawn on the device from torch's generator, as the general path draws it.
   std::optional<Tensor> seed;
   if (dropout_p > 0.0) seed = at::randint(2147483647, {1}, at::TensorOptions().dtype(at::kLong).device(q.device()));
-  bool medium = cast_operands({&q, &k, &v});
+  bool medium = cast_operands({&q, &k, &v}, on_triton);
   auto outputs = AttentionFunction::apply(q, k, v, seq_start, seq_len, max_seqlen, causal, scale, dropout_p, seed,
-                                          packed);  // out, lse
+                                          packed, on_triton);  // out, lse
   return {medium ? outputs[0].to(dtype) : outputs[0], outputs[1]};  // bfloat16 copies: back to float32
 }
 
@@ -241,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_front(const Tensor& q, const 
                                                          const std::optional<Tensor>& seq_lens, bool causal,
                                                          bool left_padding, double dropout_p,
                                                          std::optional<double> scale, bool return_lse,
-                                                         bool values_on_host, bool check_values) {
+                                                         bool values_on_host, bool check_values, bool on_triton) {
   if (!attention_operands(q, k, v, 4) || !attention_options(dropout_p, scale)) return {};
   const int64_t batch = q.size(0), length = q.size(2);
   if (seq_lens && !(index_tensor(*seq_lens, q) && seq_lens->dim() == 1 && seq_lens->size(0) == batch)) return {};
@@ -270,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_front(const Tensor& q, const 
     if (seq_lens && check_values && seq_lens->numel()) flag = outside(*seq_lens, 0, length);
   }
   auto [out, lse] = attention(q, k, v, seq_start, seq_len, length, causal, scale_or_default(scale, q.size(3)),
-                              dropout_p, /*packed=*/false);
+                              dropout_p, /*packed=*/false, on_triton);
   return {out, return_lse ? lse : Tensor(), flag};
 }
 
@@ -279,7 +297,8 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_varlen_front(const Tensor& q,
                                                                 const Tensor& cu_seqlens, int64_t max_seqlen,
                                                                 bool causal, double dropout_p,
                                                                 std::optional<double> scale, bool return_lse,
-                                                                bool values_on_host, bool check_values) {
+                                                                bool values_on_host, bool check_values,
+                                                                bool on_triton) {
   if (!attention_operands(q, k, v, 3) || !attention_options(dropout_p, scale)) return {};
   if (!(index_tensor(cu_seqlens, q) && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2 && max_seqlen >= 0)) return {};
   const int64_t total = q.size(0), num_seqs = cu_seqlens.size(0) - 1;
@@ -309,7 +328,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_attention_varlen_front(const Tensor& q,
     }
   }
   auto [out, lse] = attention(q, k, v, seq_start, seq_len, max_seqlen, causal, scale_or_default(scale, q.size(2)),
-                              dropout_p, /*packed=*/true);
+                              dropout_p, /*packed=*/true, on_triton);
   return {out, return_lse ? lse : Tensor(), flag};
 }
 
@@ -399,7 +418,9 @@ Tensor as_hidden(AutogradContext* ctx, const Tensor& d_hidden) {
 }
 
 // The losses' options the backward reads from ctx->saved_data.
-void save_loss_options(AutogradContext* ctx, double temperature, int64_t ignore_index, int64_t reduction) {
+void save_loss_options(AutogradContext* ctx, double temperature, int64_t ignore_index, int64_t reduction,
+                       bool on_triton) {
+  ctx->saved_data["on_triton"] = on_triton;
   ctx->saved_data["temperature"] = temperature;
   ctx->saved_data["ignore_index"] = ignore_index;
   ctx->saved_data["reduction"] = reduction;
@@ -412,21 +433,22 @@ void save_loss_options(AutogradContext* ctx, double temperature, int64_t ignore_
 // reduction's gradient and the backward op's kernel. Outputs: the loss and the per-row LSE
 // (not differentiable).
 struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction> {
-  static constexpr size_t kArguments = 12;
+  static constexpr size_t kArguments = 13;
 
   static variable_list forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& weight, const Tensor& pos_ids,
                                const Tensor& neg_ids, const std::optional<Tensor>& pos_log_q,
                                const std::optional<Tensor>& neg_log_q, int64_t rows_per_group, bool remove_hits,
-                               double temperature, int64_t ignore_index, int64_t reduction, const RowCount& count) {
-    static const auto op = registered_op<SampledFwd>("seqrec::sampled_softmax_fwd_cuda");
+                               double temperature, int64_t ignore_index, int64_t reduction, const RowCount& count,
+                               bool on_triton) {
+    static const KernelOp<SampledFwd> op("seqrec::sampled_softmax_fwd_cuda", "seqrec::sampled_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
-    auto [row_loss, lse] = op.redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q, neg_log_q,
-                                         rows_per_group, remove_hits, temperature, ignore_index);
+    auto [row_loss, lse] = op(on_triton).redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q,
+                                                    neg_log_q, rows_per_group, remove_hits, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, pos_ids, neg_ids, pos_log_q.value_or(Tensor()), neg_log_q.value_or(Tensor()),
                             lse, count.on_device});
     save_count(ctx, count);
-    save_loss_options(ctx, temperature, ignore_index, reduction);
+    save_loss_options(ctx, temperature, ignore_index, reduction, on_triton);
     ctx->saved_data["rows_per_group"] = rows_per_group;
     ctx->saved_data["remove_hits"] = remove_hits;
     ctx->mark_non_differentiable({lse});
@@ -437,35 +459,37 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list result(kArguments);
     if (!grads[0].defined()) return result;
-    static const auto op = registered_op<SampledBwd>("seqrec::sampled_softmax_bwd_cuda");
+    static const KernelOp<SampledBwd> op("seqrec::sampled_softmax_bwd_cuda", "seqrec::sampled_softmax_bwd_triton");
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
-    std::tie(result[0], result[1]) = op.redispatch(
-        kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
-        optional(saved[5]), saved[6], data["rows_per_group"].toInt(), data["remove_hits"].toBool(),
-        data["temperature"].toDouble(), data["ignore_index"].toInt(), at::globalContext().deterministicAlgorithms());
+    std::tie(result[0], result[1]) =
+        op(data["on_triton"].toBool())
+            .redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], optional(saved[4]),
+                        optional(saved[5]), saved[6], data["rows_per_group"].toInt(), data["remove_hits"].toBool(),
+                        data["temperature"].toDouble(), data["ignore_index"].toInt(),
+                        at::globalContext().deterministicAlgorithms());
     result[0] = as_hidden(ctx, result[0]);
     return result;
   }
 };
 
 struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
-  static constexpr size_t kArguments = 8;
+  static constexpr size_t kArguments = 9;
 
   static variable_list forward(AutogradContext* ctx, const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                const Tensor& excluded_ids, double temperature, int64_t ignore_index, int64_t reduction,
-                               const RowCount& count) {
-    static const auto op = registered_op<FullFwd>("seqrec::full_softmax_fwd_cuda");
+                               const RowCount& count, bool on_triton) {
+    static const KernelOp<FullFwd> op("seqrec::full_softmax_fwd_cuda", "seqrec::full_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     auto [row_loss, lse] =
-        op.redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
+        op(on_triton).redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.on_device});
     save_count(ctx, count);
-    save_loss_options(ctx, temperature, ignore_index, reduction);
+    save_loss_options(ctx, temperature, ignore_index, reduction, on_triton);
     ctx->mark_non_differentiable({lse});
     ctx->set_materialize_grads(false);
     return {reduce(row_loss, reduction, count), lse};
@@ -474,14 +498,15 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list result(kArguments);
     if (!grads[0].defined()) return result;
-    static const auto op = registered_op<FullBwd>("seqrec::full_softmax_bwd_cuda");
+    static const KernelOp<FullBwd> op("seqrec::full_softmax_bwd_cuda", "seqrec::full_softmax_bwd_triton");
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
     std::tie(result[0], result[1]) =
-        op.redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],
-                      data["temperature"].toDouble(), data["ignore_index"].toInt());
+        op(data["on_triton"].toBool())
+            .redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],
+                        data["temperature"].toDouble(), data["ignore_index"].toInt());
     result[0] = as_hidden(ctx, result[0]);
     return result;
   }
@@ -490,10 +515,13 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
 namespace {
 
 // sampled_softmax_loss: (loss, the pos_ids flag, the neg_ids flag); loss undefined when declined.
-std::tuple<Tensor, Tensor, Tensor> sampled_softmax_loss_front(
-    const Tensor& hidden, const Tensor& item_weight, const Tensor& pos_ids, const Tensor& neg_ids,
-    const std::optional<Tensor>& pos_log_q, const std::optional<Tensor>& neg_log_q, bool remove_hits,
-    double temperature, int64_t ignore_index, int64_t reduction, bool values_on_host, bool check_values) {
+std::tuple<Tensor, Tensor, Tensor> sampled_softmax_loss_front(const Tensor& hidden, const Tensor& item_weight,
+                                                              const Tensor& pos_ids, const Tensor& neg_ids,
+                                                              const std::optional<Tensor>& pos_log_q,
+                                                              const std::optional<Tensor>& neg_log_q, bool remove_hits,
+                                                              double temperature, int64_t ignore_index,
+                                                              int64_t reduction, bool values_on_host, bool check_values,
+                                                              bool on_triton) {
   if (!loss_operands(hidden, item_weight, temperature)) return {};
   const auto row_shape = hidden.sizes().slice(0, hidden.dim() - 1);
   const int64_t num_items = item_weight.size(0), rows = c10::multiply_integers(row_shape);
@@ -532,11 +560,11 @@ std::tuple<Tensor, Tensor, Tensor> sampled_softmax_loss_front(
   auto pos_log_q_flat = pos_log_q ? std::optional<Tensor>(pos_log_q->reshape(-1)) : std::nullopt;
   auto neg_log_q_groups = neg_log_q ? std::optional<Tensor>(neg_log_q->reshape(groups.sizes())) : std::nullopt;
   Tensor h = hidden, w = item_weight;
-  cast_operands({&h, &w});
+  cast_operands({&h, &w}, on_triton);
   auto count = reduction == kMean ? counted_rows(pos_flat, ignore_index, num_items, values_on_host) : RowCount{};
   auto loss =
       SampledSoftmaxFunction::apply(h, w, pos_flat, groups_contiguous, pos_log_q_flat, neg_log_q_groups, rows_per_group,
-                                    remove_hits, temperature, ignore_index, reduction, count)[0];
+                                    remove_hits, temperature, ignore_index, reduction, count, on_triton)[0];
   return {reduction == kNone ? loss.view(row_shape) : loss, pos_flag, neg_flag};
 }
 
@@ -548,7 +576,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_softmax_loss_front(const Tensor&
                                                                    bool check_excluded, double temperature,
                                                                    int64_t ignore_index, int64_t reduction,
                                                                    bool return_lse, bool values_on_host,
-                                                                   bool check_values) {
+                                                                   bool check_values, bool on_triton) {
   if (!loss_operands(hidden, item_weight, temperature)) return {};
   const auto row_shape = hidden.sizes().slice(0, hidden.dim() - 1);
   const int64_t num_items = item_weight.size(0);
@@ -573,10 +601,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_softmax_loss_front(const Tensor&
 
   auto targets_flat = (targets.dim() == 1 ? targets : targets.reshape(-1)).contiguous();
   Tensor h = hidden, w = item_weight;
-  cast_operands({&h, &w});
+  cast_operands({&h, &w}, on_triton);
   auto count = reduction == kMean ? counted_rows(targets_flat, ignore_index, num_items, values_on_host) : RowCount{};
-  auto outputs =
-      FullSoftmaxFunction::apply(h, w, targets_flat, excluded_ids, temperature, ignore_index, reduction, count);
+  auto outputs = FullSoftmaxFunction::apply(h, w, targets_flat, excluded_ids, temperature, ignore_index, reduction,
+                                            count, on_triton);
   auto loss = outputs[0];
   return {reduction == kNone ? loss.view(row_shape) : loss, return_lse ? outputs[1].view(row_shape) : Tensor(),
           range_flag, excluded_flag};
@@ -587,23 +615,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_softmax_loss_front(const Tensor&
 TORCH_LIBRARY_FRAGMENT(seqrec, m) {
   m.def(
       "_fused_attention_front(Tensor q, Tensor k, Tensor v, Tensor? seq_lens, bool causal, bool left_padding,"
-      " float dropout_p, float? scale, bool return_lse, bool values_on_host, bool check_values)"
+      " float dropout_p, float? scale, bool return_lse, bool values_on_host, bool check_values, bool on_triton)"
       " -> (Tensor, Tensor, Tensor)",
       &fused_attention_front);
   m.def(
       "_fused_attention_varlen_front(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, bool causal,"
-      " float dropout_p, float? scale, bool return_lse, bool values_on_host, bool check_values)"
+      " float dropout_p, float? scale, bool return_lse, bool values_on_host, bool check_values, bool on_triton)"
       " -> (Tensor, Tensor, Tensor)",
       &fused_attention_varlen_front);
   m.def(
       "_sampled_softmax_loss_front(Tensor hidden, Tensor item_weight, Tensor pos_ids, Tensor neg_ids,"
       " Tensor? pos_log_q, Tensor? neg_log_q, bool remove_hits, float temperature, int ignore_index, int reduction,"
-      " bool values_on_host, bool check_values) -> (Tensor, Tensor, Tensor)",
+      " bool values_on_host, bool check_values, bool on_triton) -> (Tensor, Tensor, Tensor)",
       &sampled_softmax_loss_front);
   m.def(
       "_full_softmax_loss_front(Tensor hidden, Tensor item_weight, Tensor targets, Tensor excluded_ids,"
       " bool check_excluded, float temperature, int ignore_index, int reduction, bool return_lse,"
-      " bool values_on_host, bool check_values) -> (Tensor, Tensor, Tensor, Tensor)",
+      " bool values_on_host, bool check_values, bool on_triton) -> (Tensor, Tensor, Tensor, Tensor)",
       &full_softmax_loss_front);
 }
 

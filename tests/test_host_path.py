@@ -160,7 +160,7 @@ def test_eager_path_computes_what_the_custom_op_computes(op_name, backend, monke
     """Bitwise the same outputs and gradients through either entry point; a plain call takes
     the eager path (its autograd node is the eager Function's). cpp without its C++ front
     (tested below)."""
-    monkeypatch.setattr(_front, "value_checks", lambda *args: None)
+    monkeypatch.setattr(_front, "front_checks", lambda *args: None)
     q, k, v = (torch.randn(2, 3, 11, 16, requires_grad=True) for _ in "qkv")
     hidden, weight = torch.randn(13, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
     targets, neg_ids = torch.randint(0, 40, (13,)), torch.randint(1, 40, (13, 4))
@@ -304,7 +304,7 @@ def test_device_error_flags_survive_inference_mode(device_path):
 # The public functions' eager calls on the extension's backends run in C++ (csrc/front.cpp),
 # which either computes what the general path computes or declines, leaving the general path
 # to raise its error. Three entry points per call: the front, the general eager path (the front
-# refused: _front.value_checks patched), the custom op (_eager_possible patched, which the front obeys).
+# refused: _front.front_checks patched), the custom op (_eager_possible patched, which the front obeys).
 ENTRY_POINTS = ("front", "general eager", "custom op")
 FRONT_OPS = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss")
 
@@ -312,13 +312,13 @@ FRONT_OPS = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss"
 def _entry_point(monkeypatch, entry):
     monkeypatch.undo()
     if entry != "front":
-        monkeypatch.setattr(_front, "value_checks", lambda *args: None)
+        monkeypatch.setattr(_front, "front_checks", lambda *args: None)
     if entry == "custom op":
         monkeypatch.setattr(_library, "_eager_possible", lambda first: False)
 
 
-def _front_cases():
-    """name -> (run(): the public call, its differentiable inputs)."""
+def _front_cases(backend="cpp"):
+    """name -> (run(): the public call on `backend`, its differentiable inputs)."""
     q, k, v = (torch.randn(3, 2, 9, 16, requires_grad=True) for _ in "qkv")
     packed = [torch.randn(21, 2, 24, requires_grad=True) for _ in "qkv"]
     strided = torch.randn(21, 2, 48, requires_grad=True)  # packed q with stride 2 on D: copied
@@ -331,35 +331,35 @@ def _front_cases():
     log_q = torch.randn(2, 7, 5)
     lens = torch.tensor([9, 4, 0])
     cases = {
-        "padded, all L": (lambda: sk.fused_attention(q, k, v, backend="cpp"), (q, k, v)),
+        "padded, all L": (lambda: sk.fused_attention(q, k, v, backend=backend), (q, k, v)),
         "padded left, lse": (
-            lambda: sk.fused_attention(q, k, v, seq_lens=lens, backend="cpp", return_lse=True),
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens, backend=backend, return_lse=True),
             (q, k, v),
         ),  # fmt: skip
         "padded right, int32, scale": (
-            lambda: sk.fused_attention(q, k, v, seq_lens=lens.int(), padding_side="right", scale=0.3, backend="cpp"),
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens.int(), padding_side="right", scale=0.3, backend=backend),
             (q, k, v),
         ),
         "padded, not causal, dropout": (
-            lambda: sk.fused_attention(q, k, v, seq_lens=lens, causal=False, dropout_p=0.3, backend="cpp"),
+            lambda: sk.fused_attention(q, k, v, seq_lens=lens, causal=False, dropout_p=0.3, backend=backend),
             (q, k, v),
         ),
         "packed, lse, dropout": (
-            lambda: sk.fused_attention_varlen(*packed, cu_seqlens, 10, dropout_p=0.2, backend="cpp", return_lse=True),
+            lambda: sk.fused_attention_varlen(*packed, cu_seqlens, 10, dropout_p=0.2, backend=backend, return_lse=True),
             packed,
         ),
         "packed, int32, strided": (
             lambda: sk.fused_attention_varlen(
-                strided[..., ::2], *packed[1:], cu_seqlens.int(), 9, causal=False, backend="cpp"
+                strided[..., ::2], *packed[1:], cu_seqlens.int(), 9, causal=False, backend=backend
             ),  # fmt: skip
             (strided, *packed[1:]),
         ),
         "sampled [K], 3-D": (
-            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[K]"], backend="cpp"),
+            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[K]"], backend=backend),
             (hidden, weight),
         ),  # fmt: skip
         "sampled [B, K], sum": (
-            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[B, K]"], reduction="sum", backend="cpp"),
+            lambda: sk.sampled_softmax_loss(hidden, weight, targets, neg["[B, K]"], reduction="sum", backend=backend),
             (hidden, weight),
         ),
         "sampled [T, K], none, log_q, int32": (
@@ -374,12 +374,12 @@ def _front_cases():
                 temperature=0.7,
                 ignore_index=-100,
                 reduction="none",
-                backend="cpp",
+                backend=backend,
             ),
             (hidden, weight),
         ),  # fmt: skip
         "full, mean, lse": (
-            lambda: sk.full_softmax_loss(hidden, weight, targets, backend="cpp", return_lse=True),
+            lambda: sk.full_softmax_loss(hidden, weight, targets, backend=backend, return_lse=True),
             (hidden, weight),
         ),  # fmt: skip
         "full, excluded, none": (
@@ -390,13 +390,13 @@ def _front_cases():
                 exclude_items=[29, 0, 25],
                 reduction="none",
                 temperature=2.0,
-                backend="cpp",
+                backend=backend,
             ),  # fmt: skip
             (hidden, weight),
         ),
         "full 2-D, sum, int32": (
             lambda: sk.full_softmax_loss(
-                hidden[1], weight, targets[1].clamp(min=1).int(), ignore_index=-1, reduction="sum", backend="cpp"
+                hidden[1], weight, targets[1].clamp(min=1).int(), ignore_index=-1, reduction="sum", backend=backend
             ),  # fmt: skip
             (hidden, weight),
         ),
@@ -414,11 +414,15 @@ def _run_entry(run, inputs, seed):
 
 @pytest.mark.parametrize("mode", ["plain", "autocast bfloat16", "medium float32 precision", "device path"])
 @pytest.mark.parametrize("case", sorted(_front_cases()))
-def test_front_computes_what_the_general_path_computes(case, mode, monkeypatch, fresh_seed):
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_front_computes_what_the_general_path_computes(backend, case, mode, monkeypatch, fresh_seed):
     """Bitwise the same outputs (dtypes, shapes) and gradients through the front, the general
     eager path and the custom op, with the front's node (or a view of its output) in the graph;
-    also where index values stay on the device (the front's tensor-op branch)."""
-    run, inputs = _front_cases()[case]
+    also where index values stay on the device (the front's tensor-op branch; on Triton the same
+    C++ as on cpp, not rerun in the interpreter)."""
+    if backend == "triton" and mode == "device path":
+        pytest.skip("the device path's C++ is the same on every backend: tested on cpp")
+    run, inputs = _front_cases(backend)[case]
     results = {}
     precision = torch.get_float32_matmul_precision()
     try:
@@ -446,9 +450,10 @@ def test_front_computes_what_the_general_path_computes(case, mode, monkeypatch, 
         assert front[0].dtype == (torch.bfloat16 if case.startswith(("padded", "packed")) else torch.float32)
 
 
-def test_front_takes_the_plain_calls(monkeypatch):
-    """A plain eager call on 'cpp' has the front's node; a call under torch.no_grad no node."""
-    for case, (run, _inputs) in _front_cases().items():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_front_takes_the_plain_calls(backend, monkeypatch):
+    """A plain eager call on 'cpp' or 'triton' has the front's node; a call under torch.no_grad no node."""
+    for case, (run, _inputs) in _front_cases(backend).items():
         out = run()
         node = (out[0] if isinstance(out, tuple) else out).grad_fn
         while node is not None and "seqrec::" not in node.name() and node.next_functions:
@@ -540,7 +545,7 @@ def test_front_leaves_bad_input_to_the_general_path(bad, monkeypatch):
     state = torch.get_rng_state()
     with_front = _call_error(call)
     assert torch.equal(torch.get_rng_state(), state)
-    monkeypatch.setattr(_front, "value_checks", lambda *args: None)
+    monkeypatch.setattr(_front, "front_checks", lambda *args: None)
     without_front = _call_error(call)
     assert without_front is not None and with_front == without_front
 

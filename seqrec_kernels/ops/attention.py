@@ -137,7 +137,7 @@ def fused_attention(
     -inf at padding rows, not differentiable). Any strides with unit stride on D work,
     so `x.view(B, L, H, D).transpose(1, 2)` needs no copy; out has the layout of q.
     """
-    checks = _front.value_checks(backend, q, k, v, seq_lens) if backend == "cpp" or backend == "cuda" else None
+    checks = _front.front_checks(backend, "fused_attention", q, k, v, seq_lens)
     if (
         checks is not None
         and type(causal) is bool
@@ -196,7 +196,7 @@ def fused_attention_varlen(
     output zeros, get zero gradients and have LSE -inf; no backend visits them beyond
     zero-filling its outputs. So T can be rounded up to a few fixed sizes (static shapes for
     torch.compile and CUDA graphs) with a padding tail that costs no attention work."""
-    checks = _front.value_checks(backend, q, k, v, cu_seqlens) if backend == "cpp" or backend == "cuda" else None
+    checks = _front.front_checks(backend, "fused_attention_varlen", q, k, v, cu_seqlens)
     if (
         checks is not None
         and type(max_seqlen) is int

@@ -193,9 +193,9 @@ def sampled_softmax_loss(
     (shared), [B, K] (per sequence) or [T, K] / [B, L, K] (per row); log_q tensors have
     the shape of their ids. Returns a float32 scalar, or [T] / [B, L] for reduction="none".
     """
-    checks = None
-    if backend == "cpp" or backend == "cuda":
-        checks = _front.value_checks(backend, hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q)
+    checks = _front.front_checks(
+        backend, "sampled_softmax_loss", hidden, item_weight, pos_ids, neg_ids, pos_log_q, neg_log_q
+    )
     if (
         checks is not None
         and type(remove_accidental_hits) is bool
@@ -258,9 +258,7 @@ def full_softmax_loss(
     hidden [T, D] or [B, L, D]; item_weight [N, D]; targets [T] or [B, L]. With
     return_lse, also returns the per-row log-sum-exp (float32, shape of targets).
     """
-    checks = (
-        _front.value_checks(backend, hidden, item_weight, targets) if backend == "cpp" or backend == "cuda" else None
-    )
+    checks = _front.front_checks(backend, "full_softmax_loss", hidden, item_weight, targets)
     if (
         checks is not None
         and item_weight.dim() == 2
