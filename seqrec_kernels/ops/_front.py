@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks
-from .. import backends
+from .. import _checks, backends
 from ..backends import EXTENSION_ERROR, extension_has_cuda_kernels
 from . import _library
 
