@@ -56,6 +56,13 @@ def triton_interpreter_enabled() -> bool:
 TRITON_INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
 
 
+def triton_interpreted() -> bool:
+    """Whether our Triton kernels run in the interpreter now: decorated under it (at import) and
+    not switched off since. Where they were compiled it is False without reading the environment
+    (the launchers' configurations ask on every call)."""
+    return TRITON_INTERPRETED_AT_IMPORT and triton_interpreter_enabled()
+
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # without importing it
 
 
@@ -94,9 +101,7 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
     if backend is Backend.TRITON:
         if not TRITON_INSTALLED:
             return "the 'triton' package is not installed"
-        if device.type == "cuda" or (
-            device.type == "cpu" and TRITON_INTERPRETED_AT_IMPORT and triton_interpreter_enabled()
-        ):
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
             return None
         return (
             f"it runs on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 is set before "

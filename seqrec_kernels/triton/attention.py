@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import tuning
 from .._limits import check_head_dim
-from ..backends import triton_interpreter_enabled
+from ..backends import triton_interpreted
 from ..reference.dropout import keep_threshold
 from ._launch import BoundLaunch, cached_plan, cdiv, next_power_of_2
 from .dropout import keep_mask, row_hash
@@ -580,7 +580,7 @@ def _default_launch_config(block_d, dtype, backward):
 
 
 def _default_blocks_and_warps(block_d, dtype, backward):
-    if triton_interpreter_enabled():  # small blocks: cheaper to interpret, more edges exercised
+    if triton_interpreted():  # small blocks: cheaper to interpret, more edges exercised
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     # float32 operand tiles take twice the registers: the narrow tiles at any D (64-row tiles
     # spilled kilobytes at D=50 in every float32 precision mode).
@@ -617,7 +617,7 @@ def _dot_options(dtype, head_dim: int) -> dict:
     (triton-lang/triton#11584) and ignores input_precision; for 16-bit inputs float32 gives
     the same products (a 16-bit product is exact in float32)."""
     wide = bool(head_dim > 512)  # a plain bool also where head_dim is traced (symbolic)
-    return dict(_dot_options_in(dtype, wide, triton_interpreter_enabled(), torch.get_float32_matmul_precision()))
+    return dict(_dot_options_in(dtype, wide, triton_interpreted(), torch.get_float32_matmul_precision()))
 
 
 @functools.lru_cache(maxsize=64)  # per call of the loss and retrieval launchers: computed once per mode
@@ -640,7 +640,7 @@ def _dot_chunk(dtype, block_d):
     the interpreter float32 chunks from D=32 on, so that the CPU tests run both paths."""
     if dtype != torch.float32:
         return block_d
-    if triton_interpreter_enabled():
+    if triton_interpreted():
         return min(block_d, 16)
     widest = 64 if _dot_options(dtype, block_d)["DOT_DTYPE"] == tl.float32 else 128
     return block_d if block_d <= widest else 32
@@ -729,7 +729,7 @@ def _plan_key(q, k, v, num_seqs, max_seqlen, causal, scale, dropout_p):
     options, and the modes the configurations read (the interpreter's, float32 precision)."""
     return (
         q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, num_seqs, max_seqlen, causal, scale,
-        dropout_p, triton_interpreter_enabled(), torch.get_float32_matmul_precision(),
+        dropout_p, triton_interpreted(), torch.get_float32_matmul_precision(),
     )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .._limits import check_kernel_hidden_dim, check_kernel_k
-from ..backends import triton_interpreter_enabled
+from ..backends import triton_interpreted
 from ._launch import cdiv, launch_kernel, next_power_of_2
 from .attention import MAX_REGISTERS, _dot_options
 
@@ -241,7 +241,7 @@ def _launch(hidden):
     wider than 256 (64 in float32; 32 under the interpreter, so that tests take both paths)
     are multiplied D_CHUNK columns at a time."""
     block_d = max(16, next_power_of_2(hidden.shape[1]))
-    if triton_interpreter_enabled():
+    if triton_interpreted():
         return 16, block_d, min(block_d, 32), dict(num_warps=4, num_stages=1, maxnreg=MAX_REGISTERS)
     # float32 operand tiles take twice the registers, 3xTF32 three times: 32 rows spilled.
     block = 16 if hidden.dtype == torch.float32 else 64 if block_d <= 128 else 32
@@ -255,7 +255,7 @@ def _launch(hidden):
 def _merge_rows(block, k_pad):
     """Rows a merge sorts at once: [rows, k_pad] keys of at most 2,048 in registers; the whole
     block under the interpreter, where each step costs the same whatever its size."""
-    return block if triton_interpreter_enabled() else max(1, min(block, 2048 // k_pad))
+    return block if triton_interpreted() else max(1, min(block, 2048 // k_pad))
 
 
 @functools.cache

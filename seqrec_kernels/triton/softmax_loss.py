@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .. import tuning
 from .._limits import check_kernel_hidden_dim
-from ..backends import triton_interpreter_enabled
+from ..backends import triton_interpreted
 from ._launch import cached_plan, cdiv, launch_kernel, next_power_of_2
 from .attention import MAX_REGISTERS, _dot_chunk, _dot_options
 
@@ -48,7 +48,7 @@ def _blocks(hidden_dim, dtype, kernel, device, num_items):
     or the negatives). variant: the kernel's VARIANT_DEFAULTS keys (the full loss's candidates).
     Computed once per arguments and modes (a dictionary lookup per call; not to be modified)."""
     catalog = tuning.catalog_class(num_items)
-    key = (hidden_dim, dtype, kernel, device, catalog, triton_interpreter_enabled(),
+    key = (hidden_dim, dtype, kernel, device, catalog, triton_interpreted(),
            torch.get_float32_matmul_precision())  # fmt: skip
     return cached_plan(_configs, key, _blocks_for, hidden_dim, dtype, kernel, device, num_items)
 
@@ -88,7 +88,7 @@ def _item_splits(max_splits, row_blocks, num_items, block_n):
 
 def _default_blocks(block_d, hidden_dim, dtype):
     """Today's configuration: {BLOCK_T, BLOCK_N, num_warps, num_stages}."""
-    if triton_interpreter_enabled():
+    if triton_interpreted():
         return dict(BLOCK_T=16, BLOCK_N=16, num_warps=4, num_stages=1)
     block_t = block_n = 64 if block_d <= 128 else 32 if block_d <= 256 else 16
     if dtype == torch.float32:  # operand tiles of twice the registers: 64 rows spilled KBs (IEEE or 3xTF32)
@@ -117,7 +117,7 @@ def _per_row_blocks(hidden_dim):
 def _item_rows_block(block_d):
     """Slots or rows per step of the deterministic item-gradient kernel: a [BLOCK_T, BLOCK_D]
     float32 tile of at most 4,096 elements (64 x 1024 spilled kilobytes per thread)."""
-    return 16 if triton_interpreter_enabled() else max(1, min(64, 4096 // block_d))
+    return 16 if triton_interpreted() else max(1, min(64, 4096 // block_d))
 
 
 # ------------------------------------------------------------------------ padded operands
