@@ -21,6 +21,7 @@ from host_reads import HostReadCounter
 from torch.utils._python_dispatch import _disable_current_modes
 
 import seqrec_kernels as sk
+from backends_under_test import GPU_CUDA
 from seqrec_kernels import _checks
 from seqrec_kernels.ops import _front, _library
 from seqrec_kernels.triton import attention as triton_attention
@@ -300,7 +301,7 @@ def test_device_error_flags_survive_inference_mode(device_path):
         sk.check()
 
 
-# ------------------------------------------------------------------ the C++ front (cpp, cuda)
+# ------------------------------------------------------------------ the C++ front (cpp, cuda, triton)
 # The public functions' eager calls on the extension's backends run in C++ (csrc/front.cpp),
 # which either computes what the general path computes or declines, leaving the general path
 # to raise its error. Three entry points per call: the front, the general eager path (the front
@@ -317,19 +318,20 @@ def _entry_point(monkeypatch, entry):
         monkeypatch.setattr(_library, "_eager_possible", lambda first: False)
 
 
-def _front_cases(backend="cpp"):
-    """name -> (run(): the public call on `backend`, its differentiable inputs)."""
-    q, k, v = (torch.randn(3, 2, 9, 16, requires_grad=True) for _ in "qkv")
-    packed = [torch.randn(21, 2, 24, requires_grad=True) for _ in "qkv"]
-    strided = torch.randn(21, 2, 48, requires_grad=True)  # packed q with stride 2 on D: copied
-    cu_seqlens = torch.tensor([0, 9, 9, 17])  # an empty sequence, a padding tail of 4 rows
-    hidden, weight = torch.randn(2, 7, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
-    targets = torch.randint(0, 30, (2, 7))
+def _front_cases(backend="cpp", device="cpu"):
+    """name -> (run(): the public call on `backend`, its differentiable inputs, on `device`)."""
+    on = dict(device=device)
+    q, k, v = (torch.randn(3, 2, 9, 16, **on, requires_grad=True) for _ in "qkv")
+    packed = [torch.randn(21, 2, 24, **on, requires_grad=True) for _ in "qkv"]
+    strided = torch.randn(21, 2, 48, **on, requires_grad=True)  # packed q with stride 2 on D: copied
+    cu_seqlens = torch.tensor([0, 9, 9, 17], **on)  # an empty sequence, a padding tail of 4 rows
+    hidden, weight = torch.randn(2, 7, 16, **on, requires_grad=True), torch.randn(30, 16, **on, requires_grad=True)
+    targets = torch.randint(0, 30, (2, 7), **on)
     targets[0, :3] = 0  # ignored rows
-    neg = {"[K]": torch.randint(1, 30, (5,)), "[B, K]": torch.randint(1, 30, (2, 5)),
-           "[B, L, K]": torch.randint(1, 30, (2, 7, 5))}  # fmt: skip
-    log_q = torch.randn(2, 7, 5)
-    lens = torch.tensor([9, 4, 0])
+    neg = {"[K]": torch.randint(1, 30, (5,), **on), "[B, K]": torch.randint(1, 30, (2, 5), **on),
+           "[B, L, K]": torch.randint(1, 30, (2, 7, 5), **on)}  # fmt: skip
+    log_q = torch.randn(2, 7, 5, **on)
+    lens = torch.tensor([9, 4, 0], **on)
     cases = {
         "padded, all L": (lambda: sk.fused_attention(q, k, v, backend=backend), (q, k, v)),
         "padded left, lse": (
@@ -450,15 +452,66 @@ def test_front_computes_what_the_general_path_computes(backend, case, mode, monk
         assert front[0].dtype == (torch.bfloat16 if case.startswith(("padded", "packed")) else torch.float32)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", GPU_CUDA])
+def test_front_on_a_gpu_computes_what_the_general_path_computes(backend, monkeypatch, fresh_seed):
+    """On CUDA tensors: bitwise the same outputs and gradients through the front (its node in
+    the graph), the general eager path and the custom op, for every case of the CPU test."""
+    for case in sorted(_front_cases()):
+        run, inputs = _front_cases(backend, "cuda")[case]
+        results = {}
+        try:
+            for entry in ENTRY_POINTS:
+                _entry_point(monkeypatch, entry)
+                results[entry] = _run_entry(run, inputs, fresh_seed)
+        finally:
+            monkeypatch.undo()
+            _checks._device_errors.clear()
+        front, _ = results["front"]
+        assert "seqrec::" in _front_node_name(run()), case
+        for entry in ENTRY_POINTS[1:]:
+            other, _ = results[entry]
+            for a, b in zip(front, other, strict=True):
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (case, entry)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", GPU_CUDA])
+def test_front_on_a_gpu_never_syncs(backend):
+    """Every front case forward and backward on CUDA tensors under
+    torch.cuda.set_sync_debug_mode("error"): a host sync anywhere on the default path (an index
+    value read, a pageable copy, a count) raises. The device flags are checked afterwards."""
+    cases = _front_cases(backend, "cuda")
+    for run, _ in cases.values():  # warm-up: Triton compiles, tuning tables load
+        _run_and_backward(run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for run, _ in cases.values():
+            _run_and_backward(run)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sk.check()  # valid values: nothing to raise
+
+
+def _run_and_backward(run):
+    out = run()
+    (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+
+def _front_node_name(out) -> str:
+    """The name of the seqrec node behind a front call's output ('' if none)."""
+    node = (out[0] if isinstance(out, tuple) else out).grad_fn
+    while node is not None and "seqrec::" not in node.name() and node.next_functions:
+        node = node.next_functions[0][0]
+    return node.name() if node is not None else ""
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_front_takes_the_plain_calls(backend, monkeypatch):
     """A plain eager call on 'cpp' or 'triton' has the front's node; a call under torch.no_grad no node."""
     for case, (run, _inputs) in _front_cases(backend).items():
-        out = run()
-        node = (out[0] if isinstance(out, tuple) else out).grad_fn
-        while node is not None and "seqrec::" not in node.name() and node.next_functions:
-            node = node.next_functions[0][0]
-        assert node is not None and node.name().startswith("torch::autograd::CppNode<seqrec::"), case
+        assert _front_node_name(run()).startswith("torch::autograd::CppNode<seqrec::"), case
         with torch.no_grad():
             assert (run()[0] if isinstance(run(), tuple) else run()).grad_fn is None
 
