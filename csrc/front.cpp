@@ -1,7 +1,8 @@
-// The public functions' eager path on the extension's backends (`cpp`, `cuda`), in C++: what
-// seqrec_kernels/ops/attention.py and softmax_loss.py do before, around and after the ops of
-// ops.cpp, for a plain eager call (no torch.compile, dispatch mode, functorch transform or
-// tensor subclass: the Python caller decides, seqrec_kernels/ops/_front.py).
+// The public functions' eager path on the kernel backends (`cpp`, `cuda`, `triton`), in C++:
+// what seqrec_kernels/ops/attention.py and softmax_loss.py do before, around and after the
+// kernel ops (the extension's of ops.cpp, or the Triton launchers registered as the custom ops
+// seqrec::*_triton), for a plain eager call (no torch.compile, dispatch mode, functorch
+// transform or tensor subclass: the Python caller decides, seqrec_kernels/ops/_front.py).
 //
 // A front either runs the call, or declines it before any side effect (no RNG draw, no
 // device flag, no launch) by returning no output: then the public function takes its general
@@ -10,11 +11,11 @@
 // the argument checks, the int32 sequence rows, the index value checks (CPU tensors: loops
 // over their data; device tensors: a bool flag computed on the device, returned for
 // seqrec_kernels.check(), no sync), the operand casts of the general path (the "medium"
-// float32 precision rule of ops/_library.py's extension_operands, then autocast's), and one
-// autograd node whose forward and backward are the registered ops' CPU or CUDA kernels
-// (redispatched below autograd and autocast, as the general path's eager Function calls
-// them), so the ops of ops.cpp still define what is computed. The losses' reduction runs
-// inside that node too.
+// float32 precision rule of ops/_library.py's extension_operands on the extension, then
+// autocast's), and one autograd node whose forward and backward are the registered kernel ops'
+// CPU or CUDA kernels (redispatched below autograd and autocast, as the general path's eager
+// Function calls them), so those ops still define what is computed. The losses' reduction
+// runs inside that node too.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -36,7 +37,7 @@ using torch::autograd::variable_list;
 
 // ----------------------------------------------------------------------------- helpers ----
 
-// The registered op `name` (ops.cpp), typed like its kernels.
+// The registered op `name` (ops.cpp's, or a Triton custom op), typed like its kernels.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> registered_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -60,9 +61,12 @@ c10::DispatchKeySet kernel_keys(const Tensor& t) {
 }
 
 // Python dispatch modes see the ops' kernels as kernels, not the tensor ops inside them (their
-// allocations; on the CPU the stand-in loops' read of a dropout seed), as under the custom ops.
-// Each kernel call below runs under `c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes)`.
-const c10::DispatchKeySet kPythonModes{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot};
+// allocations; on the CPU the stand-in loops' read of a dropout seed), as under the custom ops;
+// and the tensor ops inside a kernel (the Triton launchers' allocations, casts and sorts) run
+// with autocast off, as the general path runs them. Each kernel call below runs under
+// `c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly)`.
+const c10::DispatchKeySet kKernelOnly{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                      c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
 
 bool dense(const Tensor& t) { return t.layout() == at::kStrided && !t.is_nested(); }
 
@@ -179,7 +183,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       return view.stride(-1) == 1 ? view : view.contiguous();
     };
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     auto [out, lse] =  // [B, H, L, D], [B, H, L]
         op(on_triton).redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p,
                                  seed);
@@ -209,7 +213,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     bool packed = data["packed"].toBool();
     auto batched = [packed](const Tensor& t) { return packed ? batch_view(t) : t; };
     auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     auto grads_qkv = op(data["on_triton"].toBool())
                          .redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
                                      lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
@@ -442,7 +446,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
                                bool on_triton) {
     static const KernelOp<SampledFwd> op("seqrec::sampled_softmax_fwd_cuda", "seqrec::sampled_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     auto [row_loss, lse] = op(on_triton).redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q,
                                                     neg_log_q, rows_per_group, remove_hits, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, pos_ids, neg_ids, pos_log_q.value_or(Tensor()), neg_log_q.value_or(Tensor()),
@@ -463,7 +467,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
     std::tie(result[0], result[1]) =
         op(data["on_triton"].toBool())
@@ -484,7 +488,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
                                const RowCount& count, bool on_triton) {
     static const KernelOp<FullFwd> op("seqrec::full_softmax_fwd_cuda", "seqrec::full_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     auto [row_loss, lse] =
         op(on_triton).redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.on_device});
@@ -502,7 +506,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kPythonModes);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
     std::tie(result[0], result[1]) =
         op(data["on_triton"].toBool())
             .redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],

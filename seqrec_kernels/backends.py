@@ -59,7 +59,8 @@ TRITON_INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
 def triton_interpreted() -> bool:
     """Whether our Triton kernels run in the interpreter now: decorated under it (at import) and
     not switched off since. Where they were compiled it is False without reading the environment
-    (the launchers' configurations ask on every call)."""
+    (the launchers' configurations ask on every call). Switched off after an interpreted import,
+    the kernels still interpret (Triton decided at import) but CPU tensors are refused."""
     return TRITON_INTERPRETED_AT_IMPORT and triton_interpreter_enabled()
 
 
