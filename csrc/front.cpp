@@ -140,21 +140,22 @@ std::optional<Tensor> optional(const Tensor& t) { return t.defined() ? std::opti
 using AttentionFwd = decltype(attention_fwd<c10::DispatchKey::CPU>);
 using AttentionBwd = decltype(attention_bwd<c10::DispatchKey::CPU>);
 
-// Packed [T, H, D] as the kernels' [1, H, T, D]: one view op (as_strided keeps the version
-// counter, so an in-place change of a saved input is still caught), not unsqueeze + transpose.
-Tensor batch_view(const Tensor& packed) {
-  return packed.as_strided({1, packed.size(1), packed.size(0), packed.size(2)},
-                           {packed.size(0) * packed.stride(0), packed.stride(1), packed.stride(0), packed.stride(2)},
-                           packed.storage_offset());
+// A tensor over `base`'s memory with `sizes` and `strides`, made without a dispatch: not an
+// autograd view (a kernel's fresh output relaid is a plain output of the node, modifiable in
+// place as the general path's views of its outputs are).
+Tensor relaid(const Tensor& base, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  auto own = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(), base.dtype());
+  own.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, base.storage_offset());
+  return own;
 }
 
-// A fresh kernel output with `sizes` and `strides` over its memory, a tensor of its own, not an
-// autograd view (a plain output of the node, modifiable in place as the general path's views of
-// its outputs are), made without a dispatch.
-Tensor relaid(const Tensor& fresh, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  auto own = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(fresh.storage()), fresh.key_set(), fresh.dtype());
-  own.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, fresh.storage_offset());
-  return own;
+// Packed [T, H, D] as the kernels' [1, H, T, D], without a dispatch; it shares the input's
+// version counter, so an in-place change of a saved input is still refused.
+Tensor batch_view(const Tensor& packed) {
+  auto view = relaid(packed, {1, packed.size(1), packed.size(0), packed.size(2)},
+                     {packed.size(0) * packed.stride(0), packed.stride(1), packed.stride(0), packed.stride(2)});
+  view.unsafeGetTensorImpl()->set_version_counter(packed.unsafeGetTensorImpl()->version_counter());
+  return view;
 }
 
 // A kernel's [1, H, T, D] output or gradient as [T, H, D].
