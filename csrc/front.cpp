@@ -60,13 +60,17 @@ c10::DispatchKeySet kernel_keys(const Tensor& t) {
   return c10::DispatchKeySet(t.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
 }
 
-// Python dispatch modes see the ops' kernels as kernels, not the tensor ops inside them (their
-// allocations; on the CPU the stand-in loops' read of a dropout seed), as under the custom ops;
-// and the tensor ops inside a kernel (the Triton launchers' allocations, casts and sorts) run
-// with autocast off, as the general path runs them. Each kernel call below runs under
-// `c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly)`.
-const c10::DispatchKeySet kKernelOnly{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                      c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
+// The dispatch keys excluded around a kernel op's call. Autocast always: the tensor ops inside a
+// kernel (the Triton launchers' allocations, casts and sorts) run with autocast off, as the
+// general path runs them. Python dispatch modes for the extension's C++ kernels: modes see them
+// as kernels, not the tensor ops inside them (their allocations; on the CPU the stand-in loops'
+// read of a dropout seed), as under the custom ops. The Triton launchers are Python: a mode sees
+// their tensor ops as on the general path (a host read inside one is seen).
+c10::DispatchKeySet kernel_excluded(bool on_triton) {
+  const c10::DispatchKeySet autocast{c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
+  return on_triton ? autocast
+                   : autocast | c10::DispatchKeySet{c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot};
+}
 
 bool dense(const Tensor& t) { return t.layout() == at::kStrided && !t.is_nested(); }
 
@@ -184,7 +188,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
       return view.stride(-1) == 1 ? view : view.contiguous();
     };
     auto q4 = operand(q), k4 = operand(k), v4 = operand(v);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(on_triton));
     auto [out, lse] =  // [B, H, L, D], [B, H, L]
         op(on_triton).redispatch(kernel_keys(q), q4, k4, v4, seq_start, seq_len, max_seqlen, causal, scale, dropout_p,
                                  seed);
@@ -214,7 +218,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     bool packed = data["packed"].toBool();
     auto batched = [packed](const Tensor& t) { return packed ? batch_view(t) : t; };
     auto lse = packed ? saved[4].unsqueeze(0) : saved[4];
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(data["on_triton"].toBool()));
     auto grads_qkv = op(data["on_triton"].toBool())
                          .redispatch(kernel_keys(dout), batched(dout), saved[0], saved[1], saved[2], batched(saved[3]),
                                      lse, saved[5], saved[6], data["max_seqlen"].toInt(), data["causal"].toBool(),
@@ -447,7 +451,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
                                bool on_triton) {
     static const KernelOp<SampledFwd> op("seqrec::sampled_softmax_fwd_cuda", "seqrec::sampled_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(on_triton));
     auto [row_loss, lse] = op(on_triton).redispatch(kernel_keys(hidden), rows, weight, pos_ids, neg_ids, pos_log_q,
                                                     neg_log_q, rows_per_group, remove_hits, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, pos_ids, neg_ids, pos_log_q.value_or(Tensor()), neg_log_q.value_or(Tensor()),
@@ -468,7 +472,7 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(data["on_triton"].toBool()));
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
     std::tie(result[0], result[1]) =
         op(data["on_triton"].toBool())
@@ -489,7 +493,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
                                const RowCount& count, bool on_triton) {
     static const KernelOp<FullFwd> op("seqrec::full_softmax_fwd_cuda", "seqrec::full_softmax_fwd_triton");
     auto rows = hidden_rows(ctx, hidden);
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(on_triton));
     auto [row_loss, lse] =
         op(on_triton).redispatch(kernel_keys(hidden), rows, weight, targets, excluded_ids, temperature, ignore_index);
     ctx->save_for_backward({rows, weight, targets, excluded_ids, lse, count.on_device});
@@ -507,7 +511,7 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
     auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
-    c10::impl::ExcludeDispatchKeyGuard kernel_only(kKernelOnly);
+    c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(data["on_triton"].toBool()));
     std::tie(result[0], result[1]) =
         op(data["on_triton"].toBool())
             .redispatch(kernel_keys(grad_loss), grad_loss, saved[0], saved[1], saved[2], saved[3], saved[4],
