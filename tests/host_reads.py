@@ -22,9 +22,10 @@ GPU run would have. It counts at the level where reads happen:
 - Tensor methods that read without dispatching an op on a CPU tensor (`tolist`, `numpy`,
   `cpu`, `to(<cpu>)`) are patched for the duration;
 - a kernel launched in Triton's interpreter is device work: nothing inside it counts;
-- this project's ops take their eager path as without the counter (they take the custom-op
-  path under other dispatch modes), and check index values as on a device (a deferred
-  flag), not at once as they do on the host.
+- this project's ops take their eager path as without the counter (the C++ front, whose
+  Triton launchers' tensor ops the counter still sees, or the lean Python path; they take the
+  custom-op path under other dispatch modes), and check index values as on a device (a
+  deferred flag), not at once as they do on the host.
 
 host_tensors(): tensors that live on the host on a GPU too (torch.optim's step counters),
 whose reads are not syncs.
