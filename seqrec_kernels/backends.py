@@ -126,9 +126,13 @@ def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
     raise AssertionError(f"unhandled backend {backend}")
 
 
-# Triton first: no GPU benchmark has compared the two yet; once one shows the CUDA
-# kernels faster for a shape class, this order becomes a per-shape-class choice.
-AUTO_GPU_ORDER = (Backend.TRITON, Backend.CUDA)
+# The extension first: on the H200 (benchmarks/results/*-NVIDIA-H200.md) its kernels were
+# faster forward+backward at every attention shape and three of the four loss shapes, and its
+# eager host path costs a third (forward) to a half (forward+backward) of Triton's
+# (docs/host-path.md). Triton takes the ops the extension lacks (retrieval).
+AUTO_GPU_ORDER = (Backend.CUDA, Backend.TRITON)
+# The public ops the extension implements; `auto` skips it for the others.
+EXTENSION_OPS = frozenset({"fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss"})
 
 
 def available(device: torch.device | str = "cpu") -> list[Backend]:
@@ -142,14 +146,15 @@ def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backe
     """The concrete backend that runs `op_name` on `device`; raises ValueError if none can.
 
     `auto` picks the reference on CPU and, on CUDA, the first available backend of
-    AUTO_GPU_ORDER, deterministically.
+    AUTO_GPU_ORDER that implements `op_name`, deterministically.
     """
     requested = Backend.parse(backend)
     if requested is Backend.AUTO:
         chosen = Backend.REFERENCE
         if device.type == "cuda":
-            usable = [b for b in AUTO_GPU_ORDER if _unavailable_reason(b, device) is None]
-            chosen = usable[0] if usable else AUTO_GPU_ORDER[0]
+            order = [b for b in AUTO_GPU_ORDER if b is not Backend.CUDA or op_name in EXTENSION_OPS]
+            usable = [b for b in order if _unavailable_reason(b, device) is None]
+            chosen = usable[0] if usable else order[0]
         reason = _unavailable_reason(chosen, device)
         if reason is not None:
             raise ValueError(f"backend: 'auto' chose {chosen.value!r} for {op_name}, but {reason}")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqrec_kernels import Backend, available
+import seqrec_kernels as sk
+from seqrec_kernels import Backend, available, backends
 from seqrec_kernels.backends import EXTENSION_ERROR, cpp_op, extension_has_cuda_kernels, resolve
 from seqrec_kernels.cli import main
 
@@ -156,6 +157,39 @@ def test_extension_backends_availability_says_why():
         assert Backend.CUDA not in available("cuda")
         with pytest.raises(ValueError, match="built without CUDA kernels"):
             resolve("cuda", torch.device("cuda"), "fused_attention")
+
+
+@pytest.mark.parametrize("extension_has_cuda", [True, False])
+def test_auto_on_cuda_takes_the_extension_for_its_ops_and_triton_for_the_others(monkeypatch, extension_has_cuda):
+    """On a GPU `auto` runs the extension's ops on `cuda` (faster on the H200, the leaner host
+    path) and retrieval, which the extension lacks, on `triton`; all on `triton` where the
+    extension has no CUDA kernels. Availability is patched: the choice is tested on any machine."""
+    reasons = {Backend.TRITON: None, Backend.CUDA: None if extension_has_cuda else "built without CUDA kernels"}
+    monkeypatch.setattr(backends, "_unavailable_reason", lambda backend, device: reasons.get(backend, "unavailable"))
+    extension = Backend.CUDA if extension_has_cuda else Backend.TRITON
+    for op_name in ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss"):
+        assert resolve("auto", torch.device("cuda"), op_name) is extension
+    for op_name in ("topk_items", "target_ranks"):
+        assert resolve("auto", torch.device("cuda"), op_name) is Backend.TRITON
+
+
+def test_public_ops_resolve_by_the_names_auto_knows(monkeypatch):
+    """The op names the public functions resolve by are those backends.EXTENSION_OPS spells (a
+    misspelt one would silently take Triton on a GPU)."""
+    names = []
+    resolve_as_is = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda b, device, op: names.append(op) or resolve_as_is(b, device, op))
+    q = torch.randn(2, 1, 3, 8)
+    hidden, weight, targets = torch.randn(3, 8), torch.randn(5, 8), torch.tensor([1, 2, 0])
+    sk.fused_attention(q, q, q)
+    sk.fused_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1),
+                              torch.tensor([0, 3], dtype=torch.int32), 3)  # fmt: skip
+    sk.sampled_softmax_loss(hidden, weight, targets, torch.tensor([3, 4]))
+    sk.full_softmax_loss(hidden, weight, targets)
+    assert set(names) == backends.EXTENSION_OPS
+    sk.topk_items(hidden, weight, 2)
+    sk.target_ranks(hidden, weight, targets)
+    assert set(names) - backends.EXTENSION_OPS == {"topk_items", "target_ranks"}
 
 
 def test_info_reports_the_extension(capsys):
