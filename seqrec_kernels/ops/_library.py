@@ -125,6 +125,7 @@ def define_ops(
                 op = torch.library.custom_op(name, function, mutates_args=(), schema=schema)
                 if backend is Backend.TRITON:
                     _decompose_when_traced(op, function)
+                    _register_device_kernels(name, function)
             impls = python_impls[backend]
         else:  # the C++ ops below autograd and autocast: their CPU or CUDA kernel
             impls = [_below_autograd(cpp_op(name)) for name in names]
@@ -161,6 +162,14 @@ def _decompose_when_traced(op, launcher: Callable) -> None:
             return launcher(*args, **kwargs)
 
     op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def _register_device_kernels(name: str, launcher: Callable) -> None:
+    """The launcher as the op's own CPU and CUDA kernel, which the C++ front's redispatch runs
+    without custom_op's per-call wrappers (an aliasing check and Dynamo's disable frame: about
+    8 us a call, docs/host-path.md); custom_op's registration serves the other keys."""
+    for key in ("CPU", "CUDA"):
+        _LIBRARY.impl(name.split("::")[1], launcher, key)
 
 
 def _export_keeps_custom_ops() -> bool:
