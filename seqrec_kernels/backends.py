@@ -7,6 +7,7 @@ module cannot honour raises, it never falls back to another path silently.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib.util
 import logging
 import os
@@ -88,6 +89,7 @@ def cpp_op(qualified_name: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
+@functools.cache  # fixed once _C is imported; `auto` asks on every call on CUDA tensors
 def extension_has_cuda_kernels() -> bool:
     """Whether seqrec_kernels._C was built with its CUDA kernels (not only the C++ CPU part)."""
     return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -142,6 +144,20 @@ def available(device: torch.device | str = "cpu") -> list[Backend]:
     return [b for b in concrete if _unavailable_reason(b, device) is None]
 
 
+@functools.cache  # what is available on CUDA tensors is fixed at import: `auto` asks on every call
+def _auto_on_cuda(op_name: str) -> Backend:
+    """`auto`'s backend for op_name on CUDA tensors: the first available of AUTO_GPU_ORDER that
+    implements it; a ValueError saying why if none is."""
+    device = torch.device("cuda")
+    order = [b for b in AUTO_GPU_ORDER if b is not Backend.CUDA or op_name in EXTENSION_OPS]
+    chosen = next((b for b in order if _unavailable_reason(b, device) is None), None)
+    if chosen is None:
+        raise ValueError(
+            f"backend: 'auto' chose {order[0].value!r} for {op_name}, but {_unavailable_reason(order[0], device)}"
+        )
+    return chosen
+
+
 def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backend:
     """The concrete backend that runs `op_name` on `device`; raises ValueError if none can.
 
@@ -150,14 +166,7 @@ def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backe
     """
     requested = Backend.parse(backend)
     if requested is Backend.AUTO:
-        chosen = Backend.REFERENCE
-        if device.type == "cuda":
-            order = [b for b in AUTO_GPU_ORDER if b is not Backend.CUDA or op_name in EXTENSION_OPS]
-            usable = [b for b in order if _unavailable_reason(b, device) is None]
-            chosen = usable[0] if usable else order[0]
-        reason = _unavailable_reason(chosen, device)
-        if reason is not None:
-            raise ValueError(f"backend: 'auto' chose {chosen.value!r} for {op_name}, but {reason}")
+        chosen = _auto_on_cuda(op_name) if device.type == "cuda" else Backend.REFERENCE
         if not torch.compiler.is_compiling():
             logger.debug("%s: backend 'auto' picked %r on %s", op_name, chosen.value, device)
         return chosen

@@ -160,12 +160,14 @@ def test_extension_backends_availability_says_why():
 
 
 @pytest.mark.parametrize("extension_has_cuda", [True, False])
-def test_auto_on_cuda_takes_the_extension_for_its_ops_and_triton_for_the_others(monkeypatch, extension_has_cuda):
+def test_auto_on_cuda_takes_the_extension_for_its_ops_and_triton_for_the_rest(monkeypatch, request, extension_has_cuda):
     """On a GPU `auto` runs the extension's ops on `cuda` (faster on the H200, the leaner host
     path) and retrieval, which the extension lacks, on `triton`; all on `triton` where the
     extension has no CUDA kernels. Availability is patched: the choice is tested on any machine."""
     reasons = {Backend.TRITON: None, Backend.CUDA: None if extension_has_cuda else "built without CUDA kernels"}
     monkeypatch.setattr(backends, "_unavailable_reason", lambda backend, device: reasons.get(backend, "unavailable"))
+    backends._auto_on_cuda.cache_clear()  # auto's choices are cached: drop those made before (and these, after)
+    request.addfinalizer(backends._auto_on_cuda.cache_clear)
     extension = Backend.CUDA if extension_has_cuda else Backend.TRITON
     for op_name in ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss"):
         assert resolve("auto", torch.device("cuda"), op_name) is extension
