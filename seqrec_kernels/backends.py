@@ -89,12 +89,15 @@ def cpp_op(qualified_name: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-@functools.cache  # fixed once _C is imported; `auto` asks on every call on CUDA tensors
+# Fixed once _C is imported (asked on every call of a kernel backend on CUDA tensors).
+_EXTENSION_HAS_CUDA_KERNELS = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "seqrec::attention_fwd_cuda", "CUDA"
+)
+
+
 def extension_has_cuda_kernels() -> bool:
     """Whether seqrec_kernels._C was built with its CUDA kernels (not only the C++ CPU part)."""
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "seqrec::attention_fwd_cuda", "CUDA"
-    )
+    return _EXTENSION_HAS_CUDA_KERNELS
 
 
 def _unavailable_reason(backend: Backend, device: torch.device) -> str | None:
@@ -144,7 +147,7 @@ def available(device: torch.device | str = "cpu") -> list[Backend]:
     return [b for b in concrete if _unavailable_reason(b, device) is None]
 
 
-@functools.cache  # what is available on CUDA tensors is fixed at import: `auto` asks on every call
+@functools.cache  # what is available on CUDA tensors is fixed at import; `auto` asks on every call
 def _auto_on_cuda(op_name: str) -> Backend:
     """`auto`'s backend for op_name on CUDA tensors: the first available of AUTO_GPU_ORDER that
     implements it; a ValueError saying why if none is."""
@@ -166,7 +169,9 @@ def resolve(backend: str | Backend, device: torch.device, op_name: str) -> Backe
     """
     requested = Backend.parse(backend)
     if requested is Backend.AUTO:
-        chosen = _auto_on_cuda(op_name) if device.type == "cuda" else Backend.REFERENCE
+        chosen = Backend.REFERENCE
+        if device.type == "cuda":  # Dynamo would warn about the cache (it traces the function itself)
+            chosen = (_auto_on_cuda.__wrapped__ if torch.compiler.is_compiling() else _auto_on_cuda)(op_name)
         if not torch.compiler.is_compiling():
             logger.debug("%s: backend 'auto' picked %r on %s", op_name, chosen.value, device)
         return chosen
