@@ -12,9 +12,9 @@ scripts still report what they saw, then SIGKILL), within one overall budget:
     sweep         80 s  tests/gpu_sweep.py: every op x backend x dtype vs float64
     sanitizer     50 s  compute-sanitizer memcheck, then racecheck, over tests/sanitizer_grid.py --quick
     tuning        80 s  benchmarks/tune.py: candidate launch configs timed, winners to the table
-    bench        120 s  the key benchmark rows (attention, losses, SASRec step), to results.csv
+    bench        140 s  the key benchmark rows (attention, losses, SASRec step, host time per call), to results.csv
     profile       30 s  benchmarks/profile.py: launches, device vs wall time, top kernels
-    tests       the rest (70 s at least)  the `gpu`-marked pytest suite, every test's verdict printed as it runs
+    tests       the rest (50 s at least)  the `gpu`-marked pytest suite, every test's verdict printed as it runs
 
 A phase of several commands gives each an equal share of what is left of its limit (time
 one leaves unused goes to the next).
@@ -113,10 +113,11 @@ def phases(python: str, slug: str, arch: str, results: Path, dry_run: bool) -> l
             for tool in ("memcheck", "racecheck")
         ], f"gpu-sanitizer-{slug}.txt"),
         Phase("tuning", 80, [[python, "-m", "benchmarks.tune", "--table", str(table)]], None),
-        Phase("bench", 120, [
+        Phase("bench", 140, [
             bench + ["attention", "--quick", "--shapes", "SASRec-Games,long-1024"],
             bench + ["softmax_loss", "--quick"],
             bench + ["sasrec", "--quick", "--shapes", "Games"],
+            bench + ["host", "--quick", "--device", "cuda"],
         ], f"gpu-bench-{slug}.txt"),
         Phase("profile", 30, [[python, "-m", "benchmarks.profile", "--quick", "--out",
                                str(results / f"gpu-profile-{slug}.txt")]], None),
