@@ -264,6 +264,34 @@ def test_adamw_decays_weights_decoupled():
     torch.testing.assert_close(decayed, plain - 0.1 * 0.5 * start)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_step_updates_as_the_optimizers_own_step(weight_decay):
+    """TrainingStep's update (torch's functional Adam on the optimizer's state) is bitwise what
+    optimizer.step() gives, step after step (moments, bias corrections, decoupled decay)."""
+    split, config, batches = run("bce")
+    config = SASRecConfig(**{**vars(config), "dropout": 0.3})
+    torch.manual_seed(3)
+    ours, theirs = SASRec(config), SASRec(config)
+    theirs.load_state_dict(ours.state_dict())
+    ours_optimizer = make_optimizer(ours.parameters(), 3e-3, weight_decay, torch.device("cpu"))
+    theirs_optimizer = make_optimizer(theirs.parameters(), 3e-3, weight_decay, torch.device("cpu"))
+    step = TrainingStep(step_loss_function(ours, ours, "packed"), ours_optimizer)
+    theirs_loss = step_loss_function(theirs, theirs, "packed")
+    users = split.training_users()
+    for i in range(6):
+        inputs = batches(users[i * 7 : i * 7 + BATCH], torch.Generator().manual_seed(i))
+        torch.manual_seed(10 + i)  # the same dropout masks
+        step(inputs)
+        torch.manual_seed(10 + i)
+        theirs_optimizer.zero_grad()
+        theirs_loss(inputs).backward()
+        theirs_optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ours_optimizer.state.values(), theirs_optimizer.state.values(), strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in ("step", "exp_avg", "exp_avg_sq"))
+
+
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
