@@ -398,8 +398,10 @@ Tensor reduce(const Tensor& row_loss, int64_t reduction, const RowCount& count) 
 
 Tensor row_gradient(const Tensor& grad, int64_t reduction, const RowCount& count, int64_t rows) {
   if (reduction == kNone) return grad;
-  if (reduction == kSum) return grad.expand({rows});
-  return (count.on_device.defined() ? grad / count.on_device : grad / count.on_host).expand({rows});
+  auto each_row = grad.expand({rows});
+  if (reduction == kSum) return each_row;
+  // Divided after the expand: one op writes the contiguous [rows] the kernels take (no copy).
+  return count.on_device.defined() ? each_row / count.on_device : each_row / count.on_host;
 }
 
 // The count as the losses' nodes keep it.
