@@ -153,11 +153,11 @@ def _auto_on_cuda(op_name: str) -> Backend:
     implements it; a ValueError saying why if none is."""
     device = torch.device("cuda")
     order = [b for b in AUTO_GPU_ORDER if b is not Backend.CUDA or op_name in EXTENSION_OPS]
-    chosen = next((b for b in order if _unavailable_reason(b, device) is None), None)
+    reasons = {b: _unavailable_reason(b, device) for b in order}
+    chosen = next((b for b in order if reasons[b] is None), None)
     if chosen is None:
-        raise ValueError(
-            f"backend: 'auto' chose {order[0].value!r} for {op_name}, but {_unavailable_reason(order[0], device)}"
-        )
+        why = "; ".join(f"{b.value!r}: {reason}" for b, reason in reasons.items())
+        raise ValueError(f"backend: 'auto' has no backend for {op_name} on CUDA tensors ({why})")
     return chosen
 
 

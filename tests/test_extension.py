@@ -173,6 +173,10 @@ def test_auto_on_cuda_takes_the_extension_for_its_ops_and_triton_for_the_rest(mo
         assert resolve("auto", torch.device("cuda"), op_name) is extension
     for op_name in ("topk_items", "target_ranks"):
         assert resolve("auto", torch.device("cuda"), op_name) is Backend.TRITON
+    reasons[Backend.TRITON] = "triton is not installed"
+    backends._auto_on_cuda.cache_clear()
+    with pytest.raises(ValueError, match="'auto' has no backend for topk_items on CUDA tensors .'triton': triton is"):
+        resolve("auto", torch.device("cuda"), "topk_items")
 
 
 def test_public_ops_resolve_by_the_names_auto_knows(monkeypatch):
