@@ -39,7 +39,23 @@ def _info() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         names = ", ".join(b.value for b in backends.available(device))
-        print(f"  {device}: {names}")
+        print(f"  {device}: {names}; auto runs {_auto_choices(torch.device(device))}")
+
+
+def _auto_choices(device: torch.device) -> str:
+    """What `auto` runs each public op on, on `device`: 'cuda for fused_attention, ...; triton for ...'."""
+    ops = ("fused_attention", "fused_attention_varlen", "sampled_softmax_loss", "full_softmax_loss", "topk_items",
+           "target_ranks")  # fmt: skip
+    chosen: dict[str, list[str]] = {}
+    for op_name in ops:
+        try:
+            backend = backends.resolve("auto", device, op_name).value
+        except ValueError:
+            backend = "nothing (no backend runs it)"
+        chosen.setdefault(backend, []).append(op_name)
+    if len(chosen) == 1:
+        return f"{next(iter(chosen))} for every op"
+    return "; ".join(f"{backend} for {', '.join(names)}" for backend, names in chosen.items())
 
 
 def _demo(batch: int, length: int, head_dim: int) -> None:

@@ -17,7 +17,7 @@ import torch
 import seqrec_kernels as sk
 from seqrec_kernels import Backend, available, backends
 from seqrec_kernels.backends import EXTENSION_ERROR, cpp_op, extension_has_cuda_kernels, resolve
-from seqrec_kernels.cli import main
+from seqrec_kernels.cli import _auto_choices, main
 
 pytestmark = pytest.mark.skipif(EXTENSION_ERROR is not None, reason=str(EXTENSION_ERROR))
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -173,6 +173,12 @@ def test_auto_on_cuda_takes_the_extension_for_its_ops_and_triton_for_the_rest(mo
         assert resolve("auto", torch.device("cuda"), op_name) is extension
     for op_name in ("topk_items", "target_ranks"):
         assert resolve("auto", torch.device("cuda"), op_name) is Backend.TRITON
+    assert _auto_choices(torch.device("cuda")) == (
+        "cuda for fused_attention, fused_attention_varlen, sampled_softmax_loss, full_softmax_loss; "
+        "triton for topk_items, target_ranks"
+        if extension_has_cuda
+        else "triton for every op"
+    )  # what `seqrec info` prints
     reasons[Backend.TRITON] = "triton is not installed"
     backends._auto_on_cuda.cache_clear()
     with pytest.raises(ValueError, match="'auto' has no backend for topk_items on CUDA tensors .'triton': triton is"):
@@ -203,6 +209,7 @@ def test_info_reports_the_extension(capsys):
     output = capsys.readouterr().out
     assert "seqrec_kernels._C: built" in output
     assert "cpu: reference" in output and "cpp" in output.split("cpu:")[1].splitlines()[0]
+    assert "auto runs reference for every op" in output.split("cpu:")[1].splitlines()[0]
 
 
 def _load_nvcc_check():
