@@ -25,8 +25,8 @@ Inputs = Sequence[torch.Tensor]  # the step's tensors, in the order the loss fun
 def make_optimizer(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Adam:
     """Adam (AdamW when weight_decay > 0: decoupled), betas (0.9, 0.98) as the SASRec code;
     fused and capturable on CUDA (step counts on the device), foreach on a CPU: torch's fused
-    CPU Adam is 1.5-3x faster at Games' sizes and its runs ended within the foreach runs' range,
-    but it waits until the trainer's small quality gap is explained (docs/sasrec.md)."""
+    CPU Adam is 1.5-3x faster at Games' sizes, but the quality comparison of this trainer with
+    the previous one (docs/sasrec.md: unchanged within noise) was made with foreach."""
     cuda = device.type == "cuda"
     kind = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
     options = dict(fused=True, capturable=True) if cuda else dict(foreach=True)
