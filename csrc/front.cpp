@@ -396,12 +396,14 @@ Tensor reduce(const Tensor& row_loss, int64_t reduction, const RowCount& count) 
   return count.on_device.defined() ? total / count.on_device : total.div_(count.on_host);
 }
 
-Tensor row_gradient(const Tensor& grad, int64_t reduction, const RowCount& count, int64_t rows) {
+// The extension's kernels take it contiguous: divided after the expand, one op writes it (no
+// copy). Triton's get it expanded (stride 0), as the general path gives it: their kernels are
+// specialized on the stride, and a contiguous one would compile (and tune) another variant.
+Tensor row_gradient(const Tensor& grad, int64_t reduction, const RowCount& count, int64_t rows, bool on_triton) {
   if (reduction == kNone) return grad;
-  auto each_row = grad.expand({rows});
-  if (reduction == kSum) return each_row;
-  // Divided after the expand: one op writes the contiguous [rows] the kernels take (no copy).
-  return count.on_device.defined() ? each_row / count.on_device : each_row / count.on_host;
+  if (reduction == kSum) return grad.expand({rows});
+  auto per_row = [&](const Tensor& g) { return count.on_device.defined() ? g / count.on_device : g / count.on_host; };
+  return on_triton ? per_row(grad).expand({rows}) : per_row(grad.expand({rows}));
 }
 
 // The count as the losses' nodes keep it.
@@ -473,7 +475,8 @@ struct SampledSoftmaxFunction : torch::autograd::Function<SampledSoftmaxFunction
     static const KernelOp<SampledBwd> op("seqrec::sampled_softmax_bwd_cuda", "seqrec::sampled_softmax_bwd_triton");
     auto saved = ctx->get_saved_variables();  // hidden, weight, pos_ids, neg_ids, pos_log_q, neg_log_q, lse, count
     auto& data = ctx->saved_data;
-    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0));
+    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[7]), saved[0].size(0),
+                                  data["on_triton"].toBool());
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(data["on_triton"].toBool()));
     // Deterministic when torch.use_deterministic_algorithms(True) is in effect when it runs.
     std::tie(result[0], result[1]) =
@@ -512,7 +515,8 @@ struct FullSoftmaxFunction : torch::autograd::Function<FullSoftmaxFunction> {
     static const KernelOp<FullBwd> op("seqrec::full_softmax_bwd_cuda", "seqrec::full_softmax_bwd_triton");
     auto saved = ctx->get_saved_variables();  // hidden, weight, targets, excluded_ids, lse, count
     auto& data = ctx->saved_data;
-    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0));
+    auto grad_loss = row_gradient(grads[0], data["reduction"].toInt(), saved_count(ctx, saved[5]), saved[0].size(0),
+                                  data["on_triton"].toBool());
     c10::impl::ExcludeDispatchKeyGuard kernel_only(kernel_excluded(data["on_triton"].toBool()));
     std::tie(result[0], result[1]) =
         op(data["on_triton"].toBool())

@@ -451,6 +451,48 @@ def test_front_computes_what_the_general_path_computes(backend, case, mode, monk
         assert front[0].dtype == (torch.bfloat16 if case.startswith(("padded", "packed")) else torch.float32)
 
 
+LAUNCHERS = {"attention": ("attention_forward", "attention_backward"),
+             "softmax_loss": ("sampled_forward", "sampled_backward", "full_forward", "full_backward")}  # fmt: skip
+
+
+def _layout(arg):
+    """A launcher argument as a kernel sees it: a tensor's shape, dtype and strides (but those
+    of size-1 dimensions, which address nothing), any other value as it is."""
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    return tuple(arg.shape), arg.dtype, tuple(None if n == 1 else st for n, st in zip(arg.shape, arg.stride()))
+
+
+def _recording(launcher, name, calls):
+    def record(*args):
+        calls.append((name, [_layout(a) for a in args]))
+        return launcher(*args)
+
+    return record
+
+
+@pytest.mark.parametrize("case", sorted(_front_cases()))
+def test_front_hands_the_triton_launchers_what_the_general_path_does(case, monkeypatch):
+    """Through the front the Triton launchers get the arguments of the general path: shapes,
+    strides and dtypes of the tensors, the other values. A kernel is compiled (and tuned) per
+    specialization of its arguments, so a layout only the front hands over (a contiguous loss
+    gradient where the general path's is a stride-0 expand) is a kernel variant no other test
+    compiles: one spilled registers on sm_80."""
+    calls = {}
+    for entry in ("front", "general eager"):
+        _entry_point(monkeypatch, entry)
+        calls[entry] = []
+        for module_name, names in LAUNCHERS.items():
+            module = importlib.import_module(f"seqrec_kernels.triton.{module_name}")
+            for name in names:
+                monkeypatch.setattr(module, name, _recording(getattr(module, name), name, calls[entry]))
+        run, inputs = _front_cases("triton")[case]
+        torch.manual_seed(0)
+        _outputs_and_grads(run, inputs)
+    monkeypatch.undo()
+    assert calls["front"] and calls["front"] == calls["general eager"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "triton", GPU_CUDA])
 def test_front_on_a_gpu_computes_what_the_general_path_computes(backend, monkeypatch, fresh_seed):
